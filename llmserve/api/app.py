@@ -1,0 +1,83 @@
+"""create_app(settings, registry) -> the ASGI app. No module-level state: everything the
+routes need hangs off `app.state.llmserve`."""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+
+from llmserve import __version__
+from llmserve.api import errors
+from llmserve.api.routes import chat, completions, health, models
+from llmserve.api.state import AppState, app_state
+from llmserve.config import Settings
+from llmserve.errors import AuthenticationFailed
+from llmserve.models import ModelRegistry
+
+
+def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await registry.start()
+        try:
+            yield
+        finally:
+            await registry.stop()
+
+    app = FastAPI(title="llmserve", version=__version__, lifespan=lifespan)
+    app.state.llmserve = AppState(settings=settings, registry=registry)
+    errors.install(app)
+    app.add_middleware(_RequestIdMiddleware)
+
+    app.include_router(health.router)
+    v1 = [Depends(_require_api_key)]
+    app.include_router(models.router, dependencies=v1)
+    app.include_router(chat.router, dependencies=v1)
+    app.include_router(completions.router, dependencies=v1)
+    return app
+
+
+async def _require_api_key(request: Request) -> None:
+    keys = app_state(request).settings.api_keys
+    if not keys:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise AuthenticationFailed(
+            "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key"
+        )
+    # Compare with every key, never stopping early: timing tells nothing about which matched.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given.encode(), key.encode())
+    if not matched:
+        raise AuthenticationFailed("Incorrect API key provided.")
+
+
+class _RequestIdMiddleware:
+    """Tags each request with an id (the client's X-Request-ID or a new one), echoed back."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = next(
+            (v.decode() for k, v in scope["headers"] if k == b"x-request-id"), None
+        ) or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+

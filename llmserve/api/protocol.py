@@ -1,0 +1,226 @@
+"""The OpenAI requests we accept, as pydantic models.
+
+Unknown fields are refused the way OpenAI refuses them ("Unrecognized request argument
+supplied"), and OpenAI fields we do not implement yet are refused by name: a client never
+gets a 200 that silently ignored what it asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from llmserve.errors import InvalidRequest, UnsupportedParameter
+from llmserve.serving.sampling import SamplingRequest
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    # OpenAI fields we know but do not serve yet: refused by name when set.
+    unsupported_fields: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="after")
+    def _refuse_unknown(self) -> _Request:
+        for name, value in (self.model_extra or {}).items():
+            if name in self.unsupported_fields:
+                if value is not None:
+                    raise UnsupportedParameter(
+                        f"'{name}' is not supported by this server yet.", param=name
+                    )
+            else:
+                raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name)
+        return self
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # accepted; we never obfuscate
+
+
+class _Sampling(_Request):
+    model: str
+    n: Annotated[int, Field(ge=1, le=128)] = 1
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Extensions, as vLLM and llama.cpp's server accept them.
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    ignore_eos: bool | None = None
+
+    @model_validator(mode="after")
+    def _check_stream_options(self) -> _Sampling:
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest(
+                "stream_options is only allowed when stream is true.", param="stream_options"
+            )
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def sampling(self, *, max_tokens: int | None, logprobs: int | None) -> SamplingRequest:
+        bias: dict[int, float] = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                bias[int(key)] = value
+            except ValueError:
+                raise InvalidRequest(
+                    f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
+                ) from None
+        top_p = 1.0 if self.top_p is None else self.top_p
+        temperature = 1.0 if self.temperature is None else self.temperature
+        return SamplingRequest(
+            n=self.n,
+            max_tokens=max_tokens,
+            temperature=0.0 if top_p == 0.0 else temperature,  # top_p 0 keeps only the top token
+            top_p=top_p,
+            top_k=max(self.top_k or 0, 0),
+            min_p=self.min_p or 0.0,
+            seed=self.seed,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            logit_bias=bias,
+            logprobs=logprobs,
+            ignore_eos=bool(self.ignore_eos),
+        )
+
+
+# -- chat -----------------------------------------------------------------------------------
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    # Extra message fields (tool_calls, name, ...) pass through to the chat template.
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self, where: str) -> str | None:
+        if self.content is None or isinstance(self.content, str):
+            return self.content
+        parts = []
+        for i, part in enumerate(self.content):
+            kind = part.get("type")
+            if kind not in ("text", "refusal"):
+                raise UnsupportedParameter(
+                    f"Content parts of type {kind!r} are not supported; this model reads text only.",
+                    param=f"{where}.content.{i}.type",
+                )
+            value = part.get(kind)
+            if not isinstance(value, str):
+                raise InvalidRequest(
+                    f"A {kind} content part needs a string '{kind}' field.",
+                    param=f"{where}.content.{i}.{kind}",
+                )
+            parts.append(value)
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Sampling):
+    unsupported_fields: ClassVar[tuple[str, ...]] = (
+        "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
+        "response_format", "modalities", "audio", "prediction", "reasoning_effort",
+        "web_search_options", "verbosity", "suffix",
+    )
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    # Accepted and harmless: they change nothing about the text.
+    store: Literal[False] | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+
+    @model_validator(mode="after")
+    def _check_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest(
+                "top_logprobs requires logprobs to be true.", param="top_logprobs"
+            )
+        return self
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        out = []
+        for i, m in enumerate(self.messages):
+            msg = {**(m.model_extra or {}), "role": m.role, "content": m.text(f"messages.{i}")}
+            if m.role == "developer":  # templates know "system"; OpenAI's newer name for it
+                msg["role"] = "system"
+            if msg["content"] is None:
+                msg["content"] = ""
+            out.append(msg)
+        return out
+
+    def to_sampling(self) -> SamplingRequest:
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self.sampling(max_tokens=max_tokens, logprobs=logprobs)
+
+
+# -- text completions -----------------------------------------------------------------------
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(_Sampling):
+    unsupported_fields: ClassVar[tuple[str, ...]] = ("suffix",)
+
+    prompt: Prompt
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
+    echo: bool | None = None
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _check_best_of(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of != self.n:
+            raise UnsupportedParameter(
+                "best_of different from n is not supported.", param="best_of"
+            )
+        if self.echo and self.logprobs is not None:
+            raise UnsupportedParameter(
+                "echo together with logprobs (prompt logprobs) is not supported yet.",
+                param="echo",
+            )
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise InvalidRequest("prompt must not be empty.", param="prompt")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+    def to_sampling(self) -> SamplingRequest:
+        return self.sampling(max_tokens=self.max_tokens, logprobs=self.logprobs)

@@ -1,0 +1,126 @@
+"""What every generation route does alike: read the body, watch for a client that hangs
+up, take sequence slots, and collect the deltas of a whole (non-streamed) answer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from llmserve.api.errors import validation_error
+from llmserve.errors import ClientGone, InvalidRequest
+from llmserve.models import ServedModel
+from llmserve.serving.generation import ChoiceDelta, Generation, TokenLogprob, Usage
+from llmserve.serving.sampling import SamplingRequest, build_params
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    raw = await request.body()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc.errors(include_url=False)) from None
+
+
+@asynccontextmanager
+async def cancel_on_disconnect(request: Request) -> AsyncIterator[None]:
+    """Cancel the enclosed work when the client hangs up (for answers not streamed yet:
+    a streaming response notices on its own when a write fails)."""
+    task = asyncio.current_task()
+    assert task is not None
+    disconnected = False
+
+    async def watch() -> None:
+        nonlocal disconnected
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                disconnected = True
+                task.cancel()
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    except asyncio.CancelledError:
+        if disconnected:
+            raise ClientGone() from None
+        raise
+    finally:
+        watcher.cancel()
+
+
+@dataclass
+class CollectedChoice:
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+async def collect(deltas: AsyncIterator[list[ChoiceDelta]], n: int) -> list[CollectedChoice]:
+    choices = [CollectedChoice() for _ in range(n)]
+    async with aclosing(deltas) as it:
+        async for batch in it:
+            for d in batch:
+                c = choices[d.index]
+                c.text.append(d.text)
+                c.logprobs.extend(d.logprobs)
+                if d.finish_reason:
+                    c.finish_reason = d.finish_reason
+    return choices
+
+
+def usage_body(usage: Usage) -> dict:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def logprob_value(value: float) -> float:
+    # JSON has no -inf; OpenAI reports impossible tokens as -9999.0.
+    return max(value, -9999.0)
+
+
+def start_generations(
+    served: ServedModel, prompts: list[list[int]], sampling: SamplingRequest, stop: list[str]
+) -> list[Generation]:
+    """One generation per prompt, n choices each, numbered prompt by prompt."""
+    engine = served.engine
+    if sampling.n > engine.max_sequences:
+        raise InvalidRequest(
+            f"n={sampling.n} is more than the {engine.max_sequences} sequences this server "
+            "decodes together (--max-sequences).",
+            param="n",
+        )
+    gens = []
+    for i, prompt in enumerate(prompts):
+        params = build_params(
+            sampling,
+            prompt_tokens=len(prompt),
+            context_length=engine.context_length,
+            vocab_size=engine.vocab_size,
+        )
+        gens.append(
+            Generation(
+                engine, prompt, params, stop=stop, index_offset=i * sampling.n,
+                scheduler=served.scheduler,
+            )
+        )
+    served.scheduler.check_room(sampling.n)
+    return gens

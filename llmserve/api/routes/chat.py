@@ -1,0 +1,126 @@
+"""POST /v1/chat/completions"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from llmserve.api import sse
+from llmserve.api.protocol import ChatCompletionRequest
+from llmserve.api.requests import (
+    cancel_on_disconnect,
+    collect,
+    logprob_value,
+    parse_body,
+    start_generations,
+    usage_body,
+)
+from llmserve.api.state import app_state
+from llmserve.errors import InvalidRequest, LLMServeError
+from llmserve.serving.chat_template import TemplateError
+from llmserve.serving.generation import Generation, TokenLogprob
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(request: Request) -> Response:
+    body = await parse_body(request, ChatCompletionRequest)
+    served = app_state(request).registry.get(body.model)
+    try:
+        text = served.template.render(body.template_messages(), add_generation_prompt=True)
+    except TemplateError as exc:
+        raise InvalidRequest(str(exc), param="messages") from None
+    prompt = served.engine.tokenize(text, add_bos=False)
+    sampling = body.to_sampling()
+    [gen] = start_generations(served, [prompt], sampling, body.stop_list)
+    head = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+        "model": served.name,
+    }
+    if body.stream:
+        return sse.EventStreamResponse(_stream(gen, head, sampling.n, body.include_usage))
+
+    async with cancel_on_disconnect(request):
+        choices = await collect(gen.deltas(), sampling.n)
+    want_logprobs = sampling.logprobs is not None
+    result = {
+        **head,
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(c.text), "refusal": None},
+                "logprobs": _logprobs(c.logprobs) if want_logprobs else None,
+                "finish_reason": c.finish_reason,
+            }
+            for i, c in enumerate(choices)
+        ],
+        "usage": usage_body(gen.usage),
+    }
+    return Response(orjson.dumps(result), media_type="application/json")
+
+
+async def _stream(gen: Generation, head: dict, n: int, include_usage: bool) -> AsyncIterator[bytes]:
+    enc = sse.ChunkEncoder(object="chat.completion.chunk", include_usage=include_usage, **head)
+    yield b"".join(
+        enc.choice(
+            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+             "finish_reason": None}
+        )
+        for i in range(n)
+    )
+    try:
+        async with aclosing(gen.deltas()) as deltas:
+            async for batch in deltas:
+                parts = []
+                for d in batch:
+                    if d.text or d.logprobs:
+                        parts.append(enc.choice({
+                            "index": d.index,
+                            "delta": {"content": d.text},
+                            "logprobs": _logprobs(d.logprobs) if d.logprobs else None,
+                            "finish_reason": None,
+                        }))
+                    if d.finish_reason:
+                        parts.append(enc.choice({
+                            "index": d.index, "delta": {}, "logprobs": None,
+                            "finish_reason": d.finish_reason,
+                        }))
+                yield b"".join(parts)
+        if include_usage:
+            yield enc.usage(usage_body(gen.usage))
+    except LLMServeError as exc:
+        log.warning("stream %s failed: %s", head["id"], exc.message)
+        yield sse.error_event(exc)
+    except Exception as exc:  # noqa: BLE001 - the client still gets a well-formed ending
+        log.exception("stream %s failed", head["id"])
+        yield sse.error_event(LLMServeError(f"Internal error: {exc}", code="internal_error"))
+    yield sse.DONE
+
+
+def _logprobs(entries: list[TokenLogprob]) -> dict:
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": logprob_value(e.logprob),
+                "bytes": list(e.bytes),
+                "top_logprobs": [
+                    {"token": t, "logprob": logprob_value(lp), "bytes": list(b)}
+                    for t, b, lp in e.top
+                ],
+            }
+            for e in entries
+        ],
+        "refusal": None,
+    }

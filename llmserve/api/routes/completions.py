@@ -1,0 +1,139 @@
+"""POST /v1/completions"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from llmserve.api import sse
+from llmserve.api.protocol import CompletionRequest
+from llmserve.api.requests import (
+    cancel_on_disconnect,
+    collect,
+    logprob_value,
+    parse_body,
+    start_generations,
+    usage_body,
+)
+from llmserve.api.state import app_state
+from llmserve.errors import InvalidRequest, LLMServeError
+from llmserve.serving.generation import ChoiceDelta, Generation, TokenLogprob, Usage, merge
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+@router.post("/v1/completions")
+async def create_completion(request: Request) -> Response:
+    body = await parse_body(request, CompletionRequest)
+    served = app_state(request).registry.get(body.model)
+    engine = served.engine
+    prompts: list[list[int]] = []
+    for i, p in enumerate(body.prompts()):
+        if isinstance(p, str):
+            tokens = engine.tokenize(p, add_bos=engine.add_bos)
+        else:
+            bad = next((t for t in p if not 0 <= t < engine.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(f"Token id {bad} is outside the vocabulary.", param="prompt")
+            tokens = list(p)
+        if not tokens:
+            raise InvalidRequest(f"Prompt {i} is empty.", param="prompt")
+        prompts.append(tokens)
+    sampling = body.to_sampling()
+    gens = start_generations(served, prompts, sampling, body.stop_list)
+    echoes = [_prompt_text(engine, p) if body.echo else "" for p in prompts]
+    n = sampling.n
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
+    want_logprobs = sampling.logprobs is not None
+
+    if body.stream:
+        return sse.EventStreamResponse(
+            _stream(gens, head, n, echoes, want_logprobs, body.include_usage)
+        )
+
+    async with cancel_on_disconnect(request):
+        choices = await collect(merge(gens), n * len(gens))
+    result = {
+        **head,
+        "object": "text_completion",
+        "choices": [
+            {
+                "index": i,
+                "text": echoes[i // n] + "".join(c.text),
+                "logprobs": _logprobs(c.logprobs, len(echoes[i // n])) if want_logprobs else None,
+                "finish_reason": c.finish_reason,
+            }
+            for i, c in enumerate(choices)
+        ],
+        "usage": usage_body(_total(gens)),
+    }
+    return Response(orjson.dumps(result), media_type="application/json")
+
+
+async def _stream(
+    gens: list[Generation], head: dict, n: int, echoes: list[str], want_logprobs: bool,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    enc = sse.ChunkEncoder(object="text_completion", include_usage=include_usage, **head)
+    offsets = [len(echoes[i // n]) for i in range(n * len(gens))]
+    try:
+        if any(echoes):
+            yield b"".join(
+                enc.choice({"index": i, "text": echoes[i // n], "logprobs": None, "finish_reason": None})
+                for i in range(len(offsets))
+            )
+        async with aclosing(merge(gens)) as deltas:
+            async for batch in deltas:
+                yield b"".join(_chunk(enc, d, offsets, want_logprobs) for d in batch)
+        if include_usage:
+            yield enc.usage(usage_body(_total(gens)))
+    except LLMServeError as exc:
+        log.warning("stream %s failed: %s", head["id"], exc.message)
+        yield sse.error_event(exc)
+    except Exception as exc:  # noqa: BLE001 - the client still gets a well-formed ending
+        log.exception("stream %s failed", head["id"])
+        yield sse.error_event(LLMServeError(f"Internal error: {exc}", code="internal_error"))
+    yield sse.DONE
+
+
+def _chunk(enc: sse.ChunkEncoder, d: ChoiceDelta, offsets: list[int], want_logprobs: bool) -> bytes:
+    logprobs = _logprobs(d.logprobs, offsets[d.index]) if want_logprobs else None
+    offsets[d.index] += len(d.text)
+    return enc.choice(
+        {"index": d.index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish_reason}
+    )
+
+
+def _prompt_text(engine, tokens: list[int]) -> str:
+    return b"".join(engine.token_bytes(t) for t in tokens).decode("utf-8", "replace")
+
+
+def _total(gens: list[Generation]) -> Usage:
+    return Usage(
+        prompt_tokens=sum(g.usage.prompt_tokens for g in gens),
+        completion_tokens=sum(g.usage.completion_tokens for g in gens),
+    )
+
+
+def _logprobs(entries: list[TokenLogprob], offset: int) -> dict:
+    tokens, token_logprobs, top, text_offset = [], [], [], []
+    for e in entries:
+        tokens.append(e.token)
+        token_logprobs.append(logprob_value(e.logprob))
+        top.append({t: logprob_value(lp) for t, _, lp in e.top})
+        text_offset.append(offset)
+        offset += len(e.token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top,
+        "text_offset": text_offset,
+    }

@@ -1,0 +1,88 @@
+"""`llmserve serve | models`: builds Settings from flags (over env and .env) and runs uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from llmserve import __version__
+from llmserve.config import Settings
+
+log = logging.getLogger("llmserve")
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over the OpenAI API",
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--model", help="GGUF file (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--served-model-name", help="name clients send as `model`")
+    p.add_argument("--api-key", dest="api_keys", action="append",
+                   help="accepted bearer key; repeat for several (env: comma-separated)")
+    p.add_argument("--context-length", type=int, help="tokens per sequence (default min(model, 4096))")
+    p.add_argument("--max-sequences", type=int, help="sequences decoded together (default 16)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--batch-size", type=int, help="tokens per decode step at most (default 512)")
+    p.add_argument("--prefill-chunk", type=int,
+                   help="prompt tokens read per step while others decode (default 256)")
+    p.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429 (default 256)")
+    p.add_argument("--queue-timeout", type=float, help="seconds a request may wait (default 600)")
+    p.add_argument("--log-level", help="critical|error|warning|info|debug (default info)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"llmserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    sub.add_parser("models", help="print the bundled model's path")
+    args = vars(parser.parse_args(argv))
+    command = args.pop("command")
+
+    if command == "models":
+        from llmserve.models import bundled_model_path, served_name_for
+
+        path = bundled_model_path()
+        print(f"{served_name_for(path)}\t{path}")
+        return 0
+
+    try:
+        settings = Settings(**args)
+    except ValidationError as exc:
+        parser.error(str(exc))
+    return serve(settings)
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    from llmserve.api.app import create_app
+    from llmserve.models import load_registry
+
+    logging.basicConfig(
+        level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        registry = load_registry(settings, show_progress=sys.stderr.isatty())
+    except FileNotFoundError as exc:
+        log.error("%s", exc)
+        return 2
+    for m in registry:
+        log.info(
+            "model %s: %d tokens per sequence, %d sequences together",
+            m.name, m.engine.context_length, m.engine.max_sequences,
+        )
+    app = create_app(settings, registry)
+    log.info("OpenAI API at http://%s:%d/v1", settings.host, settings.port)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Settings: CLI flags > environment (LLMSERVE_*) > .env file > defaults."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LLMSERVE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str | None = Field(None, description="GGUF file; default: the bundled SmolLM2-135M-Instruct")
+    served_model_name: str | None = Field(None, description="name clients use; default from the file")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="accepted bearer keys; none: no auth"
+    )
+    context_length: int | None = Field(
+        None, ge=16, description="tokens per sequence; default min(model's, 4096)"
+    )
+    max_sequences: int = Field(16, ge=1, le=256, description="sequences decoded together")
+    threads: int | None = Field(None, ge=1, description="CPU threads; default all cores")
+    batch_size: int = Field(512, ge=32, description="tokens per decode step at most")
+    prefill_chunk: int = Field(
+        256, ge=16, description="prompt tokens read per step while others decode"
+    )
+    max_queue: int = Field(256, ge=0, description="requests waiting for a slot before 429")
+    queue_timeout: float = Field(600.0, gt=0, description="seconds a request may wait for a slot")
+    log_level: str = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.lower()
+        if value not in {"critical", "error", "warning", "info", "debug", "trace"}:
+            raise ValueError(f"unknown log level {value!r}")
+        return value

@@ -1,0 +1,102 @@
+"""What every engine offers the serving core: token ids in, token ids out.
+
+Engines know nothing of text rules (stops, UTF-8, templates): they tokenize, give each
+token's raw bytes, and decode many sequences together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How one sequence (one choice) is sampled. Temperature 0 means greedy."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # None: no logprobs; k: the chosen token and k alternatives
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TokenOutput:
+    """One generated token of one sequence.
+
+    `end_of_generation` marks an end-of-generation token (EOS, end of turn): it counts as a
+    generated token but carries no text. `finish_reason` is set on the sequence's last token.
+    """
+
+    index: int
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
+    end_of_generation: bool = False
+    finish_reason: FinishReason | None = None
+
+
+class EngineError(RuntimeError):
+    """The engine failed while generating (not the request's fault)."""
+
+
+class GenerationStream(Protocol):
+    """The engine's side of one request: its tokens, step by step, and a way to stop it."""
+
+    def __aiter__(self) -> AsyncIterator[list[TokenOutput]]: ...
+
+    def cancel(self, index: int | None = None) -> None:
+        """Stop one sequence (or all): its KV cache is freed at the start of the next step."""
+
+
+class Engine(Protocol):
+    """A model that decodes batches of sequences."""
+
+    @property
+    def context_length(self) -> int:
+        """Tokens one sequence may hold: prompt plus generated."""
+
+    @property
+    def max_sequences(self) -> int:
+        """Sequences decoded together; a request with n choices needs n of them."""
+
+    @property
+    def chat_template(self) -> str | None: ...
+
+    @property
+    def bos_token(self) -> str: ...
+
+    @property
+    def eos_token(self) -> str: ...
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether a raw prompt should start with BOS."""
+
+    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
+        """Tokens of `text`; special-token text (e.g. `<|im_start|>`) becomes special tokens."""
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a token stands for (may be part of a UTF-8 character)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    async def start(self) -> None:
+        """Start the decode loop; called once from the event loop that will consume streams."""
+
+    async def stop(self) -> None: ...
+
+    def generate(self, prompt: list[int], params: list[SamplingParams]) -> GenerationStream:
+        """Generate one sequence per entry of `params`, all from the same prompt."""

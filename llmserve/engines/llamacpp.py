@@ -1,0 +1,505 @@
+"""llama.cpp engine: GGUF models, continuous batching on llama-cpp-python's low-level API.
+
+One decode thread owns the model. Each step it takes new requests and cancellations from
+its inbox, builds one batch holding the next token of every running sequence plus a
+piece of at most `prefill_chunk` prompt tokens, calls `llama_decode` once, samples every
+sequence with its own llama.cpp sampler chain, and hands all new tokens to the event loop
+with a single `call_soon_threadsafe`.
+
+Each sequence owns a KV stream of `context_length` cells (`kv_unified=False`): a request
+admitted never runs out of cache, and attention reads only its own cells.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import queue
+import sys
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp as lc
+import numpy as np
+
+from llmserve.engines.base import EngineError, SamplingParams, TokenOutput
+
+log = logging.getLogger(__name__)
+
+_NO_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
+
+
+class _Request:
+    """One request inside the engine; also the `GenerationStream` handed to the core."""
+
+    def __init__(self, engine: LlamaCppEngine, prompt: list[int], params: list[SamplingParams]):
+        self._engine = engine
+        self.prompt = prompt
+        self.params = params
+        self.queue: asyncio.Queue[list[TokenOutput] | BaseException | None] = asyncio.Queue()
+        # decode-thread state
+        self.sequences: list[_Sequence] = []
+        self.prefilled = 0
+        self.cancelled: set[int] = set()
+        self.cancel_all = False
+
+    def cancel(self, index: int | None = None) -> None:
+        self._engine._inbox.put(("cancel", self, index))
+
+    async def __aiter__(self) -> AsyncIterator[list[TokenOutput]]:
+        try:
+            while True:
+                item = await self.queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            # The consumer left (done, error or disconnect): free whatever still runs.
+            self.cancel()
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request: _Request
+    index: int
+    seq_id: int
+    params: SamplingParams
+    sampler: lc.llama_sampler_p
+    n_past: int = 0
+    generated: int = 0
+    next_token: int | None = None
+    logits_at: int = -1  # batch index of this sequence's logits in the current step
+
+
+@dataclass
+class _StepOutputs:
+    by_request: dict[_Request, list[TokenOutput]] = field(default_factory=dict)
+    finished: list[_Request] = field(default_factory=list)
+    failed: list[tuple[_Request, BaseException]] = field(default_factory=list)
+
+    def add(self, request: _Request, output: TokenOutput) -> None:
+        self.by_request.setdefault(request, []).append(output)
+
+
+class LlamaCppEngine:
+    """A GGUF model decoded by llama.cpp, many sequences per step."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        context_length: int | None = None,
+        max_sequences: int = 16,
+        threads: int | None = None,
+        batch_size: int = 512,
+        prefill_chunk: int = 256,
+        show_progress: bool = False,
+    ) -> None:
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"model file not found: {self.model_path}")
+        self._max_sequences = max_sequences
+        self._prefill_chunk = max(1, min(prefill_chunk, batch_size - max_sequences))
+        self._batch_size = batch_size
+        threads = threads or os.cpu_count() or 1
+
+        _route_llama_logs()
+        lc.llama_backend_init()
+        model_params = lc.llama_model_default_params()
+        if show_progress:
+            self._progress_cb = lc.llama_progress_callback(_print_progress)
+            model_params.progress_callback = self._progress_cb
+        self._model = lc.llama_model_load_from_file(str(self.model_path).encode(), model_params)
+        if not self._model:
+            raise EngineError(f"llama.cpp could not load {self.model_path}")
+        self._vocab = lc.llama_model_get_vocab(self._model)
+        n_ctx_train = lc.llama_model_n_ctx_train(self._model)
+        ctx_len = min(context_length or n_ctx_train, n_ctx_train)
+
+        ctx_params = lc.llama_context_default_params()
+        ctx_params.n_ctx = ctx_len * max_sequences
+        ctx_params.n_batch = batch_size
+        ctx_params.n_ubatch = batch_size
+        ctx_params.n_seq_max = max_sequences
+        ctx_params.n_threads = threads
+        ctx_params.n_threads_batch = threads
+        ctx_params.kv_unified = False
+        ctx_params.no_perf = True
+        self._ctx = lc.llama_init_from_model(self._model, ctx_params)
+        if not self._ctx:
+            raise EngineError("llama.cpp could not create a context (out of memory?)")
+        self._mem = lc.llama_get_memory(self._ctx)
+        self._context_length = lc.llama_n_ctx_seq(self._ctx)
+        self._n_vocab = lc.llama_vocab_n_tokens(self._vocab)
+        self._token_bytes = [self._piece(t) for t in range(self._n_vocab)]
+        self._eog = frozenset(t for t in range(self._n_vocab) if lc.llama_vocab_is_eog(self._vocab, t))
+        self._batch = lc.llama_batch_init(batch_size, 0, 1)
+
+        template = lc.llama_model_chat_template(self._model, None)
+        self._chat_template = template.decode() if template else None
+        self._bos_token = self._special_text(lc.llama_vocab_bos(self._vocab))
+        self._eos_token = self._special_text(lc.llama_vocab_eos(self._vocab))
+        self._add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
+
+        self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # -- facts the serving core reads ----------------------------------------------------
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    @property
+    def max_sequences(self) -> int:
+        return self._max_sequences
+
+    @property
+    def vocab_size(self) -> int:
+        return self._n_vocab
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+    @property
+    def bos_token(self) -> str:
+        return self._bos_token
+
+    @property
+    def eos_token(self) -> str:
+        return self._eos_token
+
+    @property
+    def add_bos(self) -> bool:
+        return self._add_bos
+
+    def metadata(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = lc.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
+        data = text.encode()
+        size = len(data) + 2
+        while True:
+            buf = (lc.llama_token * size)()
+            n = lc.llama_tokenize(self._vocab, data, len(data), buf, size, add_bos, True)
+            if n >= 0:
+                return buf[:n]
+            size = -n
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._token_bytes[token_id]
+
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def _special_text(self, token: int) -> str:
+        return self._piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="llama-decode", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        if self._thread is not None:
+            self._inbox.put(("stop",))
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        lc.llama_batch_free(self._batch)
+        lc.llama_free(self._ctx)
+        lc.llama_model_free(self._model)
+
+    def generate(self, prompt: list[int], params: list[SamplingParams]) -> _Request:
+        if self._thread is None:
+            raise EngineError("engine not started")
+        if not prompt:
+            raise ValueError("empty prompt")
+        if len(params) > self._max_sequences:
+            raise ValueError(f"{len(params)} sequences requested, at most {self._max_sequences}")
+        request = _Request(self, list(prompt), list(params))
+        self._inbox.put(("add", request))
+        return request
+
+    # -- decode thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        waiting: deque[_Request] = deque()
+        prefilling: deque[_Request] = deque()
+        running: list[_Sequence] = []
+        free_ids = list(range(self._max_sequences - 1, -1, -1))
+        try:
+            while True:
+                idle = not (waiting or prefilling or running)
+                if not self._drain_inbox(waiting, idle):
+                    break
+                out = _StepOutputs()
+                running = self._apply_cancels(waiting, prefilling, running, free_ids, out)
+                self._admit(waiting, prefilling, free_ids)
+                if prefilling or running:
+                    running = self._step(prefilling, running, free_ids, out)
+                self._deliver(out)
+        except BaseException as exc:  # noqa: BLE001 - a dead loop must fail every request
+            log.exception("decode loop crashed")
+            err = EngineError(f"decode loop crashed: {exc}")
+            out = _StepOutputs()
+            for req in {*waiting, *prefilling, *(s.request for s in running)}:
+                out.failed.append((req, err))
+            self._deliver(out)
+        finally:
+            for seq in running:
+                lc.llama_sampler_free(seq.sampler)
+
+    def _drain_inbox(self, waiting: deque[_Request], block: bool) -> bool:
+        while True:
+            try:
+                msg = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            kind = msg[0]
+            if kind == "stop":
+                return False
+            if kind == "add":
+                waiting.append(msg[1])
+            elif kind == "cancel":
+                _, req, index = msg
+                if index is None:
+                    req.cancel_all = True
+                else:
+                    req.cancelled.add(index)
+
+    def _apply_cancels(self, waiting, prefilling, running, free_ids, out) -> list[_Sequence]:
+        for q in (waiting, prefilling):
+            for req in [r for r in q if r.cancel_all]:
+                q.remove(req)
+                if req.sequences:  # prefilling: its KV and samplers are held
+                    for seq in req.sequences:
+                        self._release(seq, free_ids)
+                    req.sequences = []
+                out.finished.append(req)
+        kept = []
+        for seq in running:
+            req = seq.request
+            if req.cancel_all or seq.index in req.cancelled:
+                self._release(seq, free_ids)
+                req.sequences.remove(seq)
+                if not req.sequences:
+                    out.finished.append(req)
+            else:
+                kept.append(seq)
+        return kept
+
+    def _admit(self, waiting: deque[_Request], prefilling: deque[_Request], free_ids: list[int]) -> None:
+        # FIFO: a large request at the head waits for room rather than being overtaken forever.
+        while waiting and len(waiting[0].params) <= len(free_ids):
+            req = waiting.popleft()
+            req.sequences = [
+                _Sequence(req, i, free_ids.pop(), p, self._make_sampler(p))
+                for i, p in enumerate(req.params)
+            ]
+            prefilling.append(req)
+
+    def _step(self, prefilling, running, free_ids, out) -> list[_Sequence]:
+        batch = self._batch
+        n = 0
+
+        def add(token: int, pos: int, seq_id: int, logits: bool) -> None:
+            nonlocal n
+            batch.token[n] = token
+            batch.pos[n] = pos
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = seq_id
+            batch.logits[n] = logits
+            n += 1
+
+        for seq in running:
+            seq.logits_at = n
+            add(seq.next_token, seq.n_past, seq.seq_id, True)
+
+        # One piece of prompt per step keeps running streams flowing while a prompt is read.
+        budget = min(self._prefill_chunk, self._batch_size - n)
+        completed: list[_Request] = []
+        for req in prefilling:
+            if budget <= 0:
+                break
+            first = req.sequences[0]
+            take = min(budget, len(req.prompt) - req.prefilled)
+            for j in range(req.prefilled, req.prefilled + take):
+                last = j == len(req.prompt) - 1
+                if last:
+                    first.logits_at = n
+                add(req.prompt[j], j, first.seq_id, last)
+            req.prefilled += take
+            budget -= take
+            if req.prefilled == len(req.prompt):
+                completed.append(req)
+        for req in completed:
+            prefilling.remove(req)
+
+        batch.n_tokens = n
+        rc = lc.llama_decode(self._ctx, batch)
+        if rc != 0:
+            err = EngineError(f"llama_decode failed with code {rc}")
+            reqs = {s.request for s in running} | set(completed)
+            for req in reqs:
+                for seq in req.sequences:
+                    self._release(seq, free_ids)
+                req.sequences = []
+                out.failed.append((req, err))
+            return [s for s in running if s.request not in reqs]
+
+        for seq in running:
+            seq.n_past += 1
+        for req in completed:
+            first = req.sequences[0]
+            for seq in req.sequences:
+                seq.n_past = len(req.prompt)
+                seq.logits_at = first.logits_at
+                if seq is not first:  # n > 1: share the prompt's KV instead of reading it again
+                    lc.llama_memory_seq_cp(self._mem, first.seq_id, seq.seq_id, -1, -1)
+            running.extend(req.sequences)
+
+        kept = []
+        for seq in running:
+            if self._sample(seq, out):
+                kept.append(seq)
+            else:
+                self._release(seq, free_ids)
+                req = seq.request
+                req.sequences.remove(seq)
+                if not req.sequences:
+                    out.finished.append(req)
+        return kept
+
+    def _sample(self, seq: _Sequence, out: _StepOutputs) -> bool:
+        """Sample the next token of `seq`; False when the sequence has finished."""
+        token = lc.llama_sampler_sample(seq.sampler, self._ctx, seq.logits_at)
+        seq.generated += 1
+        p = seq.params
+        logprob = top = None
+        if p.logprobs is not None:
+            logprob, top = self._logprobs(seq.logits_at, token, p.logprobs)
+        eog = token in self._eog and not p.ignore_eos
+        finish = None
+        if eog:
+            finish = "stop"
+        elif seq.generated >= p.max_tokens or seq.n_past >= self._context_length - 1:
+            finish = "length"
+        out.add(seq.request, TokenOutput(seq.index, token, logprob, top, eog, finish))
+        seq.next_token = token
+        return finish is None
+
+    def _logprobs(self, at: int, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+        ptr = lc.llama_get_logits_ith(self._ctx, at)
+        logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+        peak = logits.max()
+        lse = peak + np.log(np.exp(logits - peak, dtype=np.float64).sum())
+        top: tuple[tuple[int, float], ...] = ()
+        if k > 0:
+            idx = np.argpartition(logits, -k)[-k:]
+            idx = idx[np.argsort(-logits[idx], kind="stable")]
+            top = tuple((int(i), float(logits[i] - lse)) for i in idx)
+        return float(logits[token] - lse), top
+
+    def _make_sampler(self, p: SamplingParams) -> lc.llama_sampler_p:
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+
+        def add(s) -> None:
+            lc.llama_sampler_chain_add(chain, s)
+
+        if p.logit_bias:
+            arr = (lc.llama_logit_bias * len(p.logit_bias))(
+                *(lc.llama_logit_bias(t, b) for t, b in p.logit_bias.items())
+            )
+            add(lc.llama_sampler_init_logit_bias(self._n_vocab, len(p.logit_bias), arr))
+        if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+            add(lc.llama_sampler_init_penalties(
+                self._n_vocab, self._context_length,
+                p.repetition_penalty, p.frequency_penalty, p.presence_penalty,
+            ))
+        if p.temperature <= 0.0 or p.top_k == 1:
+            add(lc.llama_sampler_init_greedy())
+            return chain
+        # Temperature first, then the filters: the order OpenAI, vLLM and HF use.
+        add(lc.llama_sampler_init_temp(p.temperature))
+        if p.top_k > 0:
+            add(lc.llama_sampler_init_top_k(p.top_k))
+        if p.top_p < 1.0:
+            add(lc.llama_sampler_init_top_p(p.top_p, 1))
+        if p.min_p > 0.0:
+            add(lc.llama_sampler_init_min_p(p.min_p, 1))
+        add(lc.llama_sampler_init_dist(_NO_SEED if p.seed is None else p.seed & 0xFFFFFFFF))
+        return chain
+
+    def _release(self, seq: _Sequence, free_ids: list[int]) -> None:
+        lc.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
+        lc.llama_sampler_free(seq.sampler)
+        free_ids.append(seq.seq_id)
+
+    def _deliver(self, out: _StepOutputs) -> None:
+        if not (out.by_request or out.finished or out.failed) or self._loop is None:
+            return
+        items: list[tuple[_Request, list[TokenOutput] | BaseException | None]] = [
+            *out.by_request.items(),
+            *((r, exc) for r, exc in out.failed),
+            *((r, None) for r in out.finished),
+        ]
+        self._loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[_Request, object]]) -> None:
+    for req, item in items:
+        req.queue.put_nowait(item)
+
+
+# -- llama.cpp logging and progress ----------------------------------------------------------
+
+_llama_log = logging.getLogger("llama_cpp")
+
+
+@lc.llama_log_callback
+def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    if _llama_log.isEnabledFor(logging.DEBUG):
+        _llama_log.debug(text.decode("utf-8", "replace").rstrip())
+
+
+def _route_llama_logs() -> None:
+    lc.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+def _print_progress(progress: float, _user: ctypes.c_void_p) -> bool:
+    width = 30
+    done = int(progress * width)
+    sys.stderr.write(f"\rloading model [{'#' * done}{'.' * (width - done)}] {progress:4.0%}")
+    if progress >= 1.0:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+    return True
+

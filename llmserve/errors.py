@@ -1,0 +1,88 @@
+"""The one exception hierarchy. Every layer raises these; `api.errors` maps them to the
+OpenAI error envelope `{"error": {"message", "type", "param", "code"}}`."""
+
+from __future__ import annotations
+
+
+class LLMServeError(Exception):
+    status_code = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+
+class InvalidRequest(LLMServeError):
+    status_code = 400
+    type = "invalid_request_error"
+
+
+class UnsupportedParameter(InvalidRequest):
+    code = "unsupported_parameter"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class AuthenticationFailed(LLMServeError):
+    status_code = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(LLMServeError):
+    status_code = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class RouteNotFound(LLMServeError):
+    status_code = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(LLMServeError):
+    status_code = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class ServerBusy(LLMServeError):
+    """The waiting line is full: come back later (429 with Retry-After)."""
+
+    status_code = 429
+    type = "rate_limit_error"
+    code = "server_busy"
+
+
+class QueueTimeout(LLMServeError):
+    """Waited too long for a free sequence slot."""
+
+    status_code = 503
+    type = "server_error"
+    code = "queue_timeout"
+
+
+class EngineFailure(LLMServeError):
+    status_code = 500
+    type = "server_error"
+    code = "engine_error"
+
+
+class ClientGone(Exception):
+    """The client hung up before its answer was ready; nobody is left to answer."""

@@ -1,0 +1,181 @@
+"""One request through the engine: token ids -> whole-character text deltas, stop strings,
+logprobs, finish reasons and usage. Every engine streams through this same code."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing, nullcontext
+from dataclasses import dataclass, field
+
+from llmserve.engines.base import Engine, EngineError, FinishReason, SamplingParams, TokenOutput
+from llmserve.errors import EngineFailure
+from llmserve.serving.detokenizer import IncrementalDetokenizer, token_text
+from llmserve.serving.scheduler import Scheduler
+from llmserve.serving.stops import StopMatcher
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token: str
+    bytes: bytes
+    logprob: float
+    top: tuple[tuple[str, bytes, float], ...] = ()
+
+
+@dataclass(slots=True)
+class ChoiceDelta:
+    index: int
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class _Choice:
+    __slots__ = ("index", "detok", "stops", "pending", "done", "tokens", "want_logprobs")
+
+    def __init__(self, index: int, stops: list[str], want_logprobs: bool) -> None:
+        self.index = index
+        self.detok = IncrementalDetokenizer()
+        self.stops = StopMatcher(stops)
+        self.pending: list[TokenLogprob] = []
+        self.done = False
+        self.tokens = 0
+        self.want_logprobs = want_logprobs
+
+
+class Generation:
+    """Runs one prompt with n choices and yields, per engine step, the choices' deltas.
+
+    `index_offset` numbers the choices of several prompts in one completions request.
+    With a `scheduler`, generation first waits for one sequence slot per choice.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        prompt: list[int],
+        params: list[SamplingParams],
+        *,
+        stop: Sequence[str] = (),
+        index_offset: int = 0,
+        scheduler: Scheduler | None = None,
+    ) -> None:
+        self._engine = engine
+        self._prompt = prompt
+        self._params = params
+        self._offset = index_offset
+        self._scheduler = scheduler
+        self._choices = [_Choice(i, list(stop), p.logprobs is not None) for i, p in enumerate(params)]
+        self.usage = Usage(prompt_tokens=len(prompt))
+
+    async def deltas(self) -> AsyncIterator[list[ChoiceDelta]]:
+        slots = self._scheduler.slots(len(self._params)) if self._scheduler else nullcontext()
+        async with slots:
+            async with aclosing(self._run()) as it:
+                async for batch in it:
+                    yield batch
+
+    async def _run(self) -> AsyncIterator[list[ChoiceDelta]]:
+        stream = self._engine.generate(self._prompt, self._params)
+        live = len(self._choices)
+        async with aclosing(stream.__aiter__()) as steps:
+            try:
+                async for outputs in steps:
+                    batch = []
+                    for out in outputs:
+                        choice = self._choices[out.index]
+                        if choice.done:
+                            continue  # sampled in the step after a stop string ended it
+                        delta = self._advance(choice, out)
+                        if choice.done:
+                            live -= 1
+                            if out.finish_reason is None:
+                                stream.cancel(out.index)
+                        if delta is not None:
+                            batch.append(delta)
+                    if batch:
+                        yield batch
+                    if live == 0:
+                        return
+            except EngineError as exc:
+                raise EngineFailure(str(exc)) from exc
+        if live:
+            raise EngineFailure("the engine ended the request before it finished")
+
+    def _advance(self, choice: _Choice, out: TokenOutput) -> ChoiceDelta | None:
+        choice.tokens += 1
+        self.usage.completion_tokens += 1
+        data = b"" if out.end_of_generation else self._engine.token_bytes(out.token_id)
+        text = choice.detok.feed(data) if data else ""
+        if choice.want_logprobs and out.logprob is not None:
+            choice.pending.append(self._logprob(data, out))
+        finish = out.finish_reason
+        if finish is not None:
+            text += choice.detok.flush()
+        result = choice.stops.feed(text)
+        text = result.text
+        if result.stopped:
+            finish = "stop"
+        elif finish is not None:
+            text += choice.stops.flush()
+        if finish is not None:
+            choice.done = True
+        if not text and finish is None:
+            return None  # held back: part of a character, or maybe a stop string
+        logprobs: list[TokenLogprob] = []
+        if choice.pending and (text or not result.stopped):
+            logprobs, choice.pending = choice.pending, []
+        return ChoiceDelta(choice.index + self._offset, text, logprobs, finish)
+
+    def _logprob(self, data: bytes, out: TokenOutput) -> TokenLogprob:
+        top = tuple(
+            (token_text(b := self._engine.token_bytes(t)), b, lp) for t, lp in out.top_logprobs or ()
+        )
+        return TokenLogprob(token_text(data), data, out.logprob, top)
+
+
+async def merge(generations: list[Generation]) -> AsyncIterator[list[ChoiceDelta]]:
+    """The deltas of several generations (one per prompt) as one stream, as they come."""
+    if len(generations) == 1:
+        async with aclosing(generations[0].deltas()) as it:
+            async for batch in it:
+                yield batch
+        return
+    queue: asyncio.Queue[list[ChoiceDelta] | BaseException | None] = asyncio.Queue()
+
+    async def pump(gen: Generation) -> None:
+        try:
+            async with aclosing(gen.deltas()) as it:
+                async for batch in it:
+                    queue.put_nowait(batch)
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait(exc)
+        finally:
+            queue.put_nowait(None)
+
+    tasks = [asyncio.create_task(pump(g)) for g in generations]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,53 @@
+"""Stop strings matched across token and chunk boundaries.
+
+The unsent tail of the text is kept; a match ends generation and only the text before it
+is sent. Otherwise everything is sent except the longest suffix that is a proper prefix of
+some stop string: nothing more is held back, and it is released as soon as it cannot be
+the start of a stop string any more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class StopResult:
+    text: str  # safe to send now
+    stopped: bool  # a stop string matched; `text` ends right before it
+
+
+class StopMatcher:
+    __slots__ = ("_stops", "_pending")
+
+    def __init__(self, stops: list[str]) -> None:
+        self._stops = tuple(s for s in dict.fromkeys(stops) if s)
+        self._pending = ""
+
+    def feed(self, text: str) -> StopResult:
+        if not self._stops:
+            return StopResult(text, False)
+        buf = self._pending + text
+        # The pending text holds no complete stop string, so any match overlaps the new text;
+        # the earliest one wins.
+        cut = min((i for s in self._stops if (i := buf.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            self._pending = ""
+            return StopResult(buf[:cut], True)
+        hold = self._held_suffix(buf)
+        self._pending = buf[len(buf) - hold :]
+        return StopResult(buf[: len(buf) - hold], False)
+
+    def flush(self) -> str:
+        """At the end of generation the held text is no stop string: send it."""
+        text, self._pending = self._pending, ""
+        return text
+
+    def _held_suffix(self, buf: str) -> int:
+        longest = 0
+        for stop in self._stops:
+            for k in range(min(len(stop) - 1, len(buf)), longest, -1):
+                if buf.endswith(stop[:k]):
+                    longest = k
+                    break
+        return longest
