@@ -34,7 +34,13 @@ serve: install
 test: test-deps
 	$(PY) -m pytest $(ARGS)
 
-bench: install
+BENCH_INSTALLED := $(VENV)/.bench-installed
+
+$(BENCH_INSTALLED): $(INSTALLED)
+	$(PIP) install -e '.[bench]'
+	touch $@
+
+bench: $(BENCH_INSTALLED)
 	$(VENV)/bin/llmserve bench $(ARGS)
 
 clean:

@@ -35,11 +35,17 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: `llmserve bench --help`
+        from llmserve.bench.run import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="llmserve", description=__doc__)
     parser.add_argument("--version", action="version", version=f"llmserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     sub.add_parser("models", help="print the bundled model's path")
+    sub.add_parser("bench", help="benchmark serving speed against two baselines (see bench --help)")
     args = vars(parser.parse_args(argv))
     command = args.pop("command")
 

@@ -168,6 +168,11 @@ class LlamaCppEngine:
         return self._n_vocab
 
     @property
+    def end_tokens(self) -> frozenset[int]:
+        """End-of-generation tokens (EOS, end of turn)."""
+        return self._eog
+
+    @property
     def chat_template(self) -> str | None:
         return self._chat_template
 

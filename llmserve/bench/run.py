@@ -1,0 +1,255 @@
+"""`llmserve bench`: a concurrency sweep of streamed chat requests against llmserve, with
+two baselines measured in the same run, level by level so that machine drift cancels:
+the same engine in-process with no HTTP (the limit), and llama-cpp-python's own server
+on the same GGUF file."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from importlib import resources
+from pathlib import Path
+
+import httpx
+
+from llmserve.bench.load import chat_body, engine_stream, http_stream, run_level
+from llmserve.bench.report import LevelResult, ratios, summarize, table
+
+LLMSERVE = "llmserve"
+LIMIT = "in-process"
+LCP = "llama-cpp-python"
+
+
+def shipped_prompts() -> list[str]:
+    return json.loads(resources.files("llmserve.bench").joinpath("prompts.json").read_text())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A server process we started: its URL and its CPU time and peak memory."""
+
+    def __init__(self, popen: subprocess.Popen, url: str) -> None:
+        self.popen = popen
+        self.url = url
+
+    def cpu_s(self) -> float | None:
+        try:
+            fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def peak_rss_mb(self) -> float | None:
+        try:
+            for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            return None
+        return None
+
+
+@contextmanager
+def start_process(args: list[str], ready_path: str, log_path: Path) -> Iterator[Proc]:
+    port = _free_port()
+    args = [a.replace("{port}", str(port)) for a in args]
+    with open(log_path, "wb") as log:
+        popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if popen.poll() is not None:
+                raise RuntimeError(f"{args[:4]} exited; see {log_path}")
+            try:
+                if httpx.get(url + ready_path, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{args[:4]} did not come up; see {log_path}")
+            time.sleep(0.25)
+        yield Proc(popen, url)
+    finally:
+        popen.terminate()
+        try:
+            popen.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+
+
+async def _measure_http(
+    name: str, url: str, model: str, prompts: list[str], conc: int, requests: int,
+    max_tokens: int, extra: dict, proc: Proc | None,
+) -> LevelResult:
+    limits = httpx.Limits(max_connections=conc + 4, max_keepalive_connections=conc + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        # One short request first: connections and caches warm, nothing measured.
+        await http_stream(client, chat_body(model, prompts[0], 4, extra))
+        cpu0 = proc.cpu_s() if proc else None
+
+        async def one(i: int):
+            return await http_stream(
+                client, chat_body(model, prompts[i % len(prompts)], max_tokens, extra)
+            )
+
+        timings, wall = await run_level(one, conc, requests)
+    result = summarize(name, conc, timings, wall)
+    if proc is not None:
+        cpu1 = proc.cpu_s()
+        result.cpu_s = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
+        result.peak_rss_mb = proc.peak_rss_mb()
+    return result
+
+
+async def _measure_engine(engine, prompts: list[list[int]], conc: int, requests: int,
+                          max_tokens: int) -> LevelResult:
+    await engine_stream(engine, prompts[0], 4)
+
+    async def one(i: int):
+        return await engine_stream(engine, prompts[i % len(prompts)], max_tokens)
+
+    cpu0 = time.process_time()
+    timings, wall = await run_level(one, conc, requests)
+    result = summarize(LIMIT, conc, timings, wall)
+    result.cpu_s = time.process_time() - cpu0
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="llmserve bench", description=__doc__)
+    p.add_argument("--model", help="GGUF file (default: the bundled model)")
+    p.add_argument("--url", help="measure a running llmserve at this URL instead of starting one")
+    p.add_argument("--served-model-name", help="model name to send with --url")
+    p.add_argument("--levels", default="1,4,16,64", help="concurrency sweep (default 1,4,16,64)")
+    p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request")
+    p.add_argument("--requests", type=int, default=0,
+                   help="requests per level (default: max(4, concurrency))")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--context-length", type=int, default=1024)
+    p.add_argument("--no-limit", action="store_true", help="skip the in-process baseline")
+    p.add_argument("--no-llama-cpp-python", action="store_true",
+                   help="skip llama-cpp-python's server baseline")
+    p.add_argument("--json", default="benchmarks/results/bench.json", help="where to write JSON")
+    p.add_argument("--logs", default="benchmarks/results", help="folder for server logs")
+    args = p.parse_args(argv)
+    return asyncio.run(_main(args))
+
+
+async def _main(args: argparse.Namespace) -> int:
+    from llmserve.models import bundled_model_path, served_name_for
+
+    levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    model_path = Path(args.model) if args.model else bundled_model_path()
+    prompts = shipped_prompts()
+    logs = Path(args.logs)
+    logs.mkdir(parents=True, exist_ok=True)
+    max_seq = max(levels)
+    want_lcp = not args.no_llama_cpp_python
+    if want_lcp and importlib.util.find_spec("llama_cpp.server") is None:
+        print("llama-cpp-python's server is not installed (pip install -e '.[bench]'): "
+              "skipping that baseline", file=sys.stderr)
+        want_lcp = False
+
+    engine = None
+    results: list[LevelResult] = []
+    with ExitStack() as stack:
+        if args.url:
+            ours_url, ours_proc = args.url.rstrip("/"), None
+            model = args.served_model_name or served_name_for(model_path)
+        else:
+            ours_proc = stack.enter_context(start_process(
+                [sys.executable, "-m", "llmserve.cli", "serve", "--port", "{port}",
+                 "--model", str(model_path), "--max-sequences", str(max_seq),
+                 "--context-length", str(args.context_length), "--threads", str(args.threads),
+                 "--log-level", "warning"],
+                "/health", logs / "llmserve.log"))
+            ours_url, model = ours_proc.url, served_name_for(model_path)
+        lcp_proc = None
+        if want_lcp:
+            lcp_proc = stack.enter_context(start_process(
+                [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path),
+                 "--port", "{port}", "--n_ctx", str(args.context_length),
+                 "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
+                 "--interrupt_requests", "False", "--verbose", "False"],
+                "/v1/models", logs / "llama-cpp-python.log"))
+        if not args.no_limit:
+            from llmserve.engines.llamacpp import LlamaCppEngine
+            from llmserve.serving.chat_template import CHATML_TEMPLATE, ChatTemplate
+
+            engine = LlamaCppEngine(model_path, context_length=args.context_length,
+                                    max_sequences=max_seq, threads=args.threads)
+            await engine.start()
+            template = ChatTemplate(engine.chat_template or CHATML_TEMPLATE,
+                                    bos_token=engine.bos_token, eos_token=engine.eos_token)
+            token_prompts = [
+                engine.tokenize(template.render([{"role": "user", "content": q}]), add_bos=False)
+                for q in prompts
+            ]
+        # llama-cpp-python knows no ignore_eos: a -100 bias on end tokens keeps lengths equal.
+        lcp_extra = {"logit_bias": {str(t): -100 for t in _end_tokens(engine, model_path)}}
+        try:
+            for conc in levels:
+                n_req = args.requests or max(4, conc)
+                print(f"-- concurrency {conc}: {n_req} requests x {args.max_tokens} tokens",
+                      file=sys.stderr, flush=True)
+                results.append(await _measure_http(
+                    LLMSERVE, ours_url, model, prompts, conc, n_req, args.max_tokens,
+                    {"ignore_eos": True, "stream_options": {"include_usage": True}}, ours_proc))
+                if engine is not None:
+                    results.append(await _measure_engine(engine, token_prompts, conc, n_req,
+                                                         args.max_tokens))
+                if lcp_proc is not None:
+                    results.append(await _measure_http(
+                        LCP, lcp_proc.url, model, prompts, conc, n_req, args.max_tokens,
+                        lcp_extra, lcp_proc))
+                print(table(results[-(1 + (engine is not None) + (lcp_proc is not None)):]),
+                      file=sys.stderr, flush=True)
+        finally:
+            if engine is not None:
+                await engine.stop()
+
+    baselines = [b for b in (LIMIT, LCP) if any(r.system == b for r in results)]
+    ratio_text, ratio_rows = ratios(results, LLMSERVE, baselines)
+    print()
+    print(f"model {model_path.name}, {args.max_tokens} output tokens per request, greedy, "
+          f"{args.threads} threads, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
+    print(table(results))
+    print()
+    print(ratio_text)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "model": str(model_path), "max_tokens": args.max_tokens, "threads": args.threads,
+        "cores": os.cpu_count(), "levels": levels,
+        "results": [r.to_json() for r in results], "ratios": ratio_rows,
+    }, indent=1))
+    print(f"\nJSON: {out}")
+    return 1 if any(r.errors for r in results if r.system == LLMSERVE) else 0
+
+
+def _end_tokens(engine, model_path: Path) -> list[int]:
+    if engine is not None:
+        return sorted(engine.end_tokens)
+    from llmserve.engines.llamacpp import LlamaCppEngine
+
+    probe = LlamaCppEngine(model_path, context_length=64, max_sequences=1)
+    try:
+        return sorted(probe.end_tokens)
+    finally:
+        probe.close()
