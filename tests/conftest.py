@@ -1,0 +1,105 @@
+"""Shared fixtures: a real server process on the bundled model, and clients for it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # helper modules beside the tests
+
+API_KEY = "test-key"
+MODEL = "smollm2-135m-instruct"
+
+
+@dataclass
+class Server:
+    url: str  # http://127.0.0.1:PORT
+    api_key: str | None
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def run_server(tmp_dir: Path, *flags: str, api_key: str | None = API_KEY) -> Iterator[Server]:
+    """Start `llmserve serve` with `flags`, wait until /health answers, stop it afterwards."""
+    port = _free_port()
+    args = [sys.executable, "-m", "llmserve.cli", "serve", "--port", str(port),
+            "--context-length", "2048", "--threads", "2", *flags]
+    if api_key:
+        args += ["--api-key", api_key]
+    log_path = tmp_dir / f"server-{port}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVE_")}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = Server(f"http://127.0.0.1:{port}", api_key, proc, log_path)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
+            try:
+                if httpx.get(server.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not come up:\n{server.log()}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The shared server: bundled model, 16 sequences, API key required."""
+    with run_server(tmp_path_factory.mktemp("server")) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def async_client(server: Server) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def http(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, headers=server.headers(), timeout=120) as c:
+        yield c
