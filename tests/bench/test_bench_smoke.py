@@ -1,0 +1,28 @@
+"""The bench runs end to end at low concurrency and writes well-formed output. Figures are
+not asserted here: speed lives in the benchmark's own output, not in timed tests."""
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_runs_all_three_systems(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmserve.cli", "bench", "--levels", "1,2", "--max-tokens", "8",
+         "--requests", "2", "--context-length", "256", "--json", str(out), "--logs", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    systems = {(r["system"], r["concurrency"]) for r in report["results"]}
+    assert systems == {(s, c) for s in ("llmserve", "in-process", "llama-cpp-python") for c in (1, 2)}
+    for r in report["results"]:
+        assert r["errors"] == 0, r
+        assert r["requests"] == 2
+        assert r["output_tokens"] == 2 * 8, r  # equal lengths: ignore_eos / EOS banned
+        assert r["tok_s"] > 0 and r["ttft_ms"][0] > 0
+    for row in report["ratios"]:
+        assert row["tok_s_vs_in-process"] > 0 and row["tok_s_vs_llama-cpp-python"] > 0
+    # The printed table names every system and the ratios.
+    assert "llmserve/in-process" in proc.stdout and "llmserve/llama-cpp-python" in proc.stdout
