@@ -56,24 +56,34 @@ class Scheduler:
         if not self._line and self._free >= n:
             self._free -= n
             return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         entry = (n, fut)
         self._line.append(entry)
+        # A timer rather than asyncio.wait_for: before Python 3.12, wait_for can swallow a
+        # cancellation that lands together with the grant, and the slot would be kept.
+        timer = loop.call_later(self._queue_timeout, self._expire, entry) if self._queue_timeout else None
         try:
-            await asyncio.wait_for(asyncio.shield(fut), self._queue_timeout)
-        except BaseException as exc:
-            if fut.done() and not fut.cancelled():
-                self.release(n)  # granted while we were giving up: hand it on
-            else:
-                fut.cancel()
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.release(n)  # granted as we were cancelled: hand it on
+            elif entry in self._line:
                 self._line.remove(entry)
                 self._wake()  # a smaller request behind us may fit now
-            if isinstance(exc, asyncio.TimeoutError):
-                raise QueueTimeout(
-                    f"No sequence slot came free within {self._queue_timeout:g} s. Retry later.",
-                    headers={"Retry-After": "1"},
-                ) from None
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self, entry: tuple[int, asyncio.Future[None]]) -> None:
+        if entry in self._line:
+            self._line.remove(entry)
+            entry[1].set_exception(QueueTimeout(
+                f"No sequence slot came free within {self._queue_timeout:g} s. Retry later.",
+                headers={"Retry-After": "1"},
+            ))
+            self._wake()
 
     def release(self, n: int) -> None:
         self._free += n

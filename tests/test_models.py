@@ -1,0 +1,53 @@
+"""models: names served for GGUF files, and the bundled default model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llmserve.models import bundled_model_path, served_name_for
+
+
+@pytest.mark.parametrize(
+    "filename, name",
+    [
+        ("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
+        ("SmolLM2-135M-Instruct.Q8_0.gguf", "smollm2-135m-instruct"),
+        ("SmolLM2-135M-Instruct-F16.gguf", "smollm2-135m-instruct"),
+        ("SmolLM2-135M-Instruct.f32.gguf", "smollm2-135m-instruct"),
+        ("SmolLM2-135M-Instruct-BF16.gguf", "smollm2-135m-instruct"),
+        ("Llama-3.2-1B-Instruct-IQ4_XS.gguf", "llama-3.2-1b-instruct"),
+        ("Qwen2.5-0.5B-Instruct-Q4_K_M.gguf", "qwen2.5-0.5b-instruct"),
+        ("qwen2-0_5b-instruct-q4_0.gguf", "qwen2-0_5b-instruct"),
+        ("Mistral-7B-Instruct-v0.3.Q5_K_S.gguf", "mistral-7b-instruct-v0.3"),
+        ("Phi-3-mini-4k-instruct-IQ2_XXS.gguf", "phi-3-mini-4k-instruct"),
+    ],
+)
+def test_served_name_strips_quant_suffix_and_lowercases(filename, name):
+    assert served_name_for(Path(filename)) == name
+
+
+@pytest.mark.parametrize(
+    "filename, name",
+    [
+        ("SmolLM2-135M-Instruct.gguf", "smollm2-135m-instruct"),
+        ("Qwen2.5-7B-Instruct.gguf", "qwen2.5-7b-instruct"),
+        ("my-model.gguf", "my-model"),
+    ],
+)
+def test_served_name_without_quant_suffix(filename, name):
+    assert served_name_for(Path(filename)) == name
+
+
+def test_served_name_uses_only_the_file_name():
+    assert served_name_for(Path("/models/Q4_0/TinyLlama-1.1B-Chat.Q4_0.gguf")) == "tinyllama-1.1b-chat"
+
+
+def test_bundled_model_path():
+    path = bundled_model_path()
+    assert isinstance(path, Path)
+    assert path.is_file()
+    assert path.suffix == ".gguf"
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert served_name_for(path) == "smollm2-135m-instruct"
