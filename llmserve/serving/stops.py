@@ -28,12 +28,13 @@ class StopMatcher:
         if not self._stops:
             return StopResult(text, False)
         buf = self._pending + text
-        # The pending text holds no complete stop string, so any match overlaps the new text;
-        # the earliest one wins.
-        cut = min((i for s in self._stops if (i := buf.find(s)) >= 0), default=-1)
-        if cut >= 0:
+        # The pending text holds no complete stop string, so any match overlaps the new text.
+        # The match completed first wins (then the one starting first): the same cut however
+        # the text was split into pieces.
+        matches = [(i + len(s), i) for s in self._stops if (i := buf.find(s)) >= 0]
+        if matches:
             self._pending = ""
-            return StopResult(buf[:cut], True)
+            return StopResult(buf[: min(matches)[1]], True)
         hold = self._held_suffix(buf)
         self._pending = buf[len(buf) - hold :]
         return StopResult(buf[: len(buf) - hold], False)
