@@ -144,13 +144,16 @@ def extract(spec: dict) -> dict[str, dict]:
 def add_completion_stream(selected: dict[str, dict]) -> None:
     """The spec has no schema for streamed legacy completions: OpenAI streams them as
     CreateCompletionResponse objects whose `finish_reason` is null until the last chunk.
-    CreateCompletionStreamResponse is that schema with exactly that one change."""
+    CreateCompletionStreamResponse is that schema with `finish_reason` and `usage` nullable,
+    as in the chat chunk schema."""
     import copy
 
     stream = copy.deepcopy(selected["CreateCompletionResponse"])
     finish = stream["properties"]["choices"]["items"]["properties"]["finish_reason"]
     finish["type"] = [finish["type"], "null"] if isinstance(finish["type"], str) else finish["type"]
     finish["enum"] = [*finish["enum"], None]
+    # With include_usage, chunks before the last carry "usage": null, as chat chunks do.
+    stream["properties"]["usage"] = {"anyOf": [stream["properties"]["usage"], {"type": "null"}]}
     selected["CreateCompletionStreamResponse"] = stream
 
 

@@ -4,6 +4,7 @@ routes need hangs off `app.state.llmserve`."""
 from __future__ import annotations
 
 import hmac
+import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -58,6 +59,9 @@ async def _require_api_key(request: Request) -> None:
         raise AuthenticationFailed("Incorrect API key provided.")
 
 
+_SAFE_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+
+
 class _RequestIdMiddleware:
     """Tags each request with an id (the client's X-Request-ID or a new one), echoed back."""
 
@@ -67,9 +71,9 @@ class _RequestIdMiddleware:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        rid = next(
-            (v.decode() for k, v in scope["headers"] if k == b"x-request-id"), None
-        ) or uuid.uuid4().hex
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+        # Echo only a sane id (printable ASCII, short); anything else gets a fresh one.
+        rid = given.decode() if _SAFE_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
 
         async def send_with_id(message) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import orjson
 from fastapi import FastAPI, Request
@@ -41,12 +42,16 @@ def error_response(exc: LLMServeError) -> Response:
     )
 
 
+_TYPE_TAG = re.compile(r"^(?:str|int|float|bool|none|function-.*|.*\[.*\])$")
+
+
 def validation_error(errors: list) -> InvalidRequest:
     """pydantic's first complaint, as OpenAI would word it: what is wrong and where."""
     if not errors:
         return InvalidRequest("Invalid request.")
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # Union members show up in the location as type tags ("str", "list[str]"): drop them.
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return InvalidRequest(f"The request body is not valid JSON: {first.get('msg')}")
@@ -70,7 +75,10 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 404:
             err: LLMServeError = RouteNotFound(f"No route {request.method} {request.url.path}.")
         elif exc.status_code == 405:
-            err = MethodNotAllowed(f"Method {request.method} not allowed on {request.url.path}.")
+            err = MethodNotAllowed(
+                f"Method {request.method} not allowed on {request.url.path}.",
+                headers=dict(exc.headers or {}),  # keeps Allow
+            )
         else:
             err = LLMServeError(str(exc.detail))
             err.status_code = exc.status_code

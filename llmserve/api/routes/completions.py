@@ -24,6 +24,7 @@ from llmserve.api.requests import (
 )
 from llmserve.api.state import app_state
 from llmserve.errors import InvalidRequest, LLMServeError
+from llmserve.serving.detokenizer import IncrementalDetokenizer
 from llmserve.serving.generation import ChoiceDelta, Generation, TokenLogprob, Usage, merge
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,9 @@ async def create_completion(request: Request) -> Response:
             {
                 "index": i,
                 "text": echoes[i // n] + "".join(c.text),
-                "logprobs": _logprobs(c.logprobs, len(echoes[i // n])) if want_logprobs else None,
+                "logprobs": (
+                    _logprobs(c.logprobs, _Offsets(len(echoes[i // n]))) if want_logprobs else None
+                ),
                 "finish_reason": c.finish_reason,
             }
             for i, c in enumerate(choices)
@@ -83,7 +86,7 @@ async def _stream(
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
     enc = sse.ChunkEncoder(object="text_completion", include_usage=include_usage, **head)
-    offsets = [len(echoes[i // n]) for i in range(n * len(gens))]
+    offsets = [_Offsets(len(echoes[i // n])) for i in range(n * len(gens))]
     try:
         if any(echoes):
             yield b"".join(
@@ -104,9 +107,8 @@ async def _stream(
     yield sse.DONE
 
 
-def _chunk(enc: sse.ChunkEncoder, d: ChoiceDelta, offsets: list[int], want_logprobs: bool) -> bytes:
+def _chunk(enc: sse.ChunkEncoder, d: ChoiceDelta, offsets: list[_Offsets], want_logprobs: bool) -> bytes:
     logprobs = _logprobs(d.logprobs, offsets[d.index]) if want_logprobs else None
-    offsets[d.index] += len(d.text)
     return enc.choice(
         {"index": d.index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish_reason}
     )
@@ -123,14 +125,27 @@ def _total(gens: list[Generation]) -> Usage:
     )
 
 
-def _logprobs(entries: list[TokenLogprob], offset: int) -> dict:
+class _Offsets:
+    """`text_offset`: the characters of text before each token. A token ending inside a
+    character adds nothing; the token completing it adds the whole character."""
+
+    def __init__(self, start: int) -> None:
+        self._chars = start
+        self._text = IncrementalDetokenizer()
+
+    def next(self, data: bytes) -> int:
+        at = self._chars
+        self._chars += len(self._text.feed(data))
+        return at
+
+
+def _logprobs(entries: list[TokenLogprob], offsets: _Offsets) -> dict:
     tokens, token_logprobs, top, text_offset = [], [], [], []
     for e in entries:
         tokens.append(e.token)
         token_logprobs.append(logprob_value(e.logprob))
         top.append({t: logprob_value(lp) for t, _, lp in e.top})
-        text_offset.append(offset)
-        offset += len(e.token)
+        text_offset.append(offsets.next(e.bytes))
     return {
         "tokens": tokens,
         "token_logprobs": token_logprobs,

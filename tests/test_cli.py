@@ -1,0 +1,177 @@
+"""The `llmserve` command line: help, `models`, flags and environment reaching the server,
+and a clear failure for a missing model file."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import MODEL, run_server
+
+SERVE_FLAGS = [
+    "--host", "--port", "--model", "--served-model-name", "--api-key", "--context-length",
+    "--max-sequences", "--threads", "--log-level",
+]
+
+
+def cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 60):
+    return subprocess.run(
+        [sys.executable, "-m", "llmserve.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env=env or _clean_env(), cwd=cwd,
+    )
+
+
+def _clean_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVE_")}
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_help():
+    r = cli("--help")
+    assert r.returncode == 0, r.stderr
+    assert "usage:" in r.stdout
+    for command in ("serve", "models"):
+        assert command in r.stdout
+
+
+def test_serve_help_lists_every_flag():
+    r = cli("serve", "--help")
+    assert r.returncode == 0, r.stderr
+    for flag in SERVE_FLAGS:
+        assert flag in r.stdout, flag
+
+
+def test_version():
+    r = cli("--version")
+    assert r.returncode == 0
+    assert "llmserve" in (r.stdout + r.stderr)
+
+
+def test_no_command_is_a_usage_error():
+    r = cli()
+    assert r.returncode != 0
+    assert "usage:" in r.stderr
+
+
+def test_models_prints_bundled_path():
+    r = cli("models")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.strip()
+    assert MODEL in out
+    path = Path(out.split("\t")[-1])
+    assert path.is_absolute() and path.suffix == ".gguf" and path.is_file(), out
+
+    from llmserve.models import bundled_model_path
+
+    assert path == bundled_model_path()
+
+
+def test_missing_model_file_fails_clearly(tmp_path):
+    missing = tmp_path / "nope.gguf"
+    r = cli("serve", "--model", str(missing), "--port", str(_free_port()), cwd=tmp_path,
+            timeout=60)
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert str(missing) in out
+    assert "not found" in out.lower() or "no such file" in out.lower()
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("args,word", [
+    (["--port", "notaport"], "--port"),
+    (["--log-level", "loud"], "log"),
+    (["--max-sequences", "0"], "max_sequences"),
+    (["--context-length", "4"], "context_length"),
+    (["--bogus-flag"], "--bogus-flag"),
+])
+def test_bad_flags_are_usage_errors(tmp_path, args, word):
+    r = cli("serve", *args, cwd=tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert word in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_served_model_name_and_no_key(tmp_path):
+    with run_server(tmp_path, "--served-model-name", "foo", api_key=None) as srv:
+        with httpx.Client(base_url=srv.url, timeout=60) as h:  # no key needed
+            models = h.get("/v1/models")
+            assert models.status_code == 200
+            assert [m["id"] for m in models.json()["data"]] == ["foo"]
+            assert h.get("/v1/models/foo").status_code == 200
+            r = h.post("/v1/completions", json={"model": "foo", "prompt": "Hi", "max_tokens": 2})
+            assert r.status_code == 200, r.text
+            assert r.json()["model"] == "foo"
+            # The file's own name is not served any more.
+            r = h.post("/v1/chat/completions", json={
+                "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+            assert r.status_code == 404
+            assert r.json()["error"]["code"] == "model_not_found"
+            assert h.get("/health").json()["models"] == ["foo"]
+
+
+def test_api_keys_from_environment(tmp_path):
+    """LLMSERVE_API_KEYS with two comma-separated keys: both are accepted, others are not.
+    Other settings come from the environment too, and a flag wins over its variable."""
+    port = _free_port()
+    env = _clean_env(LLMSERVE_API_KEYS="key-one, key-two", LLMSERVE_SERVED_MODEL_NAME="envname",
+                     LLMSERVE_CONTEXT_LENGTH="64")  # overridden by --context-length 512
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llmserve.cli", "serve", "--port", str(port),
+             "--context-length", "512", "--threads", "2", "--max-sequences", "2"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log_path.read_text(errors="replace")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text(errors="replace")
+            time.sleep(0.2)
+
+        for key in ("key-one", "key-two"):
+            r = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200, (key, r.text)
+            assert [m["id"] for m in r.json()["data"]] == ["envname"]
+        r = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer key-two"},
+                       json={"model": "envname", "prompt": "Hi", "max_tokens": 1})
+        assert r.status_code == 200, r.text
+        # --context-length 512 (flag) beat LLMSERVE_CONTEXT_LENGTH=64.
+        r = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer key-one"},
+                       json={"model": "envname", "prompt": "Hi", "max_tokens": 1000})
+        assert r.status_code == 400
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+        assert "512" in r.json()["error"]["message"]
+        for headers in ({}, {"Authorization": "Bearer key-three"},
+                        {"Authorization": "Bearer key-one, key-two"}):
+            r = httpx.get(url + "/v1/models", headers=headers)
+            assert r.status_code == 401
+            assert r.json()["error"]["code"] in ("invalid_api_key", "missing_api_key")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    log = log_path.read_text(errors="replace")
+    assert "key-one" not in log and "key-two" not in log
