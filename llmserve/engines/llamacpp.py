@@ -7,7 +7,10 @@ sequence with its own llama.cpp sampler chain, and hands all new tokens to the e
 with a single `call_soon_threadsafe`.
 
 Each sequence owns a KV stream of `context_length` cells (`kv_unified=False`): a request
-admitted never runs out of cache, and attention reads only its own cells.
+admitted never runs out of cache, and attention reads only its own cells. A finished
+sequence's cells are kept: a new prompt goes to the free slot holding the longest common
+prefix (the chat template's system preamble, an earlier turn of the same conversation) and
+only the rest of it is read.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import queue
 import sys
 import threading
 from collections import deque
+from os.path import commonprefix
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,8 +76,9 @@ class _Sequence:
     seq_id: int
     params: SamplingParams
     sampler: lc.llama_sampler_p
-    n_past: int = 0
+    n_past: int = 0  # positions held in the KV cache
     generated: int = 0
+    generated_ids: list[int] = field(default_factory=list)
     next_token: int | None = None
     logits_at: int = -1  # batch index of this sequence's logits in the current step
 
@@ -141,6 +146,7 @@ class LlamaCppEngine:
         self._token_bytes = [self._piece(t) for t in range(self._n_vocab)]
         self._eog = frozenset(t for t in range(self._n_vocab) if lc.llama_vocab_is_eog(self._vocab, t))
         self._batch = lc.llama_batch_init(batch_size, 0, 1)
+        self._slot_tokens: list[list[int]] = [[] for _ in range(max_sequences)]  # KV contents
 
         template = lc.llama_model_chat_template(self._model, None)
         self._chat_template = template.decode() if template else None
@@ -258,7 +264,7 @@ class LlamaCppEngine:
         waiting: deque[_Request] = deque()
         prefilling: deque[_Request] = deque()
         running: list[_Sequence] = []
-        free_ids = list(range(self._max_sequences - 1, -1, -1))
+        free_ids = list(range(self._max_sequences))  # least recently used first
         try:
             while True:
                 idle = not (waiting or prefilling or running)
@@ -325,11 +331,34 @@ class LlamaCppEngine:
         # FIFO: a large request at the head waits for room rather than being overtaken forever.
         while waiting and len(waiting[0].params) <= len(free_ids):
             req = waiting.popleft()
+            first, reused = self._reuse_slot(free_ids, req.prompt)
+            ids = [first] + [free_ids.pop(0) for _ in req.params[1:]]
+            for sid in ids[1:]:  # overwritten by a copy of the first once the prompt is read
+                self._clear_slot(sid)
+            req.prefilled = reused
             req.sequences = [
-                _Sequence(req, i, free_ids.pop(), p, self._make_sampler(p))
-                for i, p in enumerate(req.params)
+                _Sequence(req, i, sid, p, self._make_sampler(p))
+                for i, (sid, p) in enumerate(zip(ids, req.params, strict=True))
             ]
             prefilling.append(req)
+
+    def _reuse_slot(self, free_ids: list[int], prompt: list[int]) -> tuple[int, int]:
+        """The free slot whose cached tokens share the longest prefix with `prompt`, trimmed
+        to that prefix; returns it and how many prompt tokens need not be read again."""
+        best, best_len = free_ids[0], -1
+        for sid in free_ids:
+            n = len(commonprefix([self._slot_tokens[sid], prompt]))
+            if n > best_len:
+                best, best_len = sid, n
+        free_ids.remove(best)
+        keep = min(best_len, len(prompt) - 1)  # the last prompt token is decoded for its logits
+        cached = self._slot_tokens[best]
+        if keep < len(cached):
+            if keep == 0 or not lc.llama_memory_seq_rm(self._mem, best, keep, -1):
+                self._clear_slot(best)
+                return best, 0
+            del cached[keep:]
+        return best, keep
 
     def _step(self, prefilling, running, free_ids, out) -> list[_Sequence]:
         batch = self._batch
@@ -351,9 +380,11 @@ class LlamaCppEngine:
         # One piece of prompt per step keeps running streams flowing while a prompt is read.
         budget = min(self._prefill_chunk, self._batch_size - n)
         completed: list[_Request] = []
+        touched: list[_Request] = []
         for req in prefilling:
             if budget <= 0:
                 break
+            touched.append(req)
             first = req.sequences[0]
             take = min(budget, len(req.prompt) - req.prefilled)
             for j in range(req.prefilled, req.prefilled + take):
@@ -365,20 +396,23 @@ class LlamaCppEngine:
             budget -= take
             if req.prefilled == len(req.prompt):
                 completed.append(req)
-        for req in completed:
-            prefilling.remove(req)
 
         batch.n_tokens = n
         rc = lc.llama_decode(self._ctx, batch)
         if rc != 0:
+            # Every request in this batch fails; their slots' contents are unknown now.
             err = EngineError(f"llama_decode failed with code {rc}")
-            reqs = {s.request for s in running} | set(completed)
+            reqs = {s.request for s in running} | set(touched)
             for req in reqs:
                 for seq in req.sequences:
-                    self._release(seq, free_ids)
+                    self._release(seq, free_ids, keep_cache=False)
                 req.sequences = []
                 out.failed.append((req, err))
-            return [s for s in running if s.request not in reqs]
+                if req in prefilling:
+                    prefilling.remove(req)
+            return []
+        for req in completed:
+            prefilling.remove(req)
 
         for seq in running:
             seq.n_past += 1
@@ -419,6 +453,7 @@ class LlamaCppEngine:
             finish = "length"
         out.add(seq.request, TokenOutput(seq.index, token, logprob, top, eog, finish))
         seq.next_token = token
+        seq.generated_ids.append(token)
         return finish is None
 
     def _logprobs(self, at: int, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
@@ -463,10 +498,25 @@ class LlamaCppEngine:
         add(lc.llama_sampler_init_dist(_NO_SEED if p.seed is None else p.seed & 0xFFFFFFFF))
         return chain
 
-    def _release(self, seq: _Sequence, free_ids: list[int]) -> None:
-        lc.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
+    def _release(self, seq: _Sequence, free_ids: list[int], *, keep_cache: bool = True) -> None:
+        """Free a sequence's slot; its cells stay cached for a later prompt to reuse."""
+        req = seq.request
+        if seq.n_past:
+            held = (req.prompt + seq.generated_ids)[: seq.n_past]
+        elif seq is req.sequences[0]:
+            held = req.prompt[: req.prefilled]  # cancelled while its prompt was being read
+        else:
+            held = []
+        if keep_cache and held:
+            self._slot_tokens[seq.seq_id] = held
+        else:
+            self._clear_slot(seq.seq_id)
         lc.llama_sampler_free(seq.sampler)
         free_ids.append(seq.seq_id)
+
+    def _clear_slot(self, seq_id: int) -> None:
+        lc.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+        self._slot_tokens[seq_id] = []
 
     def _deliver(self, out: _StepOutputs) -> None:
         if not (out.by_request or out.finished or out.failed) or self._loop is None:
