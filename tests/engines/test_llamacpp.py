@@ -1,0 +1,162 @@
+"""The llama.cpp engine on the bundled model, without HTTP: batching must not change what a
+greedy sequence generates, whatever else shares its steps or its slot's cached prefix."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from llmserve.engines.base import SamplingParams
+from llmserve.engines.llamacpp import LlamaCppEngine
+from llmserve.models import bundled_model_path
+
+
+def chat(engine: LlamaCppEngine, text: str) -> list[int]:
+    return engine.tokenize(
+        f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n", add_bos=False
+    )
+
+
+def greedy(max_tokens: int = 24, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
+
+
+async def tokens(engine, prompt, params) -> list[list[int]]:
+    out: list[list[int]] = [[] for _ in params]
+    async for step in engine.generate(prompt, params):
+        for t in step:
+            out[t.index].append(t.token_id)
+    return out
+
+
+@pytest.fixture
+def run():
+    """Run `fn(engine)` on a fresh engine with the given shape, inside one event loop."""
+
+    def _run(fn, *, max_sequences=4, context_length=512, prefill_chunk=256):
+        async def main():
+            engine = LlamaCppEngine(
+                bundled_model_path(), context_length=context_length,
+                max_sequences=max_sequences, threads=2, prefill_chunk=prefill_chunk,
+            )
+            await engine.start()
+            try:
+                return await fn(engine)
+            finally:
+                await engine.stop()
+
+        return asyncio.run(main())
+
+    return _run
+
+
+def test_batched_sequences_equal_each_alone(run):
+    questions = ["Write a haiku about the sea.", "What is 2+2?", "Name three colors.",
+                 "Describe a cat."]
+
+    async def fn(e):
+        alone = [(await tokens(e, chat(e, q), [greedy()]))[0] for q in questions]
+        together = await asyncio.gather(*(tokens(e, chat(e, q), [greedy()]) for q in questions))
+        return alone, [t[0] for t in together]
+
+    alone, together = run(fn)
+    assert together == alone
+
+
+def test_n_choices_share_the_prompt_and_match_n_equal_1(run):
+    async def fn(e):
+        p = chat(e, "Tell me a fact about owls.")
+        return (await tokens(e, p, [greedy()]))[0], await tokens(e, p, [greedy()] * 3)
+
+    one, three = run(fn)
+    assert three == [one, one, one]
+
+
+def test_reused_prefix_gives_the_same_tokens_as_a_fresh_slot(run):
+    async def fn(e):
+        a, b = chat(e, "What is the capital of France?"), chat(e, "What is the capital of Spain?")
+        first_b = (await tokens(e, b, [greedy()]))[0]
+        await tokens(e, a, [greedy()])  # the slot now holds a's prompt and answer
+        again_b = (await tokens(e, b, [greedy()]))[0]
+        same_a = [(await tokens(e, a, [greedy()]))[0] for _ in range(2)]
+        return first_b, again_b, same_a
+
+    first_b, again_b, same_a = run(fn, max_sequences=1)
+    assert again_b == first_b
+    assert same_a[0] == same_a[1]
+
+
+def test_prompt_longer_than_a_prefill_chunk(run):
+    text = "Summarize: " + "The quick brown fox jumps over the lazy dog. " * 30
+
+    async def fn(e):
+        p = chat(e, text)
+        assert len(p) > 3 * 64
+        return p, (await tokens(e, p, [greedy(8)]))[0]
+
+    _, chunked = run(fn, prefill_chunk=64)
+    _, whole = run(fn, prefill_chunk=512)
+    assert chunked == whole
+
+
+def test_max_tokens_and_end_of_generation(run):
+    async def fn(e):
+        p = chat(e, "Say yes.")
+        outs = []
+        async for step in e.generate(p, [greedy(200)]):
+            outs.extend(step)
+        capped = []
+        async for step in e.generate(p, [greedy(3, ignore_eos=True)]):
+            capped.extend(step)
+        return outs, capped, e
+
+    outs, capped, e = run(fn)
+    assert outs[-1].finish_reason == "stop" and outs[-1].end_of_generation
+    assert outs[-1].token_id in e.end_tokens
+    assert all(o.finish_reason is None for o in outs[:-1])
+    assert len(capped) == 3 and capped[-1].finish_reason == "length"
+
+
+def test_cancel_frees_the_slot_for_the_next_request(run):
+    async def fn(e):
+        p = chat(e, "Write a long story.")
+        stream = e.generate(p, [greedy(400, ignore_eos=True)])
+        it = stream.__aiter__()
+        await it.__anext__()
+        stream.cancel()
+        rest = [step async for step in it]  # ends: the engine drops the cancelled sequence
+        nxt = await asyncio.wait_for(tokens(e, p, [greedy(4)]), timeout=30)
+        return rest, nxt
+
+    rest, nxt = run(fn, max_sequences=1)
+    assert sum(len(s) for s in rest) < 5  # at most a step already under way
+    assert len(nxt[0]) == 4
+
+
+def test_logprobs_are_a_distribution(run):
+    async def fn(e):
+        outs = []
+        async for step in e.generate(chat(e, "Hi"), [greedy(5, logprobs=4)]):
+            outs.extend(step)
+        return outs
+
+    for o in run(fn):
+        assert o.logprob is not None and o.logprob <= 0
+        assert len(o.top_logprobs) == 4
+        lps = [lp for _, lp in o.top_logprobs]
+        assert lps == sorted(lps, reverse=True)
+        assert o.top_logprobs[0][0] == o.token_id  # greedy picks the most likely token
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(run):
+    def sampled(seed):
+        return SamplingParams(max_tokens=20, temperature=1.0, seed=seed)
+
+    async def fn(e):
+        p = chat(e, "Invent a name for a dragon.")
+        return [(await tokens(e, p, [sampled(s)]))[0] for s in (1, 1, 2, 3)]
+
+    a, b, c, d = run(fn)
+    assert a == b
+    assert not (a == c == d)
