@@ -28,7 +28,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--batch-size", type=int, help="tokens per decode step at most (default 512)")
     p.add_argument("--prefill-chunk", type=int,
-                   help="prompt tokens read per step while others decode (default 256)")
+                   help="prompt tokens read per step while others decode (default 64)")
     p.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429 (default 256)")
     p.add_argument("--queue-timeout", type=float, help="seconds a request may wait (default 600)")
     p.add_argument("--log-level", help="critical|error|warning|info|debug (default info)")

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="CPU threads; default all cores")
     batch_size: int = Field(512, ge=32, description="tokens per decode step at most")
     prefill_chunk: int = Field(
-        256, ge=16, description="prompt tokens read per step while others decode"
+        64, ge=16, description="prompt tokens read per step while others decode"
     )
     max_queue: int = Field(256, ge=0, description="requests waiting for a slot before 429")
     queue_timeout: float = Field(600.0, gt=0, description="seconds a request may wait for a slot")

@@ -104,7 +104,7 @@ class LlamaCppEngine:
         max_sequences: int = 16,
         threads: int | None = None,
         batch_size: int = 512,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = 64,
         show_progress: bool = False,
     ) -> None:
         self.model_path = Path(model_path)
@@ -377,8 +377,9 @@ class LlamaCppEngine:
             seq.logits_at = n
             add(seq.next_token, seq.n_past, seq.seq_id, True)
 
-        # One piece of prompt per step keeps running streams flowing while a prompt is read.
-        budget = min(self._prefill_chunk, self._batch_size - n)
+        # While streams are running, a small piece of prompt per step keeps them flowing; with
+        # none running, prompts are read as fast as the batch allows.
+        budget = self._batch_size - n if not running else min(self._prefill_chunk, self._batch_size - n)
         completed: list[_Request] = []
         touched: list[_Request] = []
         for req in prefilling:

@@ -87,17 +87,38 @@ def test_reused_prefix_gives_the_same_tokens_as_a_fresh_slot(run):
     assert same_a[0] == same_a[1]
 
 
-def test_prompt_longer_than_a_prefill_chunk(run):
+def test_long_prompt_is_read_in_pieces_while_others_keep_decoding(run):
     text = "Summarize: " + "The quick brown fox jumps over the lazy dog. " * 30
 
     async def fn(e):
-        p = chat(e, text)
-        assert len(p) > 3 * 64
-        return p, (await tokens(e, p, [greedy(8)]))[0]
+        long_prompt = chat(e, text)
+        assert len(long_prompt) > 4 * 64
+        alone = (await tokens(e, long_prompt, [greedy(8)]))[0]
+        # A stream already running when the long prompt arrives must keep getting a token
+        # every step while the prompt is read 64 tokens at a time.
+        runner = e.generate(chat(e, "Count to one hundred."), [greedy(200, ignore_eos=True)])
+        it = runner.__aiter__()
+        await it.__anext__()
+        first_token = asyncio.Event()
 
-    _, chunked = run(fn, prefill_chunk=64)
-    _, whole = run(fn, prefill_chunk=512)
-    assert chunked == whole
+        async def read() -> list[int]:
+            out = []
+            async for step in e.generate(long_prompt, [greedy(8)]):
+                first_token.set()
+                out.extend(t.token_id for t in step)
+            return out
+
+        reader = asyncio.create_task(read())
+        steps_while_reading = 0
+        while not first_token.is_set():
+            await it.__anext__()
+            steps_while_reading += 1
+        runner.cancel()
+        return alone, [await reader], len(long_prompt), steps_while_reading
+
+    alone, chunked, n_prompt, steps = run(fn, prefill_chunk=64)
+    assert chunked[0] == alone
+    assert steps >= n_prompt // 64  # one runner token per 64-token piece of prompt
 
 
 def test_max_tokens_and_end_of_generation(run):
