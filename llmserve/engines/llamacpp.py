@@ -23,55 +23,29 @@ import queue
 import sys
 import threading
 from collections import deque
-from os.path import commonprefix
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from os.path import commonprefix
 from pathlib import Path
 
 import llama_cpp as lc
 import numpy as np
 
 from llmserve.engines.base import EngineError, SamplingParams, TokenOutput
+from llmserve.engines.stepping import (
+    EngineRequest,
+    StepOutputs,
+    drain_inbox,
+    finish_reason,
+)
 
 log = logging.getLogger(__name__)
 
 _NO_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
 
 
-class _Request:
-    """One request inside the engine; also the `GenerationStream` handed to the core."""
-
-    def __init__(self, engine: LlamaCppEngine, prompt: list[int], params: list[SamplingParams]):
-        self._engine = engine
-        self.prompt = prompt
-        self.params = params
-        self.queue: asyncio.Queue[list[TokenOutput] | BaseException | None] = asyncio.Queue()
-        # decode-thread state
-        self.sequences: list[_Sequence] = []
-        self.prefilled = 0
-        self.cancelled: set[int] = set()
-        self.cancel_all = False
-
-    def cancel(self, index: int | None = None) -> None:
-        self._engine._inbox.put(("cancel", self, index))
-
-    async def __aiter__(self) -> AsyncIterator[list[TokenOutput]]:
-        try:
-            while True:
-                item = await self.queue.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            # The consumer left (done, error or disconnect): free whatever still runs.
-            self.cancel()
-
-
 @dataclass(eq=False)
 class _Sequence:
-    request: _Request
+    request: EngineRequest
     index: int
     seq_id: int
     params: SamplingParams
@@ -81,16 +55,6 @@ class _Sequence:
     generated_ids: list[int] = field(default_factory=list)
     next_token: int | None = None
     logits_at: int = -1  # batch index of this sequence's logits in the current step
-
-
-@dataclass
-class _StepOutputs:
-    by_request: dict[_Request, list[TokenOutput]] = field(default_factory=dict)
-    finished: list[_Request] = field(default_factory=list)
-    failed: list[tuple[_Request, BaseException]] = field(default_factory=list)
-
-    def add(self, request: _Request, output: TokenOutput) -> None:
-        self.by_request.setdefault(request, []).append(output)
 
 
 class LlamaCppEngine:
@@ -247,64 +211,45 @@ class LlamaCppEngine:
         lc.llama_free(self._ctx)
         lc.llama_model_free(self._model)
 
-    def generate(self, prompt: list[int], params: list[SamplingParams]) -> _Request:
+    def generate(self, prompt: list[int], params: list[SamplingParams]) -> EngineRequest:
         if self._thread is None:
             raise EngineError("engine not started")
         if not prompt:
             raise ValueError("empty prompt")
         if len(params) > self._max_sequences:
             raise ValueError(f"{len(params)} sequences requested, at most {self._max_sequences}")
-        request = _Request(self, list(prompt), list(params))
+        request = EngineRequest(self._inbox, list(prompt), list(params))
         self._inbox.put(("add", request))
         return request
 
     # -- decode thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
-        waiting: deque[_Request] = deque()
-        prefilling: deque[_Request] = deque()
+        waiting: deque[EngineRequest] = deque()
+        prefilling: deque[EngineRequest] = deque()
         running: list[_Sequence] = []
         free_ids = list(range(self._max_sequences))  # least recently used first
         try:
             while True:
                 idle = not (waiting or prefilling or running)
-                if not self._drain_inbox(waiting, idle):
+                if not drain_inbox(self._inbox, waiting, idle):
                     break
-                out = _StepOutputs()
+                out = StepOutputs()
                 running = self._apply_cancels(waiting, prefilling, running, free_ids, out)
                 self._admit(waiting, prefilling, free_ids)
                 if prefilling or running:
                     running = self._step(prefilling, running, free_ids, out)
-                self._deliver(out)
+                out.deliver(self._loop)
         except BaseException as exc:  # noqa: BLE001 - a dead loop must fail every request
             log.exception("decode loop crashed")
             err = EngineError(f"decode loop crashed: {exc}")
-            out = _StepOutputs()
+            out = StepOutputs()
             for req in {*waiting, *prefilling, *(s.request for s in running)}:
                 out.failed.append((req, err))
-            self._deliver(out)
+            out.deliver(self._loop)
         finally:
             for seq in running:
                 lc.llama_sampler_free(seq.sampler)
-
-    def _drain_inbox(self, waiting: deque[_Request], block: bool) -> bool:
-        while True:
-            try:
-                msg = self._inbox.get(block=block)
-            except queue.Empty:
-                return True
-            block = False
-            kind = msg[0]
-            if kind == "stop":
-                return False
-            if kind == "add":
-                waiting.append(msg[1])
-            elif kind == "cancel":
-                _, req, index = msg
-                if index is None:
-                    req.cancel_all = True
-                else:
-                    req.cancelled.add(index)
 
     def _apply_cancels(self, waiting, prefilling, running, free_ids, out) -> list[_Sequence]:
         for q in (waiting, prefilling):
@@ -327,7 +272,7 @@ class LlamaCppEngine:
                 kept.append(seq)
         return kept
 
-    def _admit(self, waiting: deque[_Request], prefilling: deque[_Request], free_ids: list[int]) -> None:
+    def _admit(self, waiting: deque[EngineRequest], prefilling: deque[EngineRequest], free_ids: list[int]) -> None:
         # FIFO: a large request at the head waits for room rather than being overtaken forever.
         while waiting and len(waiting[0].params) <= len(free_ids):
             req = waiting.popleft()
@@ -380,8 +325,8 @@ class LlamaCppEngine:
         # While streams are running, a small piece of prompt per step keeps them flowing; with
         # none running, prompts are read as fast as the batch allows.
         budget = self._batch_size - n if not running else min(self._prefill_chunk, self._batch_size - n)
-        completed: list[_Request] = []
-        touched: list[_Request] = []
+        completed: list[EngineRequest] = []
+        touched: list[EngineRequest] = []
         for req in prefilling:
             if budget <= 0:
                 break
@@ -438,7 +383,7 @@ class LlamaCppEngine:
                     out.finished.append(req)
         return kept
 
-    def _sample(self, seq: _Sequence, out: _StepOutputs) -> bool:
+    def _sample(self, seq: _Sequence, out: StepOutputs) -> bool:
         """Sample the next token of `seq`; False when the sequence has finished."""
         token = lc.llama_sampler_sample(seq.sampler, self._ctx, seq.logits_at)
         seq.generated += 1
@@ -447,11 +392,11 @@ class LlamaCppEngine:
         if p.logprobs is not None:
             logprob, top = self._logprobs(seq.logits_at, token, p.logprobs)
         eog = token in self._eog and not p.ignore_eos
-        finish = None
-        if eog:
-            finish = "stop"
-        elif seq.generated >= p.max_tokens or seq.n_past >= self._context_length - 1:
-            finish = "length"
+        # The new token goes to position n_past next step: room is what is left after it.
+        finish = finish_reason(
+            p, generated=seq.generated, end_of_generation=eog,
+            room_left=self._context_length - seq.n_past - 1,
+        )
         out.add(seq.request, TokenOutput(seq.index, token, logprob, top, eog, finish))
         seq.next_token = token
         seq.generated_ids.append(token)
@@ -518,22 +463,6 @@ class LlamaCppEngine:
     def _clear_slot(self, seq_id: int) -> None:
         lc.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
         self._slot_tokens[seq_id] = []
-
-    def _deliver(self, out: _StepOutputs) -> None:
-        if not (out.by_request or out.finished or out.failed) or self._loop is None:
-            return
-        items: list[tuple[_Request, list[TokenOutput] | BaseException | None]] = [
-            *out.by_request.items(),
-            *((r, exc) for r, exc in out.failed),
-            *((r, None) for r in out.finished),
-        ]
-        self._loop.call_soon_threadsafe(_put_all, items)
-
-
-def _put_all(items: list[tuple[_Request, object]]) -> None:
-    for req, item in items:
-        req.queue.put_nowait(item)
-
 
 # -- llama.cpp logging and progress ----------------------------------------------------------
 

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from llmserve.errors import ServerBusy, QueueTimeout
+from llmserve.errors import QueueTimeout, ServerBusy
 
 
 class Scheduler:

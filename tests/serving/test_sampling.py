@@ -10,7 +10,6 @@ from llmserve.engines.base import SamplingParams
 from llmserve.errors import ContextLengthExceeded, InvalidRequest
 from llmserve.serving.sampling import SamplingRequest, build_params, resolve_max_tokens
 
-
 # -- resolve_max_tokens -----------------------------------------------------------------------
 
 
