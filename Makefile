@@ -25,7 +25,7 @@ $(INSTALLED): pyproject.toml
 test-deps: $(TEST_INSTALLED)
 
 $(TEST_INSTALLED): $(INSTALLED)
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e '.[test,hf]'
 	touch $@
 
 serve: install

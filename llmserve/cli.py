@@ -23,6 +23,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", help="name clients send as `model`")
     p.add_argument("--api-key", dest="api_keys", action="append",
                    help="accepted bearer key; repeat for several (env: comma-separated)")
+    p.add_argument("--embedding-model",
+                   help="sentence-transformers directory for /v1/embeddings, or `none` "
+                        "(default: the bundled all-MiniLM-L6-v2 when installed)")
     p.add_argument("--context-length", type=int, help="tokens per sequence (default min(model, 4096))")
     p.add_argument("--max-sequences", type=int, help="sequences decoded together (default 16)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
@@ -83,6 +86,8 @@ def serve(settings: Settings) -> int:
             "model %s: %d tokens per sequence, %d sequences together",
             m.name, m.engine.context_length, m.engine.max_sequences,
         )
+    for card in registry.cards():
+        log.info("serving %s", card.name)
     app = create_app(settings, registry)
     log.info("OpenAI API at http://%s:%d/v1", settings.host, settings.port)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,

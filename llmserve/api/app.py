@@ -13,7 +13,7 @@ from fastapi import Depends, FastAPI, Request
 
 from llmserve import __version__
 from llmserve.api import errors
-from llmserve.api.routes import chat, completions, health, models
+from llmserve.api.routes import chat, completions, embeddings, health, models
 from llmserve.api.state import AppState, app_state
 from llmserve.config import Settings
 from llmserve.errors import AuthenticationFailed
@@ -39,6 +39,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
     app.include_router(models.router, dependencies=v1)
     app.include_router(chat.router, dependencies=v1)
     app.include_router(completions.router, dependencies=v1)
+    app.include_router(embeddings.router, dependencies=v1)
     return app
 
 

@@ -224,3 +224,24 @@ class CompletionRequest(_Sampling):
 
     def to_sampling(self) -> SamplingRequest:
         return self.sampling(max_tokens=self.max_tokens, logprobs=self.logprobs)
+
+
+# -- embeddings -----------------------------------------------------------------------------
+
+
+class EmbeddingRequest(_Request):
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    user: str | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        x = self.input
+        if isinstance(x, str):
+            return [x]
+        if not x:
+            raise InvalidRequest("input must not be empty.", param="input")
+        if all(isinstance(t, int) for t in x):
+            return [list(x)]  # type: ignore[arg-type]
+        return list(x)  # type: ignore[arg-type]

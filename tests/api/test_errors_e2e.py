@@ -285,7 +285,7 @@ def test_get_unknown_model(http):
 
 
 @pytest.mark.parametrize("method,path", [
-    ("GET", "/v1/nope"), ("POST", "/v1/embeddings"), ("GET", "/nope"), ("POST", "/v2/chat"),
+    ("GET", "/v1/nope"), ("POST", "/v1/audio/speech"), ("GET", "/nope"), ("POST", "/v2/chat"),
 ])
 def test_unknown_route(http, method, path):
     assert_error(http.request(method, path), 404, type="invalid_request_error")

@@ -10,6 +10,8 @@ import openai
 from conftest import MODEL
 from openai_schema import validate
 
+EMBEDDING_MODEL = "all-minilm-l6-v2"  # bundled with the hf extra, which make test installs
+
 
 def test_list_models_raw(http):
     r = http.get("/v1/models")
@@ -18,7 +20,7 @@ def test_list_models_raw(http):
     body = r.json()
     validate("ListModelsResponse", body)
     assert body["object"] == "list"
-    assert [m["id"] for m in body["data"]] == [MODEL]
+    assert [m["id"] for m in body["data"]] == [MODEL, EMBEDDING_MODEL]  # generative first
     for m in body["data"]:
         validate("Model", m)
         assert m["object"] == "model"
@@ -46,7 +48,7 @@ def test_retrieve_model_url_encoded(http):
 def test_list_models_openai_client(client: openai.OpenAI):
     page = client.models.list()
     ids = [m.id for m in page]
-    assert ids == [MODEL]
+    assert ids == [MODEL, EMBEDDING_MODEL]
     raw = client.models.with_raw_response.list()
     validate("ListModelsResponse", raw.http_response.json())
 
@@ -59,10 +61,12 @@ def test_retrieve_model_openai_client(client: openai.OpenAI):
     validate("Model", raw.http_response.json())
 
 
-def test_listed_model_is_usable(client: openai.OpenAI):
-    [m] = list(client.models.list())
-    r = client.completions.create(model=m.id, prompt="Hi", max_tokens=1)
-    assert r.model == m.id
+def test_listed_models_are_usable(client: openai.OpenAI):
+    chat, embedding = list(client.models.list())
+    r = client.completions.create(model=chat.id, prompt="Hi", max_tokens=1)
+    assert r.model == chat.id
+    e = client.embeddings.create(model=embedding.id, input="Hi")
+    assert e.model == embedding.id
 
 
 def test_unknown_model_retrieve(http):

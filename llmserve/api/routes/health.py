@@ -11,4 +11,4 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request) -> dict:
-    return {"status": "ok", "models": [m.name for m in app_state(request).registry]}
+    return {"status": "ok", "models": [m.name for m in app_state(request).registry.cards()]}

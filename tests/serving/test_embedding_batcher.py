@@ -1,0 +1,66 @@
+"""EmbeddingBatcher on the real bundled embedder: concurrent requests share batches and get
+exactly their own vectors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sentence_transformers")
+
+from llmserve.engines.sentence_embedder import SentenceEmbedder  # noqa: E402
+from llmserve.models import bundled_embedding_path  # noqa: E402
+from llmserve.serving.embeddings import EmbeddingBatcher  # noqa: E402
+
+
+class Counting:
+    """The real embedder, counting how many batches it is asked for."""
+
+    def __init__(self, inner: SentenceEmbedder) -> None:
+        self.inner = inner
+        self.batches: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def embed(self, inputs):
+        self.batches.append(len(inputs))
+        return self.inner.embed(inputs)
+
+
+@pytest.fixture(scope="module")
+def embedder() -> SentenceEmbedder:
+    return SentenceEmbedder(bundled_embedding_path())
+
+
+def test_concurrent_requests_share_batches_and_keep_their_order(embedder):
+    texts = [f"text {i} " + "word " * i for i in range(12)]
+    ids = [embedder.tokenize(t) for t in texts]
+    alone = embedder.embed(ids)
+
+    async def main():
+        counting = Counting(embedder)
+        batcher = EmbeddingBatcher(counting, max_batch=64)
+        results = await asyncio.gather(*(batcher.embed([x]) for x in ids))
+        return counting.batches, np.concatenate(results)
+
+    batches, together = asyncio.run(main())
+    assert sum(batches) == len(texts)
+    assert len(batches) < len(texts)  # requests arriving together were embedded together
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_a_cancelled_request_does_not_disturb_the_others(embedder):
+    ids = [embedder.tokenize(t) for t in ("alpha", "beta", "gamma")]
+
+    async def main():
+        batcher = EmbeddingBatcher(embedder)
+        keep = asyncio.create_task(batcher.embed(ids[:1]))
+        drop = asyncio.create_task(batcher.embed(ids[1:]))
+        await asyncio.sleep(0)
+        drop.cancel()
+        return await keep
+
+    np.testing.assert_allclose(asyncio.run(main()), embedder.embed(ids[:1]), atol=1e-5)
