@@ -19,7 +19,15 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                        argument_default=argparse.SUPPRESS)
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
-    p.add_argument("--model", help="GGUF file (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="GGUF file or Hugging Face model directory "
+                                   "(default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--engine", choices=["auto", "llamacpp", "transformers"],
+                   help="auto (default): llama.cpp for .gguf files, transformers for directories")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="transformers engine weights (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", help="transformers engine: auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="transformers engine: allow the model directory's own code (off by default)")
     p.add_argument("--served-model-name", help="name clients send as `model`")
     p.add_argument("--api-key", dest="api_keys", action="append",
                    help="accepted bearer key; repeat for several (env: comma-separated)")

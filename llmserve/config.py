@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -15,7 +15,17 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
-    model: str | None = Field(None, description="GGUF file; default: the bundled SmolLM2-135M-Instruct")
+    model: str | None = Field(
+        None, description="GGUF file or Hugging Face model directory; default: bundled SmolLM2"
+    )
+    engine: Literal["auto", "llamacpp", "transformers"] = Field(
+        "auto", description="auto: llama.cpp for .gguf files, transformers for directories"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="transformers engine: auto is bf16 on CUDA, fp32 on CPU"
+    )
+    device: str = Field("auto", description="transformers engine: auto, cpu, cuda, cuda:N")
+    trust_remote_code: bool = Field(False, description="transformers engine: run model code")
     served_model_name: str | None = Field(None, description="name clients use; default from the file")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="accepted bearer keys; none: no auth"

@@ -54,7 +54,7 @@ def bundled_embedding_path() -> Path:
 
 
 def served_name_for(path: Path) -> str:
-    """`SmolLM2-135M-Instruct.Q4_1.gguf` -> `smollm2-135m-instruct`."""
+    """`SmolLM2-135M-Instruct.Q4_1.gguf` -> `smollm2-135m-instruct`; a directory: its name."""
     stem = path.name.removesuffix(".gguf")
     stem = re.sub(r"[.-](?:[QqIi]Q?\d\w*|[Ff]16|[Ff]32|[Bb][Ff]16)$", "", stem)
     return stem.lower()
@@ -142,21 +142,51 @@ def serve_engine(engine: Engine, name: str, settings: Settings) -> ServedModel:
     return ServedModel(name=name, engine=engine, template=template, scheduler=scheduler)
 
 
-def load_registry(settings: Settings, *, show_progress: bool = True) -> ModelRegistry:
-    from llmserve.engines.llamacpp import LlamaCppEngine
-
-    path = Path(settings.model) if settings.model else bundled_model_path()
-    if not path.is_file():
+def load_engine(settings: Settings, path: Path, *, show_progress: bool = True) -> Engine:
+    """llama.cpp for GGUF files, transformers for model directories, unless told otherwise."""
+    if not path.exists():
         raise FileNotFoundError(f"model file not found: {path}")
-    engine = LlamaCppEngine(
-        path,
-        context_length=settings.context_length or DEFAULT_CONTEXT,
+    kind = settings.engine
+    if kind == "auto":
+        kind = "transformers" if path.is_dir() else "llamacpp"
+    context_length = settings.context_length or DEFAULT_CONTEXT
+    if kind == "llamacpp":
+        if not path.is_file():
+            raise FileNotFoundError(f"the llama.cpp engine needs a GGUF file, not {path}")
+        from llmserve.engines.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(
+            path,
+            context_length=context_length,
+            max_sequences=settings.max_sequences,
+            threads=settings.threads,
+            batch_size=settings.batch_size,
+            prefill_chunk=settings.prefill_chunk,
+            show_progress=show_progress,
+        )
+    try:
+        from llmserve.engines.transformers import TransformersEngine
+    except ImportError as exc:
+        raise FileNotFoundError(
+            f"the transformers engine needs the hf extra (pip install -e '.[hf]'): {exc}"
+        ) from None
+    directory, gguf_file = (path.parent, path.name) if path.is_file() else (path, None)
+    return TransformersEngine(
+        directory,
+        gguf_file=gguf_file,
+        context_length=context_length,
         max_sequences=settings.max_sequences,
+        dtype=settings.dtype,
+        device=settings.device,
+        trust_remote_code=settings.trust_remote_code,
         threads=settings.threads,
-        batch_size=settings.batch_size,
         prefill_chunk=settings.prefill_chunk,
-        show_progress=show_progress,
     )
+
+
+def load_registry(settings: Settings, *, show_progress: bool = True) -> ModelRegistry:
+    path = Path(settings.model) if settings.model else bundled_model_path()
+    engine = load_engine(settings, path, show_progress=show_progress)
     name = settings.served_model_name or served_name_for(path)
     return ModelRegistry([serve_engine(engine, name, settings)], load_embedders(settings))
 

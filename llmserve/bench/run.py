@@ -133,7 +133,9 @@ async def _measure_engine(engine, prompts: list[list[int]], conc: int, requests:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="llmserve bench", description=__doc__)
-    p.add_argument("--model", help="GGUF file (default: the bundled model)")
+    p.add_argument("--model", help="GGUF file or model directory (default: the bundled model)")
+    p.add_argument("--engine", default="auto", choices=["auto", "llamacpp", "transformers"],
+                   help="llmserve's engine, also used for the in-process limit")
     p.add_argument("--url", help="measure a running llmserve at this URL instead of starting one")
     p.add_argument("--served-model-name", help="model name to send with --url")
     p.add_argument("--levels", default="1,4,16,64", help="concurrency sweep (default 1,4,16,64)")
@@ -160,7 +162,11 @@ async def _main(args: argparse.Namespace) -> int:
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
     max_seq = max(levels)
-    want_lcp = not args.no_llama_cpp_python
+    engine_kind = args.engine
+    if engine_kind == "auto":
+        engine_kind = "transformers" if model_path.is_dir() else "llamacpp"
+    # llama-cpp-python serves GGUF files only: it is the baseline for the llama.cpp engine.
+    want_lcp = not args.no_llama_cpp_python and engine_kind == "llamacpp"
     if want_lcp and importlib.util.find_spec("llama_cpp.server") is None:
         print("llama-cpp-python's server is not installed (pip install -e '.[bench]'): "
               "skipping that baseline", file=sys.stderr)
@@ -175,7 +181,8 @@ async def _main(args: argparse.Namespace) -> int:
         else:
             ours_proc = stack.enter_context(start_process(
                 [sys.executable, "-m", "llmserve.cli", "serve", "--port", "{port}",
-                 "--model", str(model_path), "--max-sequences", str(max_seq),
+                 "--model", str(model_path), "--engine", engine_kind,
+                 "--embedding-model", "none", "--max-sequences", str(max_seq),
                  "--context-length", str(args.context_length), "--threads", str(args.threads),
                  "--log-level", "warning"],
                 "/health", logs / "llmserve.log"))
@@ -189,11 +196,13 @@ async def _main(args: argparse.Namespace) -> int:
                  "--interrupt_requests", "False", "--verbose", "False"],
                 "/v1/models", logs / "llama-cpp-python.log"))
         if not args.no_limit:
-            from llmserve.engines.llamacpp import LlamaCppEngine
+            from llmserve.config import Settings
+            from llmserve.models import load_engine
             from llmserve.serving.chat_template import CHATML_TEMPLATE, ChatTemplate
 
-            engine = LlamaCppEngine(model_path, context_length=args.context_length,
-                                    max_sequences=max_seq, threads=args.threads)
+            settings = Settings(engine=engine_kind, context_length=args.context_length,
+                                max_sequences=max_seq, threads=args.threads)
+            engine = load_engine(settings, model_path, show_progress=False)
             await engine.start()
             template = ChatTemplate(engine.chat_template or CHATML_TEMPLATE,
                                     bos_token=engine.bos_token, eos_token=engine.eos_token)
@@ -202,7 +211,10 @@ async def _main(args: argparse.Namespace) -> int:
                 for q in prompts
             ]
         # llama-cpp-python knows no ignore_eos: a -100 bias on end tokens keeps lengths equal.
-        lcp_extra = {"logit_bias": {str(t): -100 for t in _end_tokens(engine, model_path)}}
+        lcp_extra = (
+            {"logit_bias": {str(t): -100 for t in _end_tokens(engine, model_path)}}
+            if lcp_proc is not None else {}
+        )
         try:
             for conc in levels:
                 n_req = args.requests or max(4, conc)
@@ -227,7 +239,7 @@ async def _main(args: argparse.Namespace) -> int:
     baselines = [b for b in (LIMIT, LCP) if any(r.system == b for r in results)]
     ratio_text, ratio_rows = ratios(results, LLMSERVE, baselines)
     print()
-    print(f"model {model_path.name}, {args.max_tokens} output tokens per request, greedy, "
+    print(f"model {model_path.name}, {engine_kind} engine, {args.max_tokens} output tokens per request, greedy, "
           f"{args.threads} threads, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
     print(table(results))
     print()
@@ -235,7 +247,7 @@ async def _main(args: argparse.Namespace) -> int:
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "model": str(model_path), "max_tokens": args.max_tokens, "threads": args.threads,
+        "model": str(model_path), "engine": engine_kind, "max_tokens": args.max_tokens, "threads": args.threads,
         "cores": os.cpu_count(), "levels": levels,
         "results": [r.to_json() for r in results], "ratios": ratio_rows,
     }, indent=1))
