@@ -15,13 +15,10 @@ only the rest of it is read.
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import logging
 import os
-import queue
 import sys
-import threading
 from collections import deque
 from dataclasses import dataclass, field
 from os.path import commonprefix
@@ -33,6 +30,7 @@ import numpy as np
 from llmserve.engines.base import EngineError, SamplingParams, TokenOutput
 from llmserve.engines.stepping import (
     EngineRequest,
+    StepLoopEngine,
     StepOutputs,
     drain_inbox,
     finish_reason,
@@ -57,8 +55,10 @@ class _Sequence:
     logits_at: int = -1  # batch index of this sequence's logits in the current step
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(StepLoopEngine):
     """A GGUF model decoded by llama.cpp, many sequences per step."""
+
+    thread_name = "llama-decode"
 
     def __init__(
         self,
@@ -108,7 +108,9 @@ class LlamaCppEngine:
         self._context_length = lc.llama_n_ctx_seq(self._ctx)
         self._n_vocab = lc.llama_vocab_n_tokens(self._vocab)
         self._token_bytes = [self._piece(t) for t in range(self._n_vocab)]
-        self._eog = frozenset(t for t in range(self._n_vocab) if lc.llama_vocab_is_eog(self._vocab, t))
+        self._end_tokens = frozenset(
+            t for t in range(self._n_vocab) if lc.llama_vocab_is_eog(self._vocab, t)
+        )
         self._batch = lc.llama_batch_init(batch_size, 0, 1)
         self._slot_tokens: list[list[int]] = [[] for _ in range(max_sequences)]  # KV contents
 
@@ -118,45 +120,9 @@ class LlamaCppEngine:
         self._eos_token = self._special_text(lc.llama_vocab_eos(self._vocab))
         self._add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
 
-        self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._closed = False
+        self._init_loop()
 
-    # -- facts the serving core reads ----------------------------------------------------
-
-    @property
-    def context_length(self) -> int:
-        return self._context_length
-
-    @property
-    def max_sequences(self) -> int:
-        return self._max_sequences
-
-    @property
-    def vocab_size(self) -> int:
-        return self._n_vocab
-
-    @property
-    def end_tokens(self) -> frozenset[int]:
-        """End-of-generation tokens (EOS, end of turn)."""
-        return self._eog
-
-    @property
-    def chat_template(self) -> str | None:
-        return self._chat_template
-
-    @property
-    def bos_token(self) -> str:
-        return self._bos_token
-
-    @property
-    def eos_token(self) -> str:
-        return self._eos_token
-
-    @property
-    def add_bos(self) -> bool:
-        return self._add_bos
+    # -- what the serving core reads (the rest comes from StepLoopEngine) ----------------
 
     def metadata(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(4096)
@@ -173,9 +139,6 @@ class LlamaCppEngine:
                 return buf[:n]
             size = -n
 
-    def token_bytes(self, token_id: int) -> bytes:
-        return self._token_bytes[token_id]
-
     def _piece(self, token: int, special: bool = False) -> bytes:
         buf = ctypes.create_string_buffer(64)
         n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
@@ -189,20 +152,6 @@ class LlamaCppEngine:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="llama-decode", daemon=True)
-        self._thread.start()
-
-    async def stop(self) -> None:
-        if self._thread is not None:
-            self._inbox.put(("stop",))
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
-        self.close()
-
     def close(self) -> None:
         if self._closed:
             return
@@ -210,17 +159,6 @@ class LlamaCppEngine:
         lc.llama_batch_free(self._batch)
         lc.llama_free(self._ctx)
         lc.llama_model_free(self._model)
-
-    def generate(self, prompt: list[int], params: list[SamplingParams]) -> EngineRequest:
-        if self._thread is None:
-            raise EngineError("engine not started")
-        if not prompt:
-            raise ValueError("empty prompt")
-        if len(params) > self._max_sequences:
-            raise ValueError(f"{len(params)} sequences requested, at most {self._max_sequences}")
-        request = EngineRequest(self._inbox, list(prompt), list(params))
-        self._inbox.put(("add", request))
-        return request
 
     # -- decode thread ---------------------------------------------------------------------
 
@@ -391,7 +329,7 @@ class LlamaCppEngine:
         logprob = top = None
         if p.logprobs is not None:
             logprob, top = self._logprobs(seq.logits_at, token, p.logprobs)
-        eog = token in self._eog and not p.ignore_eos
+        eog = token in self._end_tokens and not p.ignore_eos
         # The new token goes to position n_past next step: room is what is left after it.
         finish = finish_reason(
             p, generated=seq.generated, end_of_generation=eog,

@@ -1,0 +1,468 @@
+"""The transformers engine on real (tiny, random) weights built here, and on the bundled
+SmolLM2 GGUF: batching must not change what a greedy sequence generates, whoever joins or
+leaves the batch while it runs. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the hf extra (torch, transformers) is not installed")
+pytest.importorskip("transformers", reason="the hf extra (torch, transformers) is not installed")
+tokenizers = pytest.importorskip("tokenizers")
+
+from llmserve.engines.base import SamplingParams
+from llmserve.engines.transformers import TransformersEngine
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"]
+MAX_POSITIONS = 256
+MIXED_TEXT = "The sea 大海 is blue 🌊, 你好世界! 👍🏽 ok 🦄 龘"  # the last two are not in the corpus
+
+
+def _corpus() -> list[str]:
+    rng = random.Random(0)
+    en = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "cat", "sea", "sky", "river", "mountain", "tree", "green", "blue", "red", "light", "night", "day", "code", "model", "token", "stream", "server", "batch", "write", "say", "name", "three", "colors"]
+    zh = ["你好", "世界", "今天", "天气", "很好", "我们", "学习", "语言", "模型", "中文", "测试", "大海"]
+    emoji = ["🙂", "🚀", "🌊", "🐱", "❤️", "👍🏽", "🎉"]
+    lines = []
+    for i in range(400):
+        words = [rng.choice(en) for _ in range(rng.randint(3, 10))]
+        if i % 3 == 0:
+            words.insert(rng.randint(0, len(words)), "".join(rng.sample(zh, 2)))
+        if i % 5 == 0:
+            words.append(rng.choice(emoji))
+        lines.append(" ".join(words) + ("." if i % 2 else "!"))
+    return lines
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory):
+    """A 2-layer Llama with random weights and a byte-level BPE ChatML tokenizer, saved the way
+    a Hugging Face checkpoint is: config, safetensors, tokenizer files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(
+        vocab_size=512, special_tokens=SPECIALS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    ))
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", chat_template=CHATML,
+    )
+    hf_tok.save_pretrained(path)
+    config = LlamaConfig(
+        vocab_size=len(hf_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+        bos_token_id=bos, eos_token_id=tok.token_to_id("<|endoftext|>"),
+        initializer_range=0.2, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def chat(engine: TransformersEngine, text: str) -> list[int]:
+    return engine.tokenize(
+        f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n", add_bos=False
+    )
+
+
+def greedy(max_tokens: int = 24, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
+
+
+async def tokens(engine, prompt, params) -> list[list[int]]:
+    out: list[list[int]] = [[] for _ in params]
+    async for step in engine.generate(prompt, params):
+        for t in step:
+            out[t.index].append(t.token_id)
+    return out
+
+
+async def outputs(engine, prompt, params) -> list:
+    outs = []
+    async for step in engine.generate(prompt, params):
+        outs.extend(step)
+    return outs
+
+
+@pytest.fixture
+def run(tiny_model):
+    """Run `fn(engine)` on a fresh engine over the tiny model, inside one event loop."""
+
+    def _run(fn, *, max_sequences=4, context_length=None, **kw):
+        async def main():
+            engine = TransformersEngine(
+                tiny_model, context_length=context_length, max_sequences=max_sequences,
+                threads=2, **kw,
+            )
+            forward = engine._forward
+            engine.batch_rows = []  # rows of every decode forward: proof that rows share steps
+
+            def spy(ids, positions, mask, cache):
+                if ids.shape[1] == 1:
+                    engine.batch_rows.append(ids.shape[0])
+                return forward(ids, positions, mask, cache)
+
+            engine._forward = spy
+            await engine.start()
+            try:
+                return await fn(engine)
+            finally:
+                await engine.stop()
+
+        return asyncio.run(main())
+
+    return _run
+
+
+QUESTIONS = ["the sea", "write a haiku about the blue river at night 🌊",
+             "你好", "name three colors of the sky and the tree and the mountain, then say why"]
+
+
+def test_batched_sequences_equal_each_alone(run):
+    # Different prompt lengths and different lengths of answer: rows join with different
+    # padding and leave at different steps.
+    lengths = [24, 9, 17, 30]
+
+    async def fn(e):
+        prompts = [chat(e, q) for q in QUESTIONS]
+        assert len({len(p) for p in prompts}) == len(prompts)
+        params = [greedy(n, ignore_eos=True) for n in lengths]
+        alone = [(await tokens(e, p, [sp]))[0] for p, sp in zip(prompts, params)]
+        assert max(e.batch_rows) == 1
+        together = await asyncio.gather(*(tokens(e, p, [sp]) for p, sp in zip(prompts, params)))
+        assert max(e.batch_rows) == 4
+        return alone, [t[0] for t in together]
+
+    alone, together = run(fn)
+    assert [len(a) for a in alone] == lengths
+    assert together == alone
+    assert len({tuple(a[:8]) for a in alone}) > 1  # the prompts do lead somewhere different
+
+
+def test_greedy_matches_a_plain_forward_without_cache(run, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, local_files_only=True).eval()
+
+    async def fn(e):
+        prompt = chat(e, QUESTIONS[1])
+        first = await outputs(e, prompt, [greedy(1, logprobs=3)])
+        # The reference shares the batch with a longer prompt, so it runs padded.
+        ref, _ = await asyncio.gather(
+            tokens(e, prompt, [greedy(12, ignore_eos=True)]),
+            tokens(e, chat(e, QUESTIONS[3]), [greedy(12, ignore_eos=True)]),
+        )
+        return prompt, first[0], ref[0]
+
+    prompt, first, got = run(fn)
+    ids = list(prompt)
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+        for _ in range(12):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert got == ids[len(prompt):]
+    assert first.logprob == pytest.approx(float(logprobs[first.token_id]), abs=1e-4)
+    top = torch.topk(logprobs, 3)
+    assert [t for t, _ in first.top_logprobs] == top.indices.tolist()
+
+
+def test_sequences_join_while_others_are_mid_generation(run):
+    # Two slots, three requests: B joins A mid-answer, C waits for a slot and joins when A
+    # leaves, while B is still running.
+    async def fn(e):
+        pa, pb, pc = (chat(e, q) for q in QUESTIONS[1:])
+        alone = [(await tokens(e, p, [greedy(n, ignore_eos=True)]))[0]
+                 for p, n in ((pa, 20), (pb, 30), (pc, 16))]
+        a_at = asyncio.Event()
+        a_tokens: list[int] = []
+
+        async def read_a():
+            async for step in e.generate(pa, [greedy(20, ignore_eos=True)]):
+                a_tokens.extend(t.token_id for t in step)
+                if len(a_tokens) >= 5:
+                    a_at.set()
+            return a_tokens
+
+        async def later(prompt, n):
+            await a_at.wait()
+            return (await tokens(e, prompt, [greedy(n, ignore_eos=True)]))[0]
+
+        together = await asyncio.gather(read_a(), later(pb, 30), later(pc, 16))
+        return alone, list(together)
+
+    alone, together = run(fn, max_sequences=2)
+    assert together == alone
+
+
+def test_long_prompt_is_read_in_pieces_while_others_keep_decoding(run):
+    text = "the quick brown fox jumps over the lazy dog " * 8
+
+    async def fn(e):
+        long_prompt = chat(e, text)
+        assert len(long_prompt) > 4 * 16
+        alone = (await tokens(e, long_prompt, [greedy(8)]))[0]
+        runner = e.generate(chat(e, "count"), [greedy(200, ignore_eos=True)])
+        it = runner.__aiter__()
+        await it.__anext__()
+        first_token = asyncio.Event()
+
+        async def read() -> list[int]:
+            out = []
+            async for step in e.generate(long_prompt, [greedy(8)]):
+                first_token.set()
+                out.extend(t.token_id for t in step)
+            return out
+
+        reader = asyncio.create_task(read())
+        steps_while_reading = 0
+        while not first_token.is_set():
+            await it.__anext__()
+            steps_while_reading += 1
+        runner.cancel()
+        return alone, await reader, len(long_prompt), steps_while_reading
+
+    alone, chunked, n_prompt, steps = run(fn, prefill_chunk=16)
+    assert chunked == alone
+    assert steps >= n_prompt // 16 - 1  # one runner token per 16-token piece of prompt
+
+
+def test_n_choices_share_the_prompt_and_match_n_equal_1(run):
+    async def fn(e):
+        p = chat(e, QUESTIONS[0])
+        return (await tokens(e, p, [greedy()]))[0], await tokens(e, p, [greedy()] * 3)
+
+    one, three = run(fn)
+    assert three == [one, one, one]
+
+
+def test_cancel_frees_the_slot_for_the_next_request(run):
+    async def fn(e):
+        p = chat(e, QUESTIONS[1])
+        stream = e.generate(p, [greedy(200, ignore_eos=True)])
+        it = stream.__aiter__()
+        await it.__anext__()
+        stream.cancel()
+        rest = [step async for step in it]  # ends: the engine drops the cancelled sequence
+        nxt = await asyncio.wait_for(tokens(e, p, [greedy(4)]), timeout=30)
+        # One choice of three cancelled: the other two run on to the end.
+        two = e.generate(p, [greedy(12, ignore_eos=True)] * 3)
+        counts = [0, 0, 0]
+        async for step in two:
+            for t in step:
+                counts[t.index] += 1
+                if t.index == 1 and counts[1] == 2:
+                    two.cancel(1)
+        return rest, nxt, counts
+
+    rest, nxt, counts = run(fn, max_sequences=3)
+    assert sum(len(s) for s in rest) < 5  # at most a step already under way
+    assert len(nxt[0]) == 4
+    assert counts[0] == counts[2] == 12 and counts[1] < 5
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(run):
+    def sampled(seed, **kw):
+        return SamplingParams(max_tokens=20, temperature=1.0, seed=seed, ignore_eos=True, **kw)
+
+    filtered = {"top_k": 40, "top_p": 0.9, "min_p": 0.02, "presence_penalty": 0.5,
+                "frequency_penalty": 0.3, "repetition_penalty": 1.2}
+
+    async def fn(e):
+        p = chat(e, QUESTIONS[0])
+        plain = [(await tokens(e, p, [sampled(s)]))[0] for s in (1, 1, 2, 3)]
+        chain = [(await tokens(e, p, [sampled(s, **filtered)]))[0] for s in (7, 7)]
+        # The same seed with others in the batch: same draws.
+        batched = await asyncio.gather(
+            tokens(e, p, [sampled(1)]), tokens(e, chat(e, QUESTIONS[3]), [sampled(5)]),
+        )
+        return plain, chain, batched[0][0]
+
+    (a, b, c, d), (x, y), in_batch = run(fn)
+    assert a == b
+    assert not (a == c == d)
+    assert x == y
+    assert in_batch == a
+
+
+def test_logprobs_are_sorted_and_greedy_is_top_1(run):
+    async def fn(e):
+        return await outputs(e, chat(e, QUESTIONS[2]), [greedy(6, logprobs=4, ignore_eos=True)])
+
+    outs = run(fn)
+    assert len(outs) == 6
+    for o in outs:
+        assert o.logprob is not None and o.logprob <= 0
+        assert len(o.top_logprobs) == 4
+        lps = [lp for _, lp in o.top_logprobs]
+        assert lps == sorted(lps, reverse=True)
+        assert o.top_logprobs[0][0] == o.token_id
+        assert o.top_logprobs[0][1] == pytest.approx(o.logprob)
+
+
+def test_penalties_and_bias_steer_greedy_but_not_logprobs(run):
+    async def fn(e):
+        p = chat(e, QUESTIONS[0])
+        plain = await outputs(e, p, [greedy(48, ignore_eos=True)])
+        banned = plain[0].token_id
+        biased = await outputs(e, p, [greedy(16, ignore_eos=True, logprobs=1,
+                                             logit_bias={banned: -100.0})])
+        no_repeats = (await tokens(e, p, [greedy(48, ignore_eos=True, frequency_penalty=50.0)]))[0]
+        presence = (await tokens(e, p, [greedy(48, ignore_eos=True, presence_penalty=50.0)]))[0]
+        fresh = (await tokens(e, p, [greedy(8, ignore_eos=True, repetition_penalty=1e6)]))[0]
+        return p, plain, banned, biased, no_repeats, presence, fresh
+
+    p, plain, banned, biased, no_repeats, presence, fresh = run(fn)
+    assert len({o.token_id for o in plain}) < 48  # the random model repeats itself...
+    assert len(set(no_repeats)) == len(set(presence)) == 48  # ...unless penalized
+    assert banned not in [o.token_id for o in biased]
+    # Logprobs come from the raw logits: the banned token is still the most likely there.
+    assert biased[0].top_logprobs[0][0] == banned
+    assert biased[0].logprob < biased[0].top_logprobs[0][1]
+    assert not set(fresh[:1]) & set(p)  # HF-style repetition penalty covers the prompt
+
+
+def test_max_tokens_end_token_and_full_context(run):
+    async def fn(e):
+        end = e.tokenize("<|im_end|>", add_bos=False)[0]
+        p = chat(e, QUESTIONS[0])
+        capped = await outputs(e, p, [greedy(3, ignore_eos=True)])
+        # A +100 bias makes the end-of-turn token certain: the first token ends the answer.
+        stopped = await outputs(e, p, [greedy(50, logit_bias={end: 100.0})])
+        sampled_stop = await outputs(
+            e, p, [SamplingParams(max_tokens=50, temperature=0.8, seed=3, logit_bias={end: 100.0})]
+        )
+        ignored = await outputs(e, p, [greedy(4, logit_bias={end: 100.0}, ignore_eos=True)])
+        # 20 prompt tokens in a 24-token context: 4 tokens fit.
+        long = e.tokenize("the sea " * 10, add_bos=False)[:20]
+        full = await outputs(e, long, [greedy(100, ignore_eos=True)])
+        return end, capped, stopped, sampled_stop, ignored, full
+
+    end, capped, stopped, sampled_stop, ignored, full = run(fn, context_length=24)
+    assert [o.finish_reason for o in capped] == [None, None, "length"]
+    for outs in (stopped, sampled_stop):
+        assert len(outs) == 1
+        assert outs[0].token_id == end and outs[0].end_of_generation
+        assert outs[0].finish_reason == "stop"
+    assert [o.token_id for o in ignored] == [end] * 4
+    assert not any(o.end_of_generation for o in ignored)
+    assert ignored[-1].finish_reason == "length"
+    assert len(full) == 4 and full[-1].finish_reason == "length"
+
+
+def test_facts_the_core_reads(tiny_model):
+    e = TransformersEngine(tiny_model, context_length=4096, max_sequences=3)
+    try:
+        ids = {t: e.tokenize(t, add_bos=False)[0] for t in SPECIALS}
+        assert e.context_length == MAX_POSITIONS  # capped by the model's positions
+        assert e.max_sequences == 3
+        assert e.vocab_size == 512
+        assert e.chat_template == CHATML
+        assert (e.bos_token, e.eos_token) == ("<s>", "<|im_end|>")
+        assert e.add_bos  # the tokenizer's post-processor prepends <s>
+        # config eos (<|endoftext|>) and the tokenizer's eos / end of turn (<|im_end|>)
+        assert e.end_tokens == frozenset({ids["<|endoftext|>"], ids["<|im_end|>"]})
+        assert e.device.type == "cpu" and e.dtype == torch.float32
+    finally:
+        e.close()
+    assert TransformersEngine(tiny_model, context_length=100).context_length == 100
+
+
+def test_tokenize_add_bos_and_special_tokens(tiny_model):
+    e = TransformersEngine(tiny_model)
+    bos = e.tokenize("<s>", add_bos=False)
+    assert len(bos) == 1
+    plain = e.tokenize("hello world", add_bos=False)
+    assert bos[0] not in plain
+    assert e.tokenize("hello world", add_bos=True) == bos + plain  # BOS only, never EOS
+    marked = e.tokenize("<|im_start|>user\nhi<|im_end|>", add_bos=False)
+    start, end = (e.tokenize(t, add_bos=False) for t in ("<|im_start|>", "<|im_end|>"))
+    assert len(start) == len(end) == 1
+    assert marked[0] == start[0] and marked[-1] == end[0]
+    assert e.token_bytes(start[0]) == e.token_bytes(bos[0]) == b""  # special: no text
+
+
+def test_token_bytes_rebuild_utf8_text(tiny_model):
+    e = TransformersEngine(tiny_model)
+    ids = e.tokenize(MIXED_TEXT, add_bos=False)
+    pieces = [e.token_bytes(t) for t in ids]
+    assert b"".join(pieces) == MIXED_TEXT.encode()
+    # Byte-level BPE: some tokens hold part of a character, and every byte has a token.
+    assert any(not _is_utf8(p) for p in pieces)
+    assert sorted(e.token_bytes(t) for t in range(e.vocab_size) if len(e.token_bytes(t)) == 1) \
+        == [bytes([b]) for b in range(256)]
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def test_missing_files_name_the_path(tmp_path, tiny_model):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        TransformersEngine(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        TransformersEngine(tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+        TransformersEngine(tmp_path, gguf_file="missing.gguf")
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (no_weights / name).write_bytes((tiny_model / name).read_bytes())
+    with pytest.raises(FileNotFoundError, match="no-weights"):
+        TransformersEngine(no_weights)
+
+
+def test_bundled_smollm2_through_transformers_gguf_loading():
+    from llmserve.models import bundled_model_path
+
+    try:
+        path = bundled_model_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    pytest.importorskip("gguf", reason="transformers' GGUF loading needs the gguf package")
+    started = time.monotonic()
+    try:
+        engine = TransformersEngine(path.parent, gguf_file=path.name, threads=2, context_length=512)
+    except (NotImplementedError, ValueError) as exc:
+        if "Q4_1" in str(exc) or "quant" in str(exc).lower():
+            pytest.skip(f"transformers cannot dequantize this GGUF (Q4_1): {exc}")
+        raise
+    loaded = time.monotonic() - started
+
+    async def main():
+        await engine.start()
+        try:
+            p = chat(engine, "What is the capital of France?")
+            return await outputs(engine, p, [greedy(12)])
+        finally:
+            await engine.stop()
+
+    im_end = engine.tokenize("<|im_end|>", add_bos=False)
+    assert len(im_end) == 1 and im_end[0] in engine.end_tokens
+    assert engine.eos_token == "<|im_end|>" and engine.chat_template
+    ids = engine.tokenize(MIXED_TEXT, add_bos=False)
+    assert b"".join(engine.token_bytes(t) for t in ids) == MIXED_TEXT.encode()
+    outs = asyncio.run(main())
+    text = b"".join(b"" if o.end_of_generation else engine.token_bytes(o.token_id) for o in outs)
+    assert "Paris" in text.decode(), (text, loaded)
