@@ -82,11 +82,34 @@ def run_server(tmp_dir: Path, *flags: str, api_key: str | None = API_KEY) -> Ite
             proc.wait()
 
 
+def engines() -> list[str]:
+    """The engines the suites that cover every engine run on: the transformers one where
+    its extra (torch, transformers) is installed, as `make test` does."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return ["llamacpp"]
+    return ["llamacpp", "transformers"]
+
+
+def engine_flags(engine: str) -> tuple[str, ...]:
+    """Server flags for `engine` on the bundled model (transformers reads the same GGUF)."""
+    if engine == "llamacpp":
+        return ()
+    return ("--engine", engine, "--embedding-model", "none")
+
+
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The shared server: bundled model, 16 sequences, API key required."""
+def session_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The shared server: bundled model on llama.cpp, 16 sequences, API key required."""
     with run_server(tmp_path_factory.mktemp("server")) as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def server(session_server: Server) -> Server:
+    return session_server
 
 
 @pytest.fixture(scope="session")

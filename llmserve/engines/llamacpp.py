@@ -220,7 +220,7 @@ class LlamaCppEngine(StepLoopEngine):
                 self._clear_slot(sid)
             req.prefilled = reused
             req.sequences = [
-                _Sequence(req, i, sid, p, self._make_sampler(p))
+                _Sequence(req, i, sid, p, self._make_sampler(p, req.prompt))
                 for i, (sid, p) in enumerate(zip(ids, req.params, strict=True))
             ]
             prefilling.append(req)
@@ -352,7 +352,7 @@ class LlamaCppEngine(StepLoopEngine):
             top = tuple((int(i), float(logits[i] - lse)) for i in idx)
         return float(logits[token] - lse), top
 
-    def _make_sampler(self, p: SamplingParams) -> lc.llama_sampler_p:
+    def _make_sampler(self, p: SamplingParams, prompt: list[int]) -> lc.llama_sampler_p:
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
 
         def add(s) -> None:
@@ -363,10 +363,18 @@ class LlamaCppEngine(StepLoopEngine):
                 *(lc.llama_logit_bias(t, b) for t, b in p.logit_bias.items())
             )
             add(lc.llama_sampler_init_logit_bias(self._n_vocab, len(p.logit_bias), arr))
-        if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+        # Penalties as vLLM and HF count them: repetition over prompt and answer, presence
+        # and frequency over the answer only. Two samplers, since one counts what it is fed.
+        if p.repetition_penalty != 1.0:
+            repeat = lc.llama_sampler_init_penalties(
+                self._n_vocab, self._context_length, p.repetition_penalty, 0.0, 0.0
+            )
+            for token in prompt[-self._context_length:]:
+                lc.llama_sampler_accept(repeat, token)
+            add(repeat)
+        if p.presence_penalty or p.frequency_penalty:
             add(lc.llama_sampler_init_penalties(
-                self._n_vocab, self._context_length,
-                p.repetition_penalty, p.frequency_penalty, p.presence_penalty,
+                self._n_vocab, self._context_length, 1.0, p.frequency_penalty, p.presence_penalty
             ))
         if p.temperature <= 0.0 or p.top_k == 1:
             add(lc.llama_sampler_init_greedy())

@@ -181,3 +181,20 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(run):
     a, b, c, d = run(fn)
     assert a == b
     assert not (a == c == d)
+
+
+def test_repetition_penalty_counts_the_prompt_presence_penalty_does_not(run):
+    async def fn(e):
+        prompt = e.tokenize("The cat sat on the mat. The cat sat on the", add_bos=False)
+
+        async def first(**kw):
+            return (await tokens(e, prompt, [greedy(1, **kw)]))[0][0]
+
+        return prompt, await first(), await first(presence_penalty=2.0), await first(
+            repetition_penalty=3.0
+        )
+
+    prompt, plain, presence, repetition = run(fn)
+    assert plain in prompt  # " mat" again: a token of the prompt
+    assert presence == plain  # nothing generated yet, so nothing to penalise
+    assert repetition != plain

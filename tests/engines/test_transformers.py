@@ -14,8 +14,8 @@ torch = pytest.importorskip("torch", reason="the hf extra (torch, transformers) 
 pytest.importorskip("transformers", reason="the hf extra (torch, transformers) is not installed")
 tokenizers = pytest.importorskip("tokenizers")
 
-from llmserve.engines.base import SamplingParams
-from llmserve.engines.transformers import TransformersEngine
+from llmserve.engines.base import SamplingParams  # noqa: E402
+from llmserve.engines.transformers import TransformersEngine  # noqa: E402
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
