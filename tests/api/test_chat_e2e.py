@@ -19,7 +19,6 @@ from conftest import MODEL, Server, engine_flags, engines, run_server
 from openai_schema import validate
 from sse import EventStream, parse_events, stream_post
 
-
 # -- every test here runs on each engine: the serving core must make them behave alike ------
 
 
