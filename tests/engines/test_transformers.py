@@ -466,3 +466,28 @@ def test_bundled_smollm2_through_transformers_gguf_loading():
     outs = asyncio.run(main())
     text = b"".join(b"" if o.end_of_generation else engine.token_bytes(o.token_id) for o in outs)
     assert "Paris" in text.decode(), (text, loaded)
+
+
+def test_server_serves_a_model_directory_with_engine_auto(tiny_model, tmp_path):
+    """`llmserve serve --model DIR` picks the transformers engine and serves the directory's
+    own chat template, streamed and not, under the directory's name."""
+    import httpx
+    from conftest import run_server
+    from sse import stream_post
+
+    with run_server(tmp_path, "--model", str(tiny_model), "--embedding-model", "none",
+                    api_key=None) as s:
+        name = tiny_model.name.lower()
+        with httpx.Client(base_url=s.url, timeout=60) as h:
+            assert [m["id"] for m in h.get("/v1/models").json()["data"]] == [name]
+            body = {"model": name, "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 6, "temperature": 0}
+            whole = h.post("/v1/chat/completions", json=body).json()
+            assert whole["usage"]["completion_tokens"] <= 6
+            streamed = stream_post(h, "/v1/chat/completions", {**body, "stream": True})
+            assert streamed.done
+            text = "".join(
+                c["choices"][0]["delta"].get("content") or ""
+                for c in streamed.chunks() if c["choices"]
+            )
+            assert text == whole["choices"][0]["message"]["content"]
