@@ -213,14 +213,7 @@ class CompletionRequest(_Sampling):
         return self
 
     def prompts(self) -> list[str | list[int]]:
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if not p:
-            raise InvalidRequest("prompt must not be empty.", param="prompt")
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+        return _texts_or_token_lists(self.prompt, "prompt")
 
     def to_sampling(self) -> SamplingRequest:
         return self.sampling(max_tokens=self.max_tokens, logprobs=self.logprobs)
@@ -237,11 +230,17 @@ class EmbeddingRequest(_Request):
     user: str | None = None
 
     def inputs(self) -> list[str | list[int]]:
-        x = self.input
-        if isinstance(x, str):
-            return [x]
-        if not x:
-            raise InvalidRequest("input must not be empty.", param="input")
-        if all(isinstance(t, int) for t in x):
-            return [list(x)]  # type: ignore[arg-type]
-        return list(x)  # type: ignore[arg-type]
+        return _texts_or_token_lists(self.input, "input")
+
+
+def _texts_or_token_lists(
+    value: str | list[str] | list[int] | list[list[int]], param: str
+) -> list[str | list[int]]:
+    """OpenAI's four shapes of `prompt`/`input` as a list of texts or token lists."""
+    if isinstance(value, str):
+        return [value]
+    if not value:
+        raise InvalidRequest(f"{param} must not be empty.", param=param)
+    if all(isinstance(x, int) for x in value):
+        return [list(value)]  # type: ignore[arg-type]
+    return list(value)  # type: ignore[arg-type]
