@@ -93,6 +93,10 @@ class Engine(Protocol):
     @property
     def vocab_size(self) -> int: ...
 
+    @property
+    def end_tokens(self) -> frozenset[int]:
+        """Tokens that end generation (EOS, end of turn)."""
+
     async def start(self) -> None:
         """Start the decode loop; called once from the event loop that will consume streams."""
 
