@@ -47,17 +47,21 @@ def _free_port() -> int:
 
 
 @contextmanager
-def run_server(tmp_dir: Path, *flags: str, api_key: str | None = API_KEY) -> Iterator[Server]:
-    """Start `llmserve serve` with `flags`, wait until /health answers, stop it afterwards."""
+def run_server(
+    tmp_dir: Path, *flags: str, api_key: str | None = API_KEY, env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """Start `llmserve serve` with `flags` (and LLMSERVE_* variables from `env` only), in
+    `tmp_dir` so no stray .env is read; wait until /health answers, stop it afterwards."""
     port = _free_port()
     args = [sys.executable, "-m", "llmserve.cli", "serve", "--port", str(port),
             "--context-length", "2048", "--threads", "2", *flags]
     if api_key:
         args += ["--api-key", api_key]
     log_path = tmp_dir / f"server-{port}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVE_")}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVE_")}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                env={**environ, **(env or {})}, cwd=tmp_dir)
     server = Server(f"http://127.0.0.1:{port}", api_key, proc, log_path)
     try:
         deadline = time.monotonic() + 120

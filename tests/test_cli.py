@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -125,29 +124,11 @@ def test_served_model_name_and_no_key(tmp_path):
 def test_api_keys_from_environment(tmp_path):
     """LLMSERVE_API_KEYS with two comma-separated keys: both are accepted, others are not.
     Other settings come from the environment too, and a flag wins over its variable."""
-    port = _free_port()
-    env = _clean_env(LLMSERVE_API_KEYS="key-one, key-two", LLMSERVE_SERVED_MODEL_NAME="envname",
-                     LLMSERVE_CONTEXT_LENGTH="64")  # overridden by --context-length 512
-    log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "llmserve.cli", "serve", "--port", str(port),
-             "--context-length", "512", "--threads", "2", "--max-sequences", "2"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log_path.read_text(errors="replace")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text(errors="replace")
-            time.sleep(0.2)
-
+    env = {"LLMSERVE_API_KEYS": "key-one, key-two", "LLMSERVE_SERVED_MODEL_NAME": "envname",
+           "LLMSERVE_CONTEXT_LENGTH": "64"}  # overridden by --context-length 512
+    with run_server(tmp_path, "--context-length", "512", "--max-sequences", "2",
+                    api_key=None, env=env) as server:
+        url = server.url
         for key in ("key-one", "key-two"):
             r = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
             assert r.status_code == 200, (key, r.text)
@@ -166,12 +147,5 @@ def test_api_keys_from_environment(tmp_path):
             r = httpx.get(url + "/v1/models", headers=headers)
             assert r.status_code == 401
             assert r.json()["error"]["code"] in ("invalid_api_key", "missing_api_key")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    log = log_path.read_text(errors="replace")
+    log = server.log()
     assert "key-one" not in log and "key-two" not in log
