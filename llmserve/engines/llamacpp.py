@@ -124,11 +124,6 @@ class LlamaCppEngine(StepLoopEngine):
 
     # -- what the serving core reads (the rest comes from StepLoopEngine) ----------------
 
-    def metadata(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(4096)
-        n = lc.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8", "replace") if n >= 0 else None
-
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
         data = text.encode()
         size = len(data) + 2
