@@ -37,6 +37,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context-length", type=int, help="tokens per sequence (default min(model, 4096))")
     p.add_argument("--max-sequences", type=int, help="sequences decoded together (default 16)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--weight-repack", choices=["auto", "on", "off"],
+                   help="llama.cpp weight repacking into CPU-specific layouts (default auto: "
+                        "off on Intel AMX CPUs, where llama.cpp crashes with it)")
     p.add_argument("--batch-size", type=int, help="tokens per decode step at most (default 512)")
     p.add_argument("--prefill-chunk", type=int,
                    help="prompt tokens read per step while others decode (default 64)")
@@ -78,6 +81,7 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from llmserve.api.app import create_app
+    from llmserve.engines.base import EngineError
     from llmserve.models import load_registry
 
     logging.basicConfig(
@@ -86,7 +90,7 @@ def serve(settings: Settings) -> int:
     )
     try:
         registry = load_registry(settings, show_progress=sys.stderr.isatty())
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, EngineError) as exc:
         log.error("%s", exc)
         return 2
     for m in registry:

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     )
     max_sequences: int = Field(16, ge=1, le=256, description="sequences decoded together")
     threads: int | None = Field(None, ge=1, description="CPU threads; default all cores")
+    weight_repack: Literal["auto", "on", "off"] = Field(
+        "auto", description="llama.cpp weight repacking; auto: off on CPUs where it crashes (AMX)"
+    )
     batch_size: int = Field(512, ge=32, description="tokens per decode step at most")
     prefill_chunk: int = Field(
         64, ge=16, description="prompt tokens read per step while others decode"
@@ -45,6 +48,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=0, description="requests waiting for a slot before 429")
     queue_timeout: float = Field(600.0, gt=0, description="seconds a request may wait for a slot")
     log_level: str = "info"
+    # Test-only fault injection (engines/faults.py); deliberately not a CLI flag.
+    test_fault: str | None = None
 
     @field_validator("api_keys", mode="before")
     @classmethod

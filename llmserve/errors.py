@@ -84,5 +84,13 @@ class EngineFailure(LLMServeError):
     code = "engine_error"
 
 
+class EngineUnavailable(LLMServeError):
+    """The engine is down (crashed, restarting, or given up on): retry later."""
+
+    status_code = 503
+    type = "server_error"
+    code = "engine_error"
+
+
 class ClientGone(Exception):
     """The client hung up before its answer was ready; nobody is left to answer."""

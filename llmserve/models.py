@@ -10,7 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmserve.config import Settings
-from llmserve.engines.base import Engine
+from llmserve.engines.base import Engine, EngineHealth
+from llmserve.engines.cpu import weight_repack_enabled
+from llmserve.engines.process import EmbedderProcess, EngineProcess
+from llmserve.engines.spec import EmbedderSpec, EngineSpec
+from llmserve.engines.stepping import StepLoopEngine
 from llmserve.errors import InvalidRequest, ModelNotFound
 from llmserve.serving.chat_template import CHATML_TEMPLATE, ChatTemplate
 from llmserve.serving.embeddings import EmbeddingBatcher
@@ -121,13 +125,23 @@ class ModelRegistry:
             f"The model '{name}' does not exist. Served: {served}.", param="model"
         )
 
+    def health(self) -> dict[str, EngineHealth]:
+        return {
+            **{m.name: m.engine.health() for m in self._models.values()},
+            **{e.name: e.batcher.embedder.health() for e in self._embedders.values()},
+        }
+
     async def start(self) -> None:
         for m in self:
             await m.engine.start()
+        for e in self._embedders.values():
+            await e.batcher.embedder.start()
 
     async def stop(self) -> None:
         for m in self:
             await m.engine.stop()
+        for e in self._embedders.values():
+            await e.batcher.embedder.stop()
 
 
 def serve_engine(engine: Engine, name: str, settings: Settings) -> ServedModel:
@@ -142,7 +156,7 @@ def serve_engine(engine: Engine, name: str, settings: Settings) -> ServedModel:
     return ServedModel(name=name, engine=engine, template=template, scheduler=scheduler)
 
 
-def load_engine(settings: Settings, path: Path, *, show_progress: bool = True) -> Engine:
+def engine_spec(settings: Settings, path: Path, *, show_progress: bool = True) -> EngineSpec:
     """llama.cpp for GGUF files, transformers for model directories, unless told otherwise."""
     if not path.exists():
         raise FileNotFoundError(f"model file not found: {path}")
@@ -153,26 +167,23 @@ def load_engine(settings: Settings, path: Path, *, show_progress: bool = True) -
     if kind == "llamacpp":
         if not path.is_file():
             raise FileNotFoundError(f"the llama.cpp engine needs a GGUF file, not {path}")
-        from llmserve.engines.llamacpp import LlamaCppEngine
-
-        return LlamaCppEngine(
-            path,
+        return EngineSpec("llamacpp", path, dict(
             context_length=context_length,
             max_sequences=settings.max_sequences,
             threads=settings.threads,
             batch_size=settings.batch_size,
             prefill_chunk=settings.prefill_chunk,
+            weight_repack=weight_repack_enabled(settings.weight_repack),
             show_progress=show_progress,
-        )
+        ))
     try:
-        from llmserve.engines.transformers import TransformersEngine
+        import llmserve.engines.transformers  # noqa: F401
     except ImportError as exc:
         raise FileNotFoundError(
             f"the transformers engine needs the hf extra (pip install -e '.[hf]'): {exc}"
         ) from None
     directory, gguf_file = (path.parent, path.name) if path.is_file() else (path, None)
-    return TransformersEngine(
-        directory,
+    return EngineSpec("transformers", directory, dict(
         gguf_file=gguf_file,
         context_length=context_length,
         max_sequences=settings.max_sequences,
@@ -181,13 +192,20 @@ def load_engine(settings: Settings, path: Path, *, show_progress: bool = True) -
         trust_remote_code=settings.trust_remote_code,
         threads=settings.threads,
         prefill_chunk=settings.prefill_chunk,
-    )
+    ))
+
+
+def load_engine(settings: Settings, path: Path, *, show_progress: bool = True) -> StepLoopEngine:
+    """The engine in this process (tests, the benchmark's in-process baseline)."""
+    return engine_spec(settings, path, show_progress=show_progress).build()
 
 
 def load_registry(settings: Settings, *, show_progress: bool = True) -> ModelRegistry:
+    """Every model in a child process of its own, loaded before this returns."""
     path = Path(settings.model) if settings.model else bundled_model_path()
-    engine = load_engine(settings, path, show_progress=show_progress)
+    spec = engine_spec(settings, path, show_progress=show_progress)
     name = settings.served_model_name or served_name_for(path)
+    engine = EngineProcess(spec, name=name, fault=settings.test_fault)
     return ModelRegistry([serve_engine(engine, name, settings)], load_embedders(settings))
 
 
@@ -210,9 +228,10 @@ def load_embedders(settings: Settings) -> list[ServedEmbedder]:
             raise FileNotFoundError(f"embedding model directory not found: {path}")
         name = path.name.lower()
     try:
-        from llmserve.engines.sentence_embedder import SentenceEmbedder
+        import llmserve.engines.sentence_embedder  # noqa: F401
     except ImportError as exc:
         raise FileNotFoundError(
             f"embeddings need the hf extra (pip install -e '.[hf]'): {exc}"
         ) from None
-    return [ServedEmbedder(name=name, batcher=EmbeddingBatcher(SentenceEmbedder(path)))]
+    embedder = EmbedderProcess(EmbedderSpec(path), name=name)
+    return [ServedEmbedder(name=name, batcher=EmbeddingBatcher(embedder))]

@@ -154,3 +154,14 @@ def test_range_checked_for_environment_values_too(monkeypatch):
     monkeypatch.setenv("LLMSERVE_MAX_SEQUENCES", "0")
     with pytest.raises(pydantic.ValidationError):
         Settings()
+
+
+def test_weight_repack_from_flag_env_and_dotenv(clean_env, monkeypatch):
+    assert Settings().weight_repack == "auto"
+    write_env(clean_env, weight_repack="on")
+    assert Settings().weight_repack == "on"
+    monkeypatch.setenv("LLMSERVE_WEIGHT_REPACK", "off")
+    assert Settings().weight_repack == "off"
+    assert Settings(weight_repack="auto").weight_repack == "auto"
+    with pytest.raises(pydantic.ValidationError):
+        Settings(weight_repack="sometimes")

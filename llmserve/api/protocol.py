@@ -16,7 +16,9 @@ from llmserve.serving.sampling import SamplingRequest
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # No float field takes NaN or an infinity, sent as a number or as a string ("NaN", "inf"):
+    # a 400 naming the field ("Input should be a finite number"), never a value for an engine.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     # OpenAI fields we know but do not serve yet: refused by name when set.
     unsupported_fields: ClassVar[tuple[str, ...]] = ()
@@ -43,6 +45,7 @@ class StreamOptions(BaseModel):
 class _Sampling(_Request):
     model: str
     n: Annotated[int, Field(ge=1, le=128)] = 1
+    # Float ranges as serving.sampling.FLOAT_RANGES has them (checked again there).
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     seed: int | None = None
@@ -56,7 +59,7 @@ class _Sampling(_Request):
     # Extensions, as vLLM and llama.cpp's server accept them.
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=10.0)] | None = None
     ignore_eos: bool | None = None
 
     @model_validator(mode="after")
@@ -86,13 +89,12 @@ class _Sampling(_Request):
                 raise InvalidRequest(
                     f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
                 ) from None
-        top_p = 1.0 if self.top_p is None else self.top_p
-        temperature = 1.0 if self.temperature is None else self.temperature
+        # As sent: build_params turns a tiny temperature, or top_p 0, into greedy decoding.
         return SamplingRequest(
             n=self.n,
             max_tokens=max_tokens,
-            temperature=0.0 if top_p == 0.0 else temperature,  # top_p 0 keeps only the top token
-            top_p=top_p,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
             top_k=max(self.top_k or 0, 0),
             min_p=self.min_p or 0.0,
             seed=self.seed,

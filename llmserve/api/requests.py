@@ -4,6 +4,8 @@ up, take sequence slots, and collect the deltas of a whole (non-streamed) answer
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from starlette.requests import Request
 from llmserve.api.errors import validation_error
 from llmserve.errors import ClientGone, InvalidRequest
 from llmserve.models import ServedModel
+from llmserve.serving.availability import ensure_up
 from llmserve.serving.generation import ChoiceDelta, Generation, TokenLogprob, Usage
 from llmserve.serving.sampling import SamplingRequest, build_params
 
@@ -27,6 +30,7 @@ async def parse_body(request: Request, model: type[M]) -> M:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        _refuse_non_finite(raw, model)
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
@@ -34,6 +38,51 @@ async def parse_body(request: Request, model: type[M]) -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc.errors(include_url=False)) from None
+
+
+def _refuse_non_finite(raw: bytes, model: type[BaseModel]) -> None:
+    """orjson refuses NaN, Infinity, -Infinity and numbers too large for a double, which are
+    not JSON but which Python's json module writes (and reads). For a body that is JSON but
+    for such numbers, raise a 400 naming the field that holds one rather than "not valid JSON":
+    the model's own validation says what is wrong where; a number in a field it does not check
+    is named by its path. Such a body is never served. Returns for any other invalid body."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):  # not JSON even for Python (or nested too deeply)
+        return
+    path = _first_non_finite(data)
+    if path is None:  # refused for another reason (a lone surrogate, ...): orjson's error
+        return
+    if isinstance(data, dict):
+        try:
+            model.model_validate(data)
+        except ValidationError as exc:
+            raise validation_error(exc.errors(include_url=False)) from None
+    param = ".".join(path) or None
+    raise InvalidRequest(
+        f"Invalid value for '{param}': NaN and infinite numbers are not valid JSON."
+        if param else "NaN and infinite numbers are not valid JSON.",
+        param=param,
+    )
+
+
+def _first_non_finite(data: object) -> list[str] | None:
+    """The path (keys and list indices) of the first NaN or infinite float in `data`."""
+    todo: list[tuple[object, list[str]]] = [(data, [])]
+    while todo:
+        value, path = todo.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return path
+        if isinstance(value, dict):
+            todo.extend((v, [*path, str(k)]) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            todo.extend((v, [*path, str(i)]) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
+def request_id(request: Request) -> str | None:
+    """The id the request-id middleware gave this request (echoed as X-Request-ID)."""
+    return getattr(request.state, "request_id", None)
 
 
 @asynccontextmanager
@@ -98,10 +147,16 @@ def logprob_value(value: float) -> float:
 
 
 def start_generations(
-    served: ServedModel, prompts: list[list[int]], sampling: SamplingRequest, stop: list[str]
+    served: ServedModel,
+    prompts: list[list[int]],
+    sampling: SamplingRequest,
+    stop: list[str],
+    *,
+    request_id: str | None = None,
 ) -> list[Generation]:
     """One generation per prompt, n choices each, numbered prompt by prompt."""
     engine = served.engine
+    ensure_up(served.name, engine.health())
     if sampling.n > engine.max_sequences:
         raise InvalidRequest(
             f"n={sampling.n} is more than the {engine.max_sequences} sequences this server "
@@ -119,7 +174,7 @@ def start_generations(
         gens.append(
             Generation(
                 engine, prompt, params, stop=stop, index_offset=i * sampling.n,
-                scheduler=served.scheduler,
+                scheduler=served.scheduler, request_id=request_id,
             )
         )
     served.scheduler.check_room(sampling.n)

@@ -190,7 +190,7 @@ async def _main(args: argparse.Namespace) -> int:
         lcp_proc = None
         if want_lcp:
             lcp_proc = stack.enter_context(start_process(
-                [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path),
+                [sys.executable, "-m", "llmserve.bench.lcp_server", "--model", str(model_path),
                  "--port", "{port}", "--n_ctx", str(args.context_length),
                  "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
                  "--interrupt_requests", "False", "--verbose", "False"],

@@ -51,6 +51,64 @@ class EngineError(RuntimeError):
     """The engine failed while generating (not the request's fault)."""
 
 
+class EngineDown(EngineError):
+    """The engine is not there: its process died, or is being restarted.
+
+    `retry_after` is the seconds until it is expected back."""
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def __reduce__(self):
+        return (type(self), (str(self),), {"retry_after": self.retry_after})
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """The facts of a loaded engine that the serving core reads; the same on every restart."""
+
+    context_length: int
+    max_sequences: int
+    vocab_size: int
+    end_tokens: frozenset[int]
+    token_bytes: list[bytes]
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+    add_bos: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EngineHealth:
+    """`running`, `starting`, `restarting`, `failed` (down for good) or `stopped`."""
+
+    state: str
+    reason: str | None = None
+    pid: int | None = None
+    restarts: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "running"
+
+
+def check_request(
+    prompt: list[int], params: list[SamplingParams], *, max_sequences: int, context_length: int
+) -> None:
+    """What every engine refuses before taking a request."""
+    if not prompt:
+        raise ValueError("empty prompt")
+    if not params:
+        raise ValueError("no sequences requested")
+    if len(params) > max_sequences:
+        raise ValueError(f"{len(params)} sequences requested, at most {max_sequences}")
+    if len(prompt) >= context_length:
+        raise ValueError(
+            f"prompt of {len(prompt)} tokens leaves no room in the context ({context_length})"
+        )
+
+
 class GenerationStream(Protocol):
     """The engine's side of one request: its tokens, step by step, and a way to stop it."""
 
@@ -102,5 +160,10 @@ class Engine(Protocol):
 
     async def stop(self) -> None: ...
 
-    def generate(self, prompt: list[int], params: list[SamplingParams]) -> GenerationStream:
-        """Generate one sequence per entry of `params`, all from the same prompt."""
+    def health(self) -> EngineHealth: ...
+
+    def generate(
+        self, prompt: list[int], params: list[SamplingParams], *, request_id: str | None = None
+    ) -> GenerationStream:
+        """Generate one sequence per entry of `params`, all from the same prompt; raises
+        EngineDown when the engine is not there. `request_id` names it in logs."""

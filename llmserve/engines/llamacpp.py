@@ -19,7 +19,6 @@ import ctypes
 import logging
 import os
 import sys
-from collections import deque
 from dataclasses import dataclass, field
 from os.path import commonprefix
 from pathlib import Path
@@ -28,13 +27,7 @@ import llama_cpp as lc
 import numpy as np
 
 from llmserve.engines.base import EngineError, SamplingParams, TokenOutput
-from llmserve.engines.stepping import (
-    EngineRequest,
-    StepLoopEngine,
-    StepOutputs,
-    drain_inbox,
-    finish_reason,
-)
+from llmserve.engines.stepping import EngineRequest, StepLoopEngine, StepOutputs, finish_reason
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +62,7 @@ class LlamaCppEngine(StepLoopEngine):
         threads: int | None = None,
         batch_size: int = 512,
         prefill_chunk: int = 64,
+        weight_repack: bool = False,
         show_progress: bool = False,
     ) -> None:
         self.model_path = Path(model_path)
@@ -82,6 +76,8 @@ class LlamaCppEngine(StepLoopEngine):
         _route_llama_logs()
         lc.llama_backend_init()
         model_params = lc.llama_model_default_params()
+        # Repacking into CPU-specific layouts (llama-server's --repack): see engines/cpu.py.
+        model_params.use_extra_bufts = weight_repack
         if show_progress:
             self._progress_cb = lc.llama_progress_callback(_print_progress)
             model_params.progress_callback = self._progress_cb
@@ -113,6 +109,8 @@ class LlamaCppEngine(StepLoopEngine):
         )
         self._batch = lc.llama_batch_init(batch_size, 0, 1)
         self._slot_tokens: list[list[int]] = [[] for _ in range(max_sequences)]  # KV contents
+        self._seqs: list[_Sequence] = []  # running
+        self._free_ids = list(range(max_sequences))  # least recently used first
 
         template = lc.llama_model_chat_template(self._model, None)
         self._chat_template = template.decode() if template else None
@@ -125,22 +123,10 @@ class LlamaCppEngine(StepLoopEngine):
     # -- what the serving core reads (the rest comes from StepLoopEngine) ----------------
 
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
-        data = text.encode()
-        size = len(data) + 2
-        while True:
-            buf = (lc.llama_token * size)()
-            n = lc.llama_tokenize(self._vocab, data, len(data), buf, size, add_bos, True)
-            if n >= 0:
-                return buf[:n]
-            size = -n
+        return _tokenize(self._vocab, text, add_bos)
 
     def _piece(self, token: int, special: bool = False) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:n]
+        return _piece(self._vocab, token, special)
 
     def _special_text(self, token: int) -> str:
         return self._piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
@@ -157,55 +143,39 @@ class LlamaCppEngine(StepLoopEngine):
 
     # -- decode thread ---------------------------------------------------------------------
 
-    def _run(self) -> None:
-        waiting: deque[EngineRequest] = deque()
-        prefilling: deque[EngineRequest] = deque()
-        running: list[_Sequence] = []
-        free_ids = list(range(self._max_sequences))  # least recently used first
-        try:
-            while True:
-                idle = not (waiting or prefilling or running)
-                if not drain_inbox(self._inbox, waiting, idle):
-                    break
-                out = StepOutputs()
-                running = self._apply_cancels(waiting, prefilling, running, free_ids, out)
-                self._admit(waiting, prefilling, free_ids)
-                if prefilling or running:
-                    running = self._step(prefilling, running, free_ids, out)
-                out.deliver(self._loop)
-        except BaseException as exc:  # noqa: BLE001 - a dead loop must fail every request
-            log.exception("decode loop crashed")
-            err = EngineError(f"decode loop crashed: {exc}")
-            out = StepOutputs()
-            for req in {*waiting, *prefilling, *(s.request for s in running)}:
-                out.failed.append((req, err))
-            out.deliver(self._loop)
-        finally:
-            for seq in running:
-                lc.llama_sampler_free(seq.sampler)
+    def _running(self) -> bool:
+        return bool(self._seqs)
 
-    def _apply_cancels(self, waiting, prefilling, running, free_ids, out) -> list[_Sequence]:
-        for q in (waiting, prefilling):
-            for req in [r for r in q if r.cancel_all]:
-                q.remove(req)
-                if req.sequences:  # prefilling: its KV and samplers are held
-                    for seq in req.sequences:
-                        self._release(seq, free_ids)
-                    req.sequences = []
-                out.finished.append(req)
+    def _reset(self) -> None:
+        for seq in self._seqs:
+            lc.llama_sampler_free(seq.sampler)
+        for req in self._prefilling:
+            for seq in req.sequences:
+                lc.llama_sampler_free(seq.sampler)
+        self._seqs = []
+        self._prefilling.clear()
+
+    def _apply_cancels(self, out: StepOutputs) -> None:
+        for req in [r for r in self._prefilling if r.cancel_all]:
+            self._prefilling.remove(req)
+            for seq in req.sequences:  # its KV and samplers are held
+                self._release(seq)
+            req.sequences = []
+            out.end(req)
         kept = []
-        for seq in running:
+        for seq in self._seqs:
             req = seq.request
             if req.cancel_all or seq.index in req.cancelled:
-                self._release(seq, free_ids)
+                self._release(seq)
                 req.sequences.remove(seq)
                 if not req.sequences:
-                    out.finished.append(req)
+                    out.end(req)
             else:
                 kept.append(seq)
-        return kept
+        self._seqs = kept
 
-    def _admit(self, waiting: deque[EngineRequest], prefilling: deque[EngineRequest], free_ids: list[int]) -> None:
+    def _admit(self) -> None:
+        waiting, free_ids = self._waiting, self._free_ids
         # FIFO: a large request at the head waits for room rather than being overtaken forever.
         while waiting and len(waiting[0].params) <= len(free_ids):
             req = waiting.popleft()
@@ -218,7 +188,7 @@ class LlamaCppEngine(StepLoopEngine):
                 _Sequence(req, i, sid, p, self._make_sampler(p, req.prompt))
                 for i, (sid, p) in enumerate(zip(ids, req.params, strict=True))
             ]
-            prefilling.append(req)
+            self._prefilling.append(req)
 
     def _reuse_slot(self, free_ids: list[int], prompt: list[int]) -> tuple[int, int]:
         """The free slot whose cached tokens share the longest prefix with `prompt`, trimmed
@@ -238,7 +208,8 @@ class LlamaCppEngine(StepLoopEngine):
             del cached[keep:]
         return best, keep
 
-    def _step(self, prefilling, running, free_ids, out) -> list[_Sequence]:
+    def _step(self, out: StepOutputs) -> None:
+        prefilling, running = self._prefilling, self._seqs
         batch = self._batch
         n = 0
 
@@ -284,12 +255,13 @@ class LlamaCppEngine(StepLoopEngine):
             reqs = {s.request for s in running} | set(touched)
             for req in reqs:
                 for seq in req.sequences:
-                    self._release(seq, free_ids, keep_cache=False)
+                    self._release(seq, keep_cache=False)
                 req.sequences = []
-                out.failed.append((req, err))
+                out.end(req, err)
                 if req in prefilling:
                     prefilling.remove(req)
-            return []
+            self._seqs = []
+            return
         for req in completed:
             prefilling.remove(req)
 
@@ -306,18 +278,25 @@ class LlamaCppEngine(StepLoopEngine):
 
         kept = []
         for seq in running:
-            if self._sample(seq, out):
+            try:
+                going_on = self._sample(seq, out)
+            except Exception as exc:  # noqa: BLE001 - this request's failure, not the engine's
+                log.exception("sampling failed")
+                seq.request.fail(exc)
+                going_on = True  # leaves with its request at the next step's cancels
+            if going_on:
                 kept.append(seq)
             else:
-                self._release(seq, free_ids)
+                self._release(seq)
                 req = seq.request
                 req.sequences.remove(seq)
                 if not req.sequences:
-                    out.finished.append(req)
-        return kept
+                    out.end(req)
+        self._seqs = kept
 
     def _sample(self, seq: _Sequence, out: StepOutputs) -> bool:
         """Sample the next token of `seq`; False when the sequence has finished."""
+        self.faults.before_sample(seq.params.seed)
         token = lc.llama_sampler_sample(seq.sampler, self._ctx, seq.logits_at)
         seq.generated += 1
         p = seq.params
@@ -385,7 +364,7 @@ class LlamaCppEngine(StepLoopEngine):
         add(lc.llama_sampler_init_dist(_NO_SEED if p.seed is None else p.seed & 0xFFFFFFFF))
         return chain
 
-    def _release(self, seq: _Sequence, free_ids: list[int], *, keep_cache: bool = True) -> None:
+    def _release(self, seq: _Sequence, *, keep_cache: bool = True) -> None:
         """Free a sequence's slot; its cells stay cached for a later prompt to reuse."""
         req = seq.request
         if seq.n_past:
@@ -399,11 +378,49 @@ class LlamaCppEngine(StepLoopEngine):
         else:
             self._clear_slot(seq.seq_id)
         lc.llama_sampler_free(seq.sampler)
-        free_ids.append(seq.seq_id)
+        self._free_ids.append(seq.seq_id)
 
     def _clear_slot(self, seq_id: int) -> None:
         lc.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
         self._slot_tokens[seq_id] = []
+
+class LlamaCppVocab:
+    """The model's vocabulary alone (no weights): tokenizing in the server process while
+    the engine runs in its own."""
+
+    def __init__(self, model_path: str | Path) -> None:
+        _route_llama_logs()
+        lc.llama_backend_init()
+        params = lc.llama_model_default_params()
+        params.vocab_only = True
+        self._model = lc.llama_model_load_from_file(str(model_path).encode(), params)
+        if not self._model:
+            raise EngineError(f"llama.cpp could not read the vocabulary of {model_path}")
+        self._vocab = lc.llama_model_get_vocab(self._model)
+
+    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
+        return _tokenize(self._vocab, text, add_bos)
+
+
+def _tokenize(vocab, text: str, add_bos: bool) -> list[int]:
+    data = text.encode()
+    size = len(data) + 2
+    while True:
+        buf = (lc.llama_token * size)()
+        n = lc.llama_tokenize(vocab, data, len(data), buf, size, add_bos, True)
+        if n >= 0:
+            return buf[:n]
+        size = -n
+
+
+def _piece(vocab, token: int, special: bool) -> bytes:
+    buf = ctypes.create_string_buffer(64)
+    n = lc.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = lc.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    return buf.raw[:n]
+
 
 # -- llama.cpp logging and progress ----------------------------------------------------------
 

@@ -7,9 +7,24 @@ from pathlib import Path
 
 import numpy as np
 
+from llmserve.engines.base import EngineHealth
+
 # Never reach for a model hub: weights come from disk or not at all.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+class EmbeddingTokenizer:
+    """The embedding model's tokenizer alone (no weights), for the server process."""
+
+    def __init__(self, path: str | Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+    def tokenize(self, text: str) -> list[int]:
+        """With the model's own special tokens (e.g. [CLS] ... [SEP]) around the text."""
+        return list(self.tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
 
 
 class SentenceEmbedder:
@@ -51,6 +66,15 @@ class SentenceEmbedder:
     def tokenize(self, text: str) -> list[int]:
         """With the model's own special tokens (e.g. [CLS] ... [SEP]) around the text."""
         return list(self._tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
+
+    def health(self) -> EngineHealth:
+        return EngineHealth("running")
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
 
     def embed(self, inputs: list[list[int]]) -> np.ndarray:
         torch = self._torch

@@ -1,77 +1,67 @@
-"""What every step-loop engine shares: a decode thread fed through an inbox, requests that
-hand their tokens to the event loop once per step, and the rule for when a sequence ends.
+"""What every step-loop engine shares: the decode loop itself (inbox, admission, cancels,
+one step, one delivery), the rule for when a sequence ends, and the facts the serving core
+reads.
 
-The engine's thread owns the model. The event loop talks to it only through the inbox
-(new requests, cancellations) and receives each step's tokens with one
-`call_soon_threadsafe` for the whole step.
+The loop (`serve`) runs in one thread that owns the model and hands each step's results to
+a `Delivery` callback in one call. Where that goes is the caller's business: to the event
+loop of this process (`start`/`generate`, used by tests and the benchmark's in-process
+baseline), or over a pipe to the server process (`engines.worker`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmserve.engines.base import EngineError, FinishReason, SamplingParams, TokenOutput
+from llmserve.engines.base import (
+    EngineError,
+    EngineHealth,
+    EngineInfo,
+    FinishReason,
+    SamplingParams,
+    TokenOutput,
+    check_request,
+)
+from llmserve.engines.faults import Faults
+
+log = logging.getLogger(__name__)
 
 Inbox = queue.SimpleQueue
+# What one step hands out, per request: its new tokens, or its end (None: finished, or the
+# error that failed it).
+Payload = list[TokenOutput] | BaseException | None
+Delivery = Callable[[list[tuple[Hashable, Payload]]], None]
 
 
 class EngineRequest:
-    """One request inside an engine; also the `GenerationStream` handed to the core."""
+    """One request inside the decode loop (decode-thread state only)."""
 
-    def __init__(self, inbox: Inbox, prompt: list[int], params: list[SamplingParams]) -> None:
-        self._inbox = inbox
+    __slots__ = ("key", "prompt", "params", "sequences", "prefilled", "cancelled",
+                 "cancel_all", "error")
+
+    def __init__(self, key: Hashable, prompt: list[int], params: list[SamplingParams]) -> None:
+        self.key = key
         self.prompt = prompt
         self.params = params
-        self.queue: asyncio.Queue[list[TokenOutput] | BaseException | None] = asyncio.Queue()
-        # decode-thread state
         self.sequences: list[Any] = []
         self.prefilled = 0
         self.cancelled: set[int] = set()
         self.cancel_all = False
+        self.error: BaseException | None = None
 
-    def cancel(self, index: int | None = None) -> None:
-        self._inbox.put(("cancel", self, index))
-
-    async def __aiter__(self) -> AsyncIterator[list[TokenOutput]]:
-        try:
-            while True:
-                item = await self.queue.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            # The consumer left (done, error or disconnect): free whatever still runs.
-            self.cancel()
-
-
-def drain_inbox(inbox: Inbox, waiting: deque[EngineRequest], block: bool) -> bool:
-    """Take new requests and cancellations; False once asked to stop. Blocks only when
-    `block` (the engine is idle) and only for the first message."""
-    while True:
-        try:
-            msg = inbox.get(block=block)
-        except queue.Empty:
-            return True
-        block = False
-        kind = msg[0]
-        if kind == "stop":
-            return False
-        if kind == "add":
-            waiting.append(msg[1])
-        elif kind == "cancel":
-            _, req, index = msg
-            if index is None:
-                req.cancel_all = True
-            else:
-                req.cancelled.add(index)
+    def fail(self, exc: BaseException) -> None:
+        """A failure that is this request's alone: it leaves at the start of the next step,
+        with `exc`, and the others go on."""
+        if self.error is None:
+            self.error = EngineError(f"{type(exc).__name__}: {exc}")
+        self.cancel_all = True
 
 
 def finish_reason(
@@ -89,35 +79,31 @@ def finish_reason(
 @dataclass
 class StepOutputs:
     by_request: dict[EngineRequest, list[TokenOutput]] = field(default_factory=dict)
-    finished: list[EngineRequest] = field(default_factory=list)
-    failed: list[tuple[EngineRequest, BaseException]] = field(default_factory=list)
+    ended: list[EngineRequest] = field(default_factory=list)
 
     def add(self, request: EngineRequest, output: TokenOutput) -> None:
         self.by_request.setdefault(request, []).append(output)
 
-    def deliver(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        """Hand the whole step to the event loop in one call."""
-        if loop is None or not (self.by_request or self.finished or self.failed):
-            return
-        items: list[tuple[EngineRequest, object]] = [
-            *self.by_request.items(),
-            *self.failed,
-            *((r, None) for r in self.finished),
+    def end(self, request: EngineRequest, error: BaseException | None = None) -> None:
+        """The request is done: finished, or failed with `error` (or its own `error`)."""
+        if error is not None and request.error is None:
+            request.error = error
+        self.ended.append(request)
+
+    def items(self) -> list[tuple[Hashable, Payload]]:
+        return [
+            *((r.key, outputs) for r, outputs in self.by_request.items()),
+            *((r.key, r.error) for r in self.ended),
         ]
-        loop.call_soon_threadsafe(_put_all, items)
-
-
-def _put_all(items: list[tuple[EngineRequest, object]]) -> None:
-    for req, item in items:
-        req.queue.put_nowait(item)
 
 
 class StepLoopEngine:
-    """The part of an engine that is the same for every backend: the decode thread's
-    lifecycle, admission of requests into the inbox, and the facts the serving core reads.
+    """The part of an engine that is the same for every backend.
 
     A subclass loads its model, sets the `_`-fields below in `__init__`, calls
-    `_init_loop()`, and implements `_run()` (the decode thread) and `close()`.
+    `_init_loop()`, and fills in the model's side of a step: `_apply_cancels`, `_admit`,
+    `_step`, `_running` and `_reset`. Requests waiting for room are `self._waiting`;
+    requests whose prompt is being read are `self._prefilling`.
     """
 
     thread_name = "decode"
@@ -134,9 +120,18 @@ class StepLoopEngine:
 
     def _init_loop(self) -> None:
         self._inbox: Inbox = Inbox()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: deque[EngineRequest] = deque()
+        self._prefilling: deque[EngineRequest] = deque()
+        self._live: dict[Hashable, EngineRequest] = {}
+        self.faults = Faults()
+        # in-process use (start/generate)
         self._thread: threading.Thread | None = None
+        self._streams: dict[Hashable, LocalStream] = {}
+        self._keys = itertools.count()
+        self._dead: EngineError | None = None
         self._closed = False
+
+    # -- facts -----------------------------------------------------------------------------
 
     @property
     def context_length(self) -> int:
@@ -174,42 +169,197 @@ class StepLoopEngine:
     def token_bytes(self, token_id: int) -> bytes:
         return self._token_bytes[token_id]
 
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            context_length=self._context_length, max_sequences=self._max_sequences,
+            vocab_size=self._n_vocab, end_tokens=self._end_tokens,
+            token_bytes=self._token_bytes, chat_template=self._chat_template,
+            bos_token=self._bos_token, eos_token=self._eos_token, add_bos=self._add_bos,
+        )
+
+    # -- the decode loop, from any thread ----------------------------------------------------
+
+    def submit(self, key: Hashable, prompt: list[int], params: list[SamplingParams]) -> None:
+        check_request(prompt, params, max_sequences=self._max_sequences,
+                      context_length=self._context_length)
+        self._inbox.put(("add", EngineRequest(key, list(prompt), list(params))))
+
+    def cancel(self, key: Hashable, index: int | None = None) -> None:
+        self._inbox.put(("cancel", key, index))
+
+    def shutdown(self) -> None:
+        """Ask `serve` to return after the step under way."""
+        self._inbox.put(("stop",))
+
+    def live_keys(self) -> list[Hashable]:
+        """Requests the loop holds (for failing them all when the loop itself fails)."""
+        return list(self._live)
+
+    def serve(self, deliver: Delivery) -> None:
+        """Run the decode loop in this thread until `shutdown()`. An exception escapes with
+        every request still live: the caller fails them (see `live_keys`)."""
+        try:
+            while True:
+                if not self._drain_inbox(block=not (self._waiting or self._busy())):
+                    return
+                out = StepOutputs()
+                for req in [r for r in self._waiting if self._all_cancelled(r)]:
+                    self._waiting.remove(req)
+                    out.end(req)
+                self._apply_cancels(out)
+                self._admit()
+                if self._busy():
+                    self._step(out)
+                    self.faults.after_step()
+                if out.by_request or out.ended:
+                    for req in out.ended:
+                        self._live.pop(req.key, None)
+                    deliver(out.items())
+        finally:
+            self._reset()
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Take new requests and cancellations; False once asked to stop. Blocks only when
+        `block` (the engine is idle) and only for the first message."""
+        while True:
+            try:
+                msg = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            kind = msg[0]
+            if kind == "stop":
+                return False
+            if kind == "add":
+                req = msg[1]
+                self._live[req.key] = req
+                self._waiting.append(req)
+            elif kind == "cancel":
+                _, key, index = msg
+                req = self._live.get(key)
+                if req is None:
+                    continue  # ended already
+                if index is None:
+                    req.cancel_all = True
+                else:
+                    req.cancelled.add(index)
+
+    @staticmethod
+    def _all_cancelled(req: EngineRequest) -> bool:
+        return req.cancel_all or len(req.cancelled) >= len(req.params)
+
+    def _busy(self) -> bool:
+        return bool(self._prefilling) or self._running()
+
+    # -- the model's side of a step ------------------------------------------------------------
+
+    def _running(self) -> bool:
+        """Whether any sequence is decoding."""
+        raise NotImplementedError
+
+    def _apply_cancels(self, out: StepOutputs) -> None:
+        """Drop cancelled (or failed) sequences of prefilling and running requests."""
+        raise NotImplementedError
+
+    def _admit(self) -> None:
+        """Move waiting requests that fit into prefilling, first come first served."""
+        raise NotImplementedError
+
+    def _step(self, out: StepOutputs) -> None:
+        """One forward pass: the next token of every running sequence, a piece of prompt."""
+        raise NotImplementedError
+
+    def _reset(self) -> None:
+        """The loop is over: free every sequence's resources."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # -- in this process: a decode thread and the event loop ----------------------------------
+
     async def start(self) -> None:
         if self._thread is not None:
             return
         if self._closed:
             raise EngineError("engine closed")
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        loop = asyncio.get_running_loop()
+
+        def deliver(items: list[tuple[Hashable, Payload]]) -> None:
+            loop.call_soon_threadsafe(self._dispatch, items)
+
+        self._thread = threading.Thread(
+            target=self._serve_thread, args=(deliver,), name=self.thread_name, daemon=True
+        )
         self._thread.start()
+
+    def _serve_thread(self, deliver: Delivery) -> None:
+        try:
+            self.serve(deliver)
+        except BaseException as exc:  # noqa: BLE001 - a dead loop must fail every request
+            log.exception("decode loop crashed")
+            self._dead = EngineError(f"decode loop crashed: {type(exc).__name__}: {exc}")
+            keys = set(self.live_keys())
+            while True:  # and those not taken from the inbox yet
+                try:
+                    msg = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if msg[0] == "add":
+                    keys.add(msg[1].key)
+            deliver([(k, self._dead) for k in keys])
+
+    def _dispatch(self, items: list[tuple[Hashable, Payload]]) -> None:
+        for key, payload in items:
+            stream = self._streams.get(key) if isinstance(payload, list) else self._streams.pop(key, None)
+            if stream is not None:
+                stream.queue.put_nowait(payload)
 
     async def stop(self) -> None:
         if self._thread is not None:
-            self._inbox.put(("stop",))
+            self.shutdown()
             await asyncio.to_thread(self._thread.join)
             self._thread = None
         self.close()
 
-    def generate(self, prompt: list[int], params: list[SamplingParams]) -> EngineRequest:
+    def health(self) -> EngineHealth:
+        if self._dead is not None:
+            return EngineHealth("failed", str(self._dead))
+        return EngineHealth("running" if self._thread is not None else "stopped")
+
+    def generate(
+        self, prompt: list[int], params: list[SamplingParams], *, request_id: str | None = None
+    ) -> LocalStream:
+        if self._dead is not None:
+            raise self._dead
         if self._thread is None:
             raise EngineError("engine not started")
-        if not prompt:
-            raise ValueError("empty prompt")
-        if not params:
-            raise ValueError("no sequences requested")
-        if len(params) > self._max_sequences:
-            raise ValueError(f"{len(params)} sequences requested, at most {self._max_sequences}")
-        if len(prompt) >= self._context_length:
-            raise ValueError(
-                f"prompt of {len(prompt)} tokens leaves no room in the context "
-                f"({self._context_length})"
-            )
-        request = EngineRequest(self._inbox, list(prompt), list(params))
-        self._inbox.put(("add", request))
-        return request
+        key = next(self._keys)
+        self.submit(key, prompt, params)
+        stream = self._streams[key] = LocalStream(self, key)
+        return stream
 
-    def _run(self) -> None:
-        raise NotImplementedError
 
-    def close(self) -> None:
-        raise NotImplementedError
+class LocalStream:
+    """The `GenerationStream` of a request to an engine in this process."""
+
+    def __init__(self, engine: StepLoopEngine, key: Hashable) -> None:
+        self._engine = engine
+        self._key = key
+        self.queue: asyncio.Queue[Payload] = asyncio.Queue()
+
+    def cancel(self, index: int | None = None) -> None:
+        self._engine.cancel(self._key, index)
+
+    async def __aiter__(self) -> AsyncIterator[list[TokenOutput]]:
+        try:
+            while True:
+                item = await self.queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            # The consumer left (done, error or disconnect): free whatever still runs.
+            self.cancel()

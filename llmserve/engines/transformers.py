@@ -34,7 +34,6 @@ import json
 import logging
 import random
 import re
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,10 +43,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dynami
 
 from llmserve.engines.base import EngineError, SamplingParams, TokenOutput
 from llmserve.engines.stepping import (
+    Delivery,
     EngineRequest,
     StepLoopEngine,
     StepOutputs,
-    drain_inbox,
     finish_reason,
 )
 
@@ -116,7 +115,8 @@ class TransformersEngine(StepLoopEngine):
         path, gguf = _check_files(Path(model_path), gguf_file)
         self.model_path = path
         self.gguf_file = gguf
-        self._tokenizer = _load_tokenizer(path, gguf, trust_remote_code)
+        self._text = HFTokenizer(path, gguf_file=gguf, trust_remote_code=trust_remote_code)
+        self._tokenizer = self._text.tokenizer
         self._model = _load_model(path, gguf, self._dtype, trust_remote_code)
         self._model.to(self._device)
         self._model.eval()
@@ -168,11 +168,7 @@ class TransformersEngine(StepLoopEngine):
         return self._dtype
 
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
-        # Added special tokens written in the text (`<|im_start|>`) become those tokens.
-        ids = list(self._tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-        if add_bos and self._bos_id is not None:
-            ids.insert(0, self._bos_id)
-        return ids
+        return self._text.tokenize(text, add_bos=add_bos)
 
     def _find_end_tokens(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -205,41 +201,27 @@ class TransformersEngine(StepLoopEngine):
 
     # -- decode thread ---------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def serve(self, deliver: Delivery) -> None:
         if self._threads:
             torch.set_num_threads(self._threads)  # OpenMP settings are per thread
-        waiting: deque[EngineRequest] = deque()
-        prefilling: deque[EngineRequest] = deque()
-        try:
-            with torch.inference_mode():
-                while True:
-                    idle = not (waiting or prefilling or self._batch.seqs)
-                    if not drain_inbox(self._inbox, waiting, idle):
-                        break
-                    out = StepOutputs()
-                    self._apply_cancels(waiting, prefilling, out)
-                    self._admit(waiting, prefilling)
-                    if prefilling or self._batch.seqs:
-                        self._step(prefilling, out)
-                    out.deliver(self._loop)
-        except BaseException as exc:
-            log.exception("decode loop crashed")
-            err = EngineError(f"decode loop crashed: {exc}")
-            out = StepOutputs()
-            for req in {*waiting, *prefilling, *(s.request for s in self._batch.seqs)}:
-                out.failed.append((req, err))
-            out.deliver(self._loop)
-        finally:
-            self._batch = _Batch()
-            self._pending.clear()
+        with torch.inference_mode():
+            super().serve(deliver)
 
-    def _apply_cancels(self, waiting, prefilling, out: StepOutputs) -> None:
-        for q in (waiting, prefilling):
-            for req in [r for r in q if r.cancel_all or len(r.cancelled) >= len(r.params)]:
-                q.remove(req)
-                self._pending.pop(req, None)
-                req.sequences = []
-                out.finished.append(req)
+    def _running(self) -> bool:
+        return bool(self._batch.seqs)
+
+    def _reset(self) -> None:
+        self._batch = _Batch()
+        self._pending.clear()
+        self._prefilling.clear()
+
+    def _apply_cancels(self, out: StepOutputs) -> None:
+        prefilling = self._prefilling
+        for req in [r for r in prefilling if self._all_cancelled(r)]:
+            prefilling.remove(req)
+            self._pending.pop(req, None)
+            req.sequences = []
+            out.end(req)
         seqs = self._batch.seqs
         keep = []
         for i, seq in enumerate(seqs):
@@ -247,13 +229,14 @@ class TransformersEngine(StepLoopEngine):
             if req.cancel_all or seq.index in req.cancelled:
                 req.sequences.remove(seq)
                 if not req.sequences:
-                    out.finished.append(req)
+                    out.end(req)
             else:
                 keep.append(i)
         if len(keep) < len(seqs):
             self._rebuild(keep, [])
 
-    def _admit(self, waiting: deque[EngineRequest], prefilling: deque[EngineRequest]) -> None:
+    def _admit(self) -> None:
+        waiting, prefilling = self._waiting, self._prefilling
         used = len(self._batch.seqs) + sum(len(r.sequences) for r in prefilling)
         # FIFO: a large request at the head waits for room rather than being overtaken forever.
         while waiting and len(waiting[0].params) <= self._max_sequences - used:
@@ -284,7 +267,8 @@ class TransformersEngine(StepLoopEngine):
             seq.counts = torch.zeros(n, dtype=torch.float32, device=dev)
         return seq
 
-    def _step(self, prefilling: deque[EngineRequest], out: StepOutputs) -> None:
+    def _step(self, out: StepOutputs) -> None:
+        prefilling = self._prefilling
         batch = self._batch
         keep = list(range(len(batch.seqs)))
         # 1. The next token of every running sequence, in one forward pass.
@@ -296,7 +280,7 @@ class TransformersEngine(StepLoopEngine):
                 err = EngineError(f"decode step failed: {exc}")
                 for req in dict.fromkeys(s.request for s in batch.seqs):
                     req.sequences = []
-                    out.failed.append((req, err))
+                    out.end(req, err)
                 self._batch = batch = _Batch()
                 keep = []
             else:
@@ -317,7 +301,7 @@ class TransformersEngine(StepLoopEngine):
                 prefilling.remove(req)
                 self._pending.pop(req, None)
                 req.sequences = []
-                out.failed.append((req, EngineError(f"prefill failed: {exc}")))
+                out.end(req, EngineError(f"prefill failed: {exc}"))
                 continue
             budget -= take
             if req.prefilled < len(req.prompt):
@@ -327,7 +311,7 @@ class TransformersEngine(StepLoopEngine):
             req.sequences = [s for s in req.sequences if s.index not in req.cancelled]
             seqs = list(req.sequences)
             if not seqs:
-                out.finished.append(req)
+                out.end(req)
                 continue
             for seq in seqs:
                 seq.n_past = len(req.prompt)
@@ -424,7 +408,14 @@ class TransformersEngine(StepLoopEngine):
         alive = []
         for i, seq in enumerate(seqs):
             p = seq.params
-            token = argmax[i] if seq.greedy else self._pick(seq, logits[i])
+            try:
+                self.faults.before_sample(p.seed)
+                token = argmax[i] if seq.greedy else self._pick(seq, logits[i])
+            except Exception as exc:  # noqa: BLE001 - this request's failure, not the engine's
+                log.exception("sampling failed")
+                seq.request.fail(exc)
+                alive.append(True)  # leaves with its request at the next step's cancels
+                continue
             logprob = top = None
             if logprobs is not None and i in want:
                 row = logprobs[want.index(i)]
@@ -451,7 +442,7 @@ class TransformersEngine(StepLoopEngine):
                 req = seq.request
                 req.sequences.remove(seq)
                 if not req.sequences:
-                    out.finished.append(req)
+                    out.end(req)
             alive.append(finish is None)
         return alive
 
@@ -522,6 +513,24 @@ def _check_files(path: Path, gguf_file: str | None) -> tuple[Path, str | None]:
             f"no tokenizer in model directory {path} (looked for {', '.join(_TOKENIZER_FILES)})"
         )
     return path, None
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer as the serving core uses it; loads without the weights, so
+    the server process can tokenize while the engine runs in its own."""
+
+    def __init__(self, path: str | Path, *, gguf_file: str | None = None,
+                 trust_remote_code: bool = False) -> None:
+        path, gguf_file = _check_files(Path(path), gguf_file)
+        self.tokenizer = _load_tokenizer(path, gguf_file, trust_remote_code)
+        self._bos_id: int | None = self.tokenizer.bos_token_id
+
+    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
+        # Added special tokens written in the text (`<|im_start|>`) become those tokens.
+        ids = list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        if add_bos and self._bos_id is not None:
+            ids.insert(0, self._bos_id)
+        return ids
 
 
 def _load_tokenizer(path: Path, gguf_file: str | None, trust_remote_code: bool):

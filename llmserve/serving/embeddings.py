@@ -8,6 +8,9 @@ from typing import Protocol
 
 import numpy as np
 
+from llmserve.engines.base import EngineError, EngineHealth
+from llmserve.serving.availability import engine_failure
+
 
 class Embedder(Protocol):
     @property
@@ -22,6 +25,12 @@ class Embedder(Protocol):
     def tokenize(self, text: str) -> list[int]: ...
 
     def embed(self, inputs: list[list[int]]) -> np.ndarray: ...
+
+    def health(self) -> EngineHealth: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class EmbeddingBatcher:
@@ -58,6 +67,8 @@ class EmbeddingBatcher:
             try:
                 vectors = await asyncio.to_thread(self.embedder.embed, [ids for ids, _ in batch])
             except Exception as exc:  # noqa: BLE001 - every waiter learns of it
+                if isinstance(exc, EngineError):
+                    exc = engine_failure(exc)
                 for _, f in batch:
                     if not f.done():
                         f.set_exception(exc)

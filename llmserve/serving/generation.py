@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from llmserve.engines.base import Engine, EngineError, FinishReason, SamplingParams, TokenOutput
 from llmserve.errors import EngineFailure
+from llmserve.serving.availability import engine_failure
 from llmserve.serving.detokenizer import IncrementalDetokenizer, token_text
 from llmserve.serving.scheduler import Scheduler
 from llmserve.serving.stops import StopMatcher
@@ -70,12 +71,14 @@ class Generation:
         stop: Sequence[str] = (),
         index_offset: int = 0,
         scheduler: Scheduler | None = None,
+        request_id: str | None = None,
     ) -> None:
         self._engine = engine
         self._prompt = prompt
         self._params = params
         self._offset = index_offset
         self._scheduler = scheduler
+        self._request_id = request_id
         self._choices = [_Choice(i, list(stop), p.logprobs is not None) for i, p in enumerate(params)]
         self.usage = Usage(prompt_tokens=len(prompt))
 
@@ -87,7 +90,10 @@ class Generation:
                     yield batch
 
     async def _run(self) -> AsyncIterator[list[ChoiceDelta]]:
-        stream = self._engine.generate(self._prompt, self._params)
+        try:
+            stream = self._engine.generate(self._prompt, self._params, request_id=self._request_id)
+        except EngineError as exc:
+            raise engine_failure(exc) from exc
         live = len(self._choices)
         async with aclosing(stream.__aiter__()) as steps:
             try:
@@ -109,7 +115,7 @@ class Generation:
                     if live == 0:
                         return
             except EngineError as exc:
-                raise EngineFailure(str(exc)) from exc
+                raise engine_failure(exc) from exc
         if live:
             raise EngineFailure("the engine ended the request before it finished")
 

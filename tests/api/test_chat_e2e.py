@@ -718,6 +718,30 @@ def test_top_k_one_and_min_p_one_are_greedy(http):
     assert text_of(chat(http, STORY, max_tokens=16, temperature=1.0, seed=1, min_p=1.0)) == greedy
 
 
+def test_tiny_temperature_is_greedy(http):
+    """Below 1e-5 a temperature means greedy (as in vLLM): dividing logits by 1e-45 would
+    overflow to inf and the draw would see NaN probabilities."""
+    greedy = text_of(chat(http, STORY, max_tokens=16, temperature=0))
+    for temperature in (1e-45, 5e-324, 9e-6):
+        for seed in (1, 2):
+            tiny = chat(http, STORY, max_tokens=16, temperature=temperature, seed=seed)
+            assert text_of(tiny) == greedy, temperature
+    # with penalties the engines run their sampling chain rather than a plain argmax
+    penalties = {"repetition_penalty": 1.5, "frequency_penalty": 1.0}
+    base = chat(http, REPEATY, max_tokens=16, temperature=0, **penalties)
+    tiny = chat(http, REPEATY, max_tokens=16, temperature=1e-45, seed=3, **penalties)
+    assert text_of(tiny) == text_of(base)
+
+
+def test_extremes_of_every_range_draw_no_nan(http, tokenizer):
+    """1e-5, the smallest temperature that still samples, with the smallest repetition
+    penalty, the most negative penalties and the largest bias: a 200 with tokens, no NaN draw."""
+    [comma] = tokenizer(",")
+    data = chat(http, REPEATY, max_tokens=8, temperature=1e-5, seed=4, repetition_penalty=0.01,
+                frequency_penalty=-2.0, presence_penalty=-2.0, logit_bias={str(comma): 100})
+    assert data["usage"]["completion_tokens"] >= 1
+
+
 @pytest.mark.parametrize("field,value", [
     ("frequency_penalty", 2.0), ("presence_penalty", 2.0), ("repetition_penalty", 1.8),
 ])

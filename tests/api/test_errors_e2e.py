@@ -154,6 +154,70 @@ def test_temperature_3_names_temperature(http, client):
     assert exc.value.param == "temperature"
 
 
+def post_raw(http: httpx.Client, path: str, body: dict, *, stream: bool = False) -> httpx.Response:
+    """POST `body` written by Python's json module, which writes NaN, Infinity and -Infinity
+    literals (as the openai client's own json.dumps would); orjson refuses them."""
+    raw = json.dumps({**body, "stream": True} if stream else body).encode()
+    with http.stream("POST", path, content=raw,
+                     headers={"content-type": "application/json"}) as r:
+        r.read()
+    return r
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@both_routes
+@pytest.mark.parametrize("field,value,param", [
+    ("temperature", NAN, "temperature"), ("temperature", INF, "temperature"),
+    ("temperature", -INF, "temperature"), ("temperature", "NaN", "temperature"),
+    ("top_p", NAN, "top_p"), ("top_p", -INF, "top_p"),
+    ("presence_penalty", INF, "presence_penalty"), ("frequency_penalty", NAN, "frequency_penalty"),
+    ("min_p", NAN, "min_p"), ("repetition_penalty", NAN, "repetition_penalty"),
+    ("repetition_penalty", INF, "repetition_penalty"),
+    ("repetition_penalty", 1e-300, "repetition_penalty"),
+    ("repetition_penalty", 0.009, "repetition_penalty"),
+    ("logit_bias", {"1": NAN}, "logit_bias.1"), ("logit_bias", {"7": -INF}, "logit_bias.7"),
+    ("logit_bias", {"1": 1.0, "7": INF}, "logit_bias.7"),
+])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_non_finite_and_unsafe_floats_name_the_field(http, path, field, value, param, stream):
+    r = post_raw(http, path, BODIES[path](**{field: value}), stream=stream)
+    assert not r.headers["content-type"].startswith("text/event-stream"), r.text
+    err = assert_error(r, 400, type="invalid_request_error", param=param)
+    assert field in err["message"]
+
+
+@both_routes
+def test_number_too_large_for_a_double_names_the_field(http, path):
+    raw = json.dumps(BODIES[path]()).encode()[:-1] + b', "temperature": 1e400}'
+    r = http.post(path, content=raw, headers={"content-type": "application/json"})
+    assert_error(r, 400, param="temperature", in_message=("temperature",))
+
+
+def test_nan_where_no_float_is_read_names_its_path(http):
+    """A NaN in a field the request model passes through unread (a message's extra fields
+    go to the chat template) is still refused, by its path."""
+    body = chat_body(messages=[{"role": "user", "content": "Hi", "weight": NAN}])
+    assert_error(post_raw(http, CHAT, body), 400, param="messages.0.weight")
+    body = chat_body(messages=[{"role": "user", "content": "Hi", "extra": [1, {"x": -INF}]}])
+    assert_error(post_raw(http, CHAT, body), 400, param="messages.0.extra.1.x")
+
+
+def test_invalid_json_that_python_also_refuses_names_no_field(http):
+    r = http.post(CHAT, content=b'{"model": "x", "temperature": NaN, ',
+                  headers={"content-type": "application/json"})
+    assert_error(r, 400, param=None, in_message=("not valid JSON",))
+
+
+def test_server_answers_after_non_finite_floats(http):
+    for value in (NAN, INF, -INF):
+        assert_error(post_raw(http, CHAT, chat_body(temperature=value)), 400,
+                     param="temperature")
+    r = http.post(CHAT, json=chat_body(temperature=1e-45, max_tokens=2))
+    assert r.status_code == 200, r.text
+
+
 @both_routes
 def test_n_zero(http, path):
     assert_error(http.post(path, json=BODIES[path](n=0)), 400, param="n")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pydantic
 import pytest
 
+from llmserve.api.errors import validation_error
 from llmserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from llmserve.errors import InvalidRequest, UnsupportedParameter
+from llmserve.serving.sampling import FLOAT_RANGES
 
 USER = [{"role": "user", "content": "Hi"}]
 
@@ -243,9 +247,12 @@ def test_top_k_minus_one_means_off():
     assert chat(top_k=-1).to_sampling().top_k == 0
 
 
-def test_top_p_zero_is_greedy():
+def test_temperature_and_top_p_carried_as_sent():
+    """The greedy rules (top_p 0, temperature below 1e-5) are the serving core's, applied in
+    build_params for every engine alike (tests/serving/test_sampling.py)."""
     s = chat(top_p=0.0, temperature=0.9).to_sampling()
-    assert s.temperature == 0.0
+    assert (s.temperature, s.top_p) == (0.9, 0.0)
+    assert chat(temperature=1e-45).to_sampling().temperature == 1e-45
 
 
 def test_logit_bias_keys_become_token_ids():
@@ -277,6 +284,10 @@ def test_logit_bias_non_integer_key_refused():
         {"logprobs": True, "top_logprobs": 21},
         {"min_p": 1.5},
         {"repetition_penalty": 0},
+        {"repetition_penalty": 10.5},
+        {"min_p": -0.1},
+        {"top_p": -0.1},
+        {"logit_bias": {"1": -101}},
         {"top_k": -2},
         {"store": True},
     ],
@@ -284,6 +295,61 @@ def test_logit_bias_non_integer_key_refused():
 def test_range_violations_are_validation_errors(fields):
     with pytest.raises(pydantic.ValidationError):
         chat(**fields)
+
+
+FLOAT_FIELDS = sorted(FLOAT_RANGES)
+
+
+def _field_value(name: str, value):
+    return {name: {"1": value}} if name == "logit_bias" else {name: value}
+
+
+def _loc(name: str) -> tuple:
+    return (name, "1") if name == "logit_bias" else (name,)
+
+
+@pytest.mark.parametrize("make", [chat, completion], ids=["chat", "completion"])
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+def test_float_ranges_are_the_serving_cores(make, name):
+    """Each float field accepts exactly the range the serving core checks (FLOAT_RANGES)."""
+    low, high = FLOAT_RANGES[name]
+    for ok in (low, high, (low + high) / 2):
+        make(**_field_value(name, ok))
+    for bad in (math.nextafter(low, -math.inf), math.nextafter(high, math.inf)):
+        with pytest.raises(pydantic.ValidationError) as info:
+            make(**_field_value(name, bad))
+        assert info.value.errors()[0]["loc"] == _loc(name)
+
+
+@pytest.mark.parametrize("make", [chat, completion], ids=["chat", "completion"])
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+@pytest.mark.parametrize(
+    "value", [math.nan, math.inf, -math.inf, "NaN", "nan", "inf", "-Infinity"],
+    ids=["nan", "inf", "-inf", "str-NaN", "str-nan", "str-inf", "str--Infinity"],
+)
+def test_non_finite_floats_refused_naming_the_field(make, name, value):
+    with pytest.raises(pydantic.ValidationError) as info:
+        make(**_field_value(name, value))
+    [err] = info.value.errors()
+    assert err["loc"] == _loc(name)
+    assert err["type"] == "finite_number"
+    # as the API answers it: a 400 naming the field
+    api = validation_error(info.value.errors(include_url=False))
+    assert api.status_code == 400
+    assert api.param == ".".join(_loc(name))
+    assert api.param in api.message and "finite" in api.message
+
+
+@pytest.mark.parametrize("value", [0.0, 1e-300, 0.009999])
+def test_repetition_penalty_below_a_hundredth_refused(value):
+    with pytest.raises(pydantic.ValidationError) as info:
+        chat(repetition_penalty=value)
+    assert info.value.errors()[0]["loc"] == ("repetition_penalty",)
+
+
+def test_tiny_temperatures_are_in_range():
+    for t in (1e-45, 5e-324, 1e-6):
+        assert chat(temperature=t).temperature == t
 
 
 def test_completion_range_violations():

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmserve.engines.base import SamplingParams
 from llmserve.errors import ContextLengthExceeded, InvalidRequest
-from llmserve.serving.sampling import SamplingRequest, build_params, resolve_max_tokens
+from llmserve.serving.sampling import (
+    FLOAT_RANGES,
+    GREEDY_BELOW,
+    SamplingRequest,
+    build_params,
+    effective_temperature,
+    resolve_max_tokens,
+)
 
 # -- resolve_max_tokens -----------------------------------------------------------------------
 
@@ -143,3 +153,124 @@ def test_logit_bias_tokens_at_vocab_edges_accepted():
     (p,) = build(SamplingRequest(logit_bias={0: 5.0, 999: -5.0}), vocab_size=1000)
     assert p.logit_bias == {0: 5.0, 999: -5.0}
 
+
+
+# -- greedy rules -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [0.0, 5e-324, 1e-45, 1e-300, 1e-6, 9.999e-6])
+def test_temperature_below_1e_5_is_greedy(temperature):
+    params = build(SamplingRequest(n=2, temperature=temperature, seed=1))
+    assert [p.temperature for p in params] == [0.0, 0.0]
+    assert effective_temperature(SamplingRequest(temperature=temperature)) == 0.0
+
+
+@pytest.mark.parametrize("temperature", [GREEDY_BELOW, 1e-5, 2e-5, 0.5, 1.0, 2.0])
+def test_temperature_from_1e_5_is_kept(temperature):
+    (p,) = build(SamplingRequest(temperature=temperature))
+    assert p.temperature == temperature
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-45, 0.9, 2.0])
+def test_top_p_zero_is_greedy(temperature):
+    (p,) = build(SamplingRequest(temperature=temperature, top_p=0.0))
+    assert p.temperature == 0.0
+
+
+def test_tiny_top_p_keeps_the_temperature():
+    # only exactly 0 is made greedy; a tiny top_p keeps just the top token in the engine anyway
+    (p,) = build(SamplingRequest(temperature=0.9, top_p=1e-9))
+    assert (p.temperature, p.top_p) == (0.9, 1e-9)
+
+
+# -- float ranges -------------------------------------------------------------------------------
+
+FLOATS = sorted(FLOAT_RANGES)
+
+
+def with_value(name: str, value: float) -> SamplingRequest:
+    if name == "logit_bias":
+        return SamplingRequest(logit_bias={3: 1.0, 5: value})
+    return SamplingRequest(**{name: value})
+
+
+def param_of(name: str) -> str:
+    return "logit_bias.5" if name == "logit_bias" else name
+
+
+def test_the_ranges():
+    assert FLOAT_RANGES == {
+        "temperature": (0.0, 2.0),
+        "top_p": (0.0, 1.0),
+        "min_p": (0.0, 1.0),
+        "presence_penalty": (-2.0, 2.0),
+        "frequency_penalty": (-2.0, 2.0),
+        "repetition_penalty": (0.01, 10.0),
+        "logit_bias": (-100.0, 100.0),
+    }
+
+
+@pytest.mark.parametrize("name", FLOATS)
+def test_range_edges_accepted(name):
+    low, high = FLOAT_RANGES[name]
+    for value in (low, high):
+        (p,) = build(with_value(name, value))
+        got = p.logit_bias[5] if name == "logit_bias" else getattr(p, name)
+        assert got == value
+
+
+@pytest.mark.parametrize("name", FLOATS)
+@pytest.mark.parametrize("edge", ["low", "high"])
+def test_just_outside_the_range_refused(name, edge):
+    low, high = FLOAT_RANGES[name]
+    value = math.nextafter(low, -math.inf) if edge == "low" else math.nextafter(high, math.inf)
+    with pytest.raises(InvalidRequest) as info:
+        build(with_value(name, value))
+    err = info.value
+    assert err.status_code == 400
+    assert err.param == param_of(name)
+    assert param_of(name) in err.message
+
+
+@pytest.mark.parametrize("name", FLOATS)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_refused_naming_the_field(name, value):
+    with pytest.raises(InvalidRequest) as info:
+        build(with_value(name, value))
+    assert info.value.param == param_of(name)
+    assert info.value.status_code == 400
+
+
+@pytest.mark.parametrize("value", [1e-300, 5e-324, 0.0, -1.0])
+def test_tiny_repetition_penalty_refused(value):
+    """1e-300 would divide logits into inf (then NaN) in float32."""
+    with pytest.raises(InvalidRequest) as info:
+        build(SamplingRequest(repetition_penalty=value))
+    assert info.value.param == "repetition_penalty"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=st.sampled_from(FLOATS),
+    value=st.floats(allow_nan=True, allow_infinity=True),
+    temperature=st.floats(0.0, 2.0),
+)
+def test_no_nan_or_out_of_range_value_reaches_an_engine(name, value, temperature):
+    """Whatever a float holds, build_params either refuses it naming the field, or every
+    engine gets finite values within the ranges and a temperature that is 0 or >= 1e-5."""
+    req = with_value(name, value)
+    if name != "temperature":
+        req = dataclasses.replace(req, temperature=temperature)
+    try:
+        params = build(req)
+    except InvalidRequest as err:
+        assert err.param == param_of(name)
+        low, high = FLOAT_RANGES[name]
+        assert not (low <= value <= high)
+        return
+    for p in params:
+        for field in FLOATS:
+            values = p.logit_bias.values() if field == "logit_bias" else [getattr(p, field)]
+            low, high = FLOAT_RANGES[field]
+            assert all(math.isfinite(v) and low <= v <= high for v in values)
+        assert p.temperature == 0.0 or p.temperature >= GREEDY_BELOW

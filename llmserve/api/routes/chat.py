@@ -19,6 +19,7 @@ from llmserve.api.requests import (
     collect,
     logprob_value,
     parse_body,
+    request_id,
     start_generations,
     usage_body,
 )
@@ -41,7 +42,9 @@ async def create_chat_completion(request: Request) -> Response:
         raise InvalidRequest(str(exc), param="messages") from None
     prompt = served.engine.tokenize(text, add_bos=False)
     sampling = body.to_sampling()
-    [gen] = start_generations(served, [prompt], sampling, body.stop_list)
+    [gen] = start_generations(
+        served, [prompt], sampling, body.stop_list, request_id=request_id(request)
+    )
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "created": int(time.time()),

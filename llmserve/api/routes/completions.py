@@ -19,6 +19,7 @@ from llmserve.api.requests import (
     collect,
     logprob_value,
     parse_body,
+    request_id,
     start_generations,
     usage_body,
 )
@@ -49,7 +50,9 @@ async def create_completion(request: Request) -> Response:
             raise InvalidRequest(f"Prompt {i} is empty.", param="prompt")
         prompts.append(tokens)
     sampling = body.to_sampling()
-    gens = start_generations(served, prompts, sampling, body.stop_list)
+    gens = start_generations(
+        served, prompts, sampling, body.stop_list, request_id=request_id(request)
+    )
     echoes = [_prompt_text(engine, p) if body.echo else "" for p in prompts]
     n = sampling.n
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}

@@ -1,8 +1,13 @@
-"""GET /health: 200 once the models are loaded (the app only serves after loading)."""
+"""GET /health: 200 while every model's engine runs; 503 with the reason while one is down
+(crashed and restarting, or given up on after repeated crashes)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
+import orjson
 from fastapi import APIRouter, Request
+from fastapi.responses import Response
 
 from llmserve.api.state import app_state
 
@@ -10,5 +15,13 @@ router = APIRouter()
 
 
 @router.get("/health")
-async def health(request: Request) -> dict:
-    return {"status": "ok", "models": [m.name for m in app_state(request).registry.cards()]}
+async def health(request: Request) -> Response:
+    engines = app_state(request).registry.health()
+    ok = all(h.ok for h in engines.values())
+    body = {
+        "status": "ok" if ok else "unavailable",
+        "models": list(engines),
+        "engines": {name: asdict(h) for name, h in engines.items()},
+    }
+    return Response(orjson.dumps(body), status_code=200 if ok else 503,
+                    media_type="application/json")

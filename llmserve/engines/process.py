@@ -1,0 +1,468 @@
+"""Engines in child processes, seen from the server: the same `Engine` protocol, with the
+model in a process of its own so that a native crash costs the requests it was serving,
+never the server.
+
+`ChildProcess` starts a worker (see `engines.worker`), reads its messages on a thread
+that hands each one to the event loop, notices its death (the pipe closes), and restarts
+it with backoff; `EngineProcess` and `EmbedderProcess` speak their worker's messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import math
+import multiprocessing
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from llmserve.engines.base import (
+    EngineDown,
+    EngineError,
+    EngineHealth,
+    EngineInfo,
+    SamplingParams,
+    TokenOutput,
+    check_request,
+)
+from llmserve.engines.spec import EmbedderSpec, EngineSpec
+from llmserve.engines.stepping import Payload
+from llmserve.engines.worker import decode, embedder_main, engine_main
+
+log = logging.getLogger(__name__)
+
+# A fresh interpreter: forking a process that runs threads (the event loop's, the
+# readers') can copy a held lock into the child.
+_MP = multiprocessing.get_context("spawn")
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    first_delay: float = 1.0  # seconds before the first restart, doubling after each crash
+    max_delay: float = 30.0
+    max_crashes: int = 5  # this many crashes within `window` seconds: stay down
+    window: float = 300.0
+    load_timeout: float = 900.0
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "did not exit"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class ChildProcess:
+    """One worker process, watched and restarted.
+
+    `on_message(msg)` and `on_lost(reason)` run on the event loop; `on_lost` is called once
+    per death, before any restart.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        target: Callable[..., None],
+        args: Callable[[int], tuple],  # the worker's arguments for its nth start (0: first)
+        *,
+        on_message: Callable[[tuple], None],
+        on_lost: Callable[[str], None],
+        policy: RestartPolicy = RestartPolicy(),
+    ) -> None:
+        self.name = name
+        self._target = target
+        self._args = args
+        self._on_message = on_message
+        self._on_lost = on_lost
+        self.policy = policy
+        self._proc: Any = None
+        self._conn: Any = None
+        self._send_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._state = "starting"
+        self._reason: str | None = None
+        self._starts = 0
+        self._generation = 0  # which process the reader thread's reports are about
+        self._crashes: deque[float] = deque()
+        self._next_try = 0.0
+        self._restarter: asyncio.Task[None] | None = None
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def launch(self) -> Any:
+        """Start the first process and wait until it has loaded; returns what it reported.
+        A load failure raises (FileNotFoundError, EngineError): the server cannot start."""
+        self._proc, self._conn, ready = self._spawn()
+        return ready
+
+    async def start(self) -> None:
+        """Begin watching, from the event loop that will receive the messages."""
+        self._loop = asyncio.get_running_loop()
+        self._state = "running"
+        self._watch()
+
+    def _spawn(self) -> tuple[Any, Any, Any]:
+        ours, theirs = _MP.Pipe()
+        proc = _MP.Process(target=self._target, args=(theirs, *self._args(self._starts)),
+                           name=f"llmserve-{self.name}", daemon=True)
+        self._starts += 1
+        proc.start()
+        theirs.close()  # only the child holds its end: its death closes the pipe
+        deadline = time.monotonic() + self.policy.load_timeout
+        try:
+            while time.monotonic() < deadline:
+                if ours.poll(0.2):
+                    msg = ours.recv()
+                    if msg[0] == "ready":
+                        return proc, ours, msg[1]
+                    if msg[0] == "failed":
+                        _, kind, message = msg
+                        raise (FileNotFoundError if kind == "FileNotFoundError" else EngineError)(message)
+                elif not proc.is_alive():
+                    break
+            else:
+                raise EngineError(f"the {self.name} process did not load within "
+                                  f"{self.policy.load_timeout:g} s")
+            proc.join(5)
+            raise EngineError(f"the {self.name} process {describe_exit(proc.exitcode)} while loading")
+        except BaseException:
+            ours.close()
+            _reap(proc)
+            raise
+
+    def _watch(self) -> None:
+        self._generation += 1
+        threading.Thread(target=self._read, args=(self._proc, self._conn, self._generation),
+                         name=f"{self.name}-reader", daemon=True).start()
+
+    # -- running ----------------------------------------------------------------------------
+
+    @property
+    def up(self) -> bool:
+        return self._state == "running"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self.up else None
+
+    def down_error(self) -> EngineDown:
+        if self._state == "restarting":
+            wait = max(1, math.ceil(self._next_try - time.monotonic()) + 1)
+            return EngineDown(f"The {self.name} is restarting after a crash ({self._reason}). "
+                              f"Retry in {wait} s.", retry_after=wait)
+        return EngineDown(f"The {self.name} is {self._state}"
+                          + (f": {self._reason}." if self._reason else "."),
+                          retry_after=self.policy.max_delay)
+
+    def send(self, msg: tuple) -> None:
+        if not self.up:
+            raise self.down_error()
+        try:
+            with self._send_lock:
+                self._conn.send(msg)
+        except (OSError, ValueError) as exc:  # the pipe broke: the reader reports the death
+            raise EngineDown(f"The {self.name} process is gone ({exc}).") from None
+
+    def health(self) -> EngineHealth:
+        return EngineHealth(self._state, self._reason, self.pid, max(0, self._starts - 1))
+
+    def _read(self, proc, conn, generation: int) -> None:
+        loop = self._loop
+        assert loop is not None
+        fatal: str | None = None
+        try:
+            while True:
+                msg = conn.recv()
+                if msg[0] == "fatal":
+                    fatal = msg[1]
+                else:
+                    loop.call_soon_threadsafe(self._on_message, msg)
+        except (EOFError, OSError):
+            pass
+        _reap(proc, timeout=5)
+        if fatal:
+            last = fatal.strip().splitlines()[-1]
+            reason = f"its decode loop raised {last}"
+        else:
+            reason = f"its process (pid {proc.pid}) {describe_exit(proc.exitcode)}"
+        loop.call_soon_threadsafe(self._died, generation, reason, fatal)
+
+    def _died(self, generation: int, reason: str, fatal: str | None) -> None:
+        if generation != self._generation or self._state in ("stopped", "failed"):
+            return
+        self._conn.close()
+        self._crashed(reason, fatal)
+
+    def _crashed(self, reason: str, detail: str | None = None) -> None:
+        now = time.monotonic()
+        self._crashes.append(now)
+        while self._crashes and self._crashes[0] < now - self.policy.window:
+            self._crashes.popleft()
+        n = len(self._crashes)
+        if n >= self.policy.max_crashes:
+            self._state = "failed"
+            self._reason = (f"{reason}; {n} crashes within {self.policy.window:g} s, "
+                            "not restarting")
+            next_step = "it stays down"
+        else:
+            delay = min(self.policy.max_delay, self.policy.first_delay * 2 ** (n - 1))
+            self._state, self._reason = "restarting", reason
+            self._next_try = now + delay
+            self._restarter = asyncio.get_running_loop().create_task(self._restart(delay))
+            next_step = f"restarting in {delay:g} s"
+        lost = self._on_lost(reason)
+        log.error("%s crashed: %s; %s; %s%s", self.name, reason, lost, next_step,
+                  f"\n{detail.rstrip()}" if detail else "")
+
+    async def _restart(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            proc, conn, _ = await asyncio.to_thread(self._spawn)
+        except Exception as exc:  # noqa: BLE001 - a failed restart is one more crash
+            if self._state == "restarting":
+                self._crashed(f"restart failed: {exc}")
+            return
+        if self._state != "restarting":  # stopped meanwhile
+            conn.close()
+            _reap(proc, timeout=0)
+            return
+        self._proc, self._conn = proc, conn
+        self._state, self._reason = "running", None
+        self._watch()
+        log.warning("%s is back (pid %d)", self.name, proc.pid)
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        self._state = "stopped"
+        if self._restarter is not None:
+            self._restarter.cancel()
+        proc, conn = self._proc, self._conn
+        if proc is None:
+            return
+        try:
+            with self._send_lock:
+                conn.send(("stop",))
+        except (OSError, ValueError):
+            pass
+        await asyncio.to_thread(_reap, proc, 10)
+        conn.close()
+
+
+def _reap(proc, timeout: float = 0) -> None:
+    """Wait for `proc` to exit, ending it if it will not; no zombie or orphan is left."""
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+
+
+class EngineProcess:
+    """An engine in a child process behind the `Engine` protocol. Tokenizing happens here,
+    with the model's tokenizer (no weights); decoding there."""
+
+    def __init__(self, spec: EngineSpec, *, name: str, fault: str | None = None,
+                 policy: RestartPolicy = RestartPolicy()) -> None:
+        self.spec = spec
+        self._tokenizer = spec.tokenizer()
+        self._child = ChildProcess(
+            f"engine of {name}", engine_main, lambda n: (spec, fault, n == 0),
+            on_message=self._on_message, on_lost=self._on_lost, policy=policy,
+        )
+        self._info: EngineInfo = self._child.launch()
+        self._streams: dict[Hashable, RemoteStream] = {}
+        self._keys = itertools.count()
+
+    # -- facts ------------------------------------------------------------------------------
+
+    @property
+    def context_length(self) -> int:
+        return self._info.context_length
+
+    @property
+    def max_sequences(self) -> int:
+        return self._info.max_sequences
+
+    @property
+    def vocab_size(self) -> int:
+        return self._info.vocab_size
+
+    @property
+    def end_tokens(self) -> frozenset[int]:
+        return self._info.end_tokens
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._info.chat_template
+
+    @property
+    def bos_token(self) -> str:
+        return self._info.bos_token
+
+    @property
+    def eos_token(self) -> str:
+        return self._info.eos_token
+
+    @property
+    def add_bos(self) -> bool:
+        return self._info.add_bos
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._info.token_bytes[token_id]
+
+    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
+        return self._tokenizer.tokenize(text, add_bos=add_bos)
+
+    @property
+    def pid(self) -> int | None:
+        return self._child.pid
+
+    def health(self) -> EngineHealth:
+        return self._child.health()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._child.start()
+
+    async def stop(self) -> None:
+        await self._child.stop()
+        self._on_lost("the server is stopping")
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def generate(
+        self, prompt: list[int], params: list[SamplingParams], *, request_id: str | None = None
+    ) -> RemoteStream:
+        check_request(prompt, params, max_sequences=self.max_sequences,
+                      context_length=self.context_length)
+        key = next(self._keys)
+        self._child.send(("add", key, list(prompt), list(params)))
+        stream = self._streams[key] = RemoteStream(self, key, request_id)
+        return stream
+
+    def _cancel(self, key: Hashable, index: int | None) -> None:
+        if key in self._streams and self._child.up:
+            try:
+                self._child.send(("cancel", key, index))
+            except EngineDown:
+                pass
+
+    def _on_message(self, msg: tuple) -> None:
+        if msg[0] != "step":
+            return
+        for key, payload in msg[1]:
+            item = decode(payload)
+            stream = self._streams.get(key) if isinstance(item, list) else self._streams.pop(key, None)
+            if stream is not None:
+                stream.queue.put_nowait(item)
+
+    def _on_lost(self, reason: str) -> str:
+        streams, self._streams = self._streams, {}
+        err = self._child.down_error()
+        for stream in streams.values():
+            stream.queue.put_nowait(err)
+        ids = [s.request_id or f"#{s.key}" for s in streams.values()]
+        return f"requests lost: {', '.join(ids)}" if ids else "no request was running"
+
+
+class RemoteStream:
+    """The `GenerationStream` of a request to an engine in a child process."""
+
+    def __init__(self, engine: EngineProcess, key: Hashable, request_id: str | None) -> None:
+        self._engine = engine
+        self.key = key
+        self.request_id = request_id
+        self.queue: asyncio.Queue[Payload] = asyncio.Queue()
+
+    def cancel(self, index: int | None = None) -> None:
+        self._engine._cancel(self.key, index)
+
+    async def __aiter__(self) -> AsyncIterator[list[TokenOutput]]:
+        try:
+            while True:
+                item = await self.queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancel()  # the consumer left: free whatever still runs
+
+
+class EmbedderProcess:
+    """A sentence embedder in a child process behind the `Embedder` protocol; `embed` is
+    called off the event loop and waits for the child's answer."""
+
+    def __init__(self, spec: EmbedderSpec, *, name: str,
+                 policy: RestartPolicy = RestartPolicy()) -> None:
+        from llmserve.engines.sentence_embedder import EmbeddingTokenizer
+
+        self._tokenizer = EmbeddingTokenizer(spec.path)
+        self._child = ChildProcess(
+            f"embedder {name}", embedder_main, lambda n: (spec,),
+            on_message=self._on_message, on_lost=self._on_lost, policy=policy,
+        )
+        facts = self._child.launch()
+        self.dimensions: int = facts["dimensions"]
+        self.max_input_tokens: int = facts["max_input_tokens"]
+        self.vocab_size: int = facts["vocab_size"]
+        self._pending: dict[int, concurrent.futures.Future] = {}
+        self._keys = itertools.count()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenizer.tokenize(text)
+
+    def health(self) -> EngineHealth:
+        return self._child.health()
+
+    async def start(self) -> None:
+        await self._child.start()
+
+    async def stop(self) -> None:
+        await self._child.stop()
+        self._on_lost("the server is stopping")
+
+    def embed(self, inputs: list[list[int]]):
+        key = next(self._keys)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._pending[key] = fut
+        try:
+            self._child.send(("embed", key, inputs))
+        except EngineDown:
+            self._pending.pop(key, None)
+            raise
+        return fut.result()
+
+    def _on_message(self, msg: tuple) -> None:
+        if msg[0] != "result":
+            return
+        _, key, value = msg
+        fut = self._pending.pop(key, None)
+        if fut is not None:
+            if isinstance(value, BaseException):
+                fut.set_exception(value)
+            else:
+                fut.set_result(value)
+
+    def _on_lost(self, reason: str) -> str:
+        pending, self._pending = self._pending, {}
+        err = self._child.down_error()
+        for fut in pending.values():
+            fut.set_exception(err)
+        return f"{len(pending)} embedding batches lost" if pending else "no batch was running"

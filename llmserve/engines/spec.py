@@ -1,0 +1,53 @@
+"""How to build an engine, as plain data: the server process keeps the spec (and builds
+the tokenizer from it), a child process builds the engine from it, again on a restart."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from llmserve.engines.stepping import StepLoopEngine
+
+EngineKind = Literal["llamacpp", "transformers"]
+
+
+class Tokenizer(Protocol):
+    def tokenize(self, text: str, *, add_bos: bool) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    kind: EngineKind
+    path: Path
+    options: dict[str, Any] = field(default_factory=dict)  # the engine class's keywords
+
+    def build(self) -> StepLoopEngine:
+        if self.kind == "llamacpp":
+            from llmserve.engines.llamacpp import LlamaCppEngine
+
+            return LlamaCppEngine(self.path, **self.options)
+        from llmserve.engines.transformers import TransformersEngine
+
+        return TransformersEngine(self.path, **self.options)
+
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer without its weights."""
+        if self.kind == "llamacpp":
+            from llmserve.engines.llamacpp import LlamaCppVocab
+
+            return LlamaCppVocab(self.path)
+        from llmserve.engines.transformers import HFTokenizer
+
+        return HFTokenizer(self.path, gguf_file=self.options.get("gguf_file"),
+                           trust_remote_code=self.options.get("trust_remote_code", False))
+
+
+@dataclass(frozen=True)
+class EmbedderSpec:
+    path: Path
+
+    def build(self):
+        from llmserve.engines.sentence_embedder import SentenceEmbedder
+
+        return SentenceEmbedder(self.path)

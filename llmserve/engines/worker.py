@@ -1,0 +1,127 @@
+"""The child side of an engine process: build the engine from its spec, say "ready" with
+its facts, then run its decode loop, one message per step each way.
+
+Messages to the server are tuples over a `multiprocessing` pipe (pickled):
+  ("ready", info)             loaded; `info` is EngineInfo (or the embedder's facts)
+  ("failed", kind, message)   could not load (FileNotFoundError, ...)
+  ("step", [(key, payload)])  one decode step: each request's new tokens, as tuples, or
+                              its end (None: finished; an EngineError: failed)
+  ("result", key, value)      embedder: one batch's vectors, or an EngineError
+  ("fatal", traceback)        the decode loop raised; the process exits right after
+and from it:
+  ("add", key, prompt, params) | ("cancel", key, index) | ("embed", key, inputs) | ("stop",)
+
+A child dies with its server: when the pipe closes (the server exited, however) it exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import traceback
+from collections.abc import Hashable
+from multiprocessing.connection import Connection
+
+from llmserve.engines.base import EngineError, TokenOutput
+from llmserve.engines.faults import Faults
+from llmserve.engines.spec import EmbedderSpec, EngineSpec
+from llmserve.engines.stepping import Payload, StepLoopEngine
+
+TokenTuple = tuple  # TokenOutput's fields in order: cheaper to pickle than the dataclass
+
+
+def encode(payload: Payload) -> object:
+    if isinstance(payload, list):
+        return [(o.index, o.token_id, o.logprob, o.top_logprobs, o.end_of_generation,
+                 o.finish_reason) for o in payload]
+    if payload is None or isinstance(payload, EngineError):
+        return payload
+    return EngineError(f"{type(payload).__name__}: {payload}")
+
+
+def decode(payload: object) -> Payload:
+    if isinstance(payload, list):
+        return [TokenOutput(*t) for t in payload]
+    return payload  # type: ignore[return-value]
+
+
+def _child_setup() -> None:
+    # Ctrl-C in a terminal reaches the whole process group: the server decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _load(conn: Connection, build):
+    try:
+        return build()
+    except BaseException as exc:  # noqa: BLE001 - reported to the server, which decides
+        conn.send(("failed", type(exc).__name__, str(exc)))
+        os._exit(3)
+
+
+def engine_main(conn: Connection, spec: EngineSpec, fault: str | None, first: bool) -> None:
+    _child_setup()
+    engine: StepLoopEngine = _load(conn, spec.build)
+    engine.faults = Faults(fault, first_process=first)
+    send_lock = threading.Lock()
+
+    def send(msg: tuple) -> None:
+        with send_lock:
+            conn.send(msg)
+
+    send(("ready", engine.info()))
+    threading.Thread(target=_read_requests, args=(conn, engine, send), daemon=True,
+                     name="engine-inbox").start()
+
+    def deliver(items: list[tuple[Hashable, Payload]]) -> None:
+        send(("step", [(key, encode(payload)) for key, payload in items]))
+
+    try:
+        engine.serve(deliver)
+    except BaseException:  # noqa: BLE001 - the server logs it, fails the requests, restarts us
+        try:
+            send(("fatal", traceback.format_exc()))
+        finally:
+            os._exit(1)
+    engine.close()
+
+
+def _read_requests(conn: Connection, engine: StepLoopEngine, send) -> None:
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            os._exit(0)  # the server is gone: so are we
+        kind = msg[0]
+        if kind == "add":
+            _, key, prompt, params = msg
+            try:
+                engine.submit(key, prompt, params)
+            except ValueError as exc:
+                send(("step", [(key, EngineError(str(exc)))]))
+        elif kind == "cancel":
+            engine.cancel(msg[1], msg[2])
+        elif kind == "stop":
+            engine.shutdown()
+            return
+
+
+def embedder_main(conn: Connection, spec: EmbedderSpec) -> None:
+    _child_setup()
+    embedder = _load(conn, spec.build)
+    conn.send(("ready", {"dimensions": embedder.dimensions,
+                         "max_input_tokens": embedder.max_input_tokens,
+                         "vocab_size": embedder.vocab_size}))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            os._exit(0)
+        if msg[0] == "stop":
+            return
+        _, key, inputs = msg
+        try:
+            result: object = embedder.embed(inputs)
+        except Exception as exc:  # noqa: BLE001 - that batch fails, the embedder goes on
+            result = EngineError(f"{type(exc).__name__}: {exc}")
+        conn.send(("result", key, result))
