@@ -41,27 +41,46 @@ def _free_port() -> int:
 
 
 class Proc:
-    """A server process we started: its URL and its CPU time and peak memory."""
+    """A server process we started: its URL, and the CPU time and peak memory of it and its
+    children (llmserve's engine runs in a child process)."""
 
     def __init__(self, popen: subprocess.Popen, url: str) -> None:
         self.popen = popen
         self.url = url
 
+    def _pids(self) -> list[int]:
+        pids, i = [self.popen.pid], 0
+        while i < len(pids):
+            try:
+                for task in Path(f"/proc/{pids[i]}/task").iterdir():
+                    pids += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+            i += 1
+        return pids
+
     def cpu_s(self) -> float | None:
-        try:
-            fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return None
+        total = 0
+        for pid in self._pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+            except (OSError, IndexError, ValueError):
+                if pid == self.popen.pid:
+                    return None
+        return total / os.sysconf("SC_CLK_TCK")
 
     def peak_rss_mb(self) -> float | None:
-        try:
-            for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            return None
-        return None
+        total = 0
+        for pid in self._pids():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1])
+            except OSError:
+                if pid == self.popen.pid:
+                    return None
+        return total / 1024 if total else None
 
 
 @contextmanager
