@@ -60,9 +60,6 @@ class EngineDown(EngineError):
         super().__init__(message)
         self.retry_after = retry_after
 
-    def __reduce__(self):
-        return (type(self), (str(self),), {"retry_after": self.retry_after})
-
 
 @dataclass(frozen=True, slots=True)
 class EngineInfo:

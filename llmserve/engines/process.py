@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,11 +29,10 @@ from llmserve.engines.base import (
     EngineHealth,
     EngineInfo,
     SamplingParams,
-    TokenOutput,
     check_request,
 )
 from llmserve.engines.spec import EmbedderSpec, EngineSpec
-from llmserve.engines.stepping import Payload
+from llmserve.engines.stepping import QueueStream, route
 from llmserve.engines.worker import decode, embedder_main, engine_main
 
 log = logging.getLogger(__name__)
@@ -291,7 +290,7 @@ class EngineProcess:
             on_message=self._on_message, on_lost=self._on_lost, policy=policy,
         )
         self._info: EngineInfo = self._child.launch()
-        self._streams: dict[Hashable, RemoteStream] = {}
+        self._streams: dict[Hashable, QueueStream] = {}
         self._keys = itertools.count()
 
     # -- facts ------------------------------------------------------------------------------
@@ -354,12 +353,12 @@ class EngineProcess:
 
     def generate(
         self, prompt: list[int], params: list[SamplingParams], *, request_id: str | None = None
-    ) -> RemoteStream:
+    ) -> QueueStream:
         check_request(prompt, params, max_sequences=self.max_sequences,
                       context_length=self.context_length)
         key = next(self._keys)
         self._child.send(("add", key, list(prompt), list(params)))
-        stream = self._streams[key] = RemoteStream(self, key, request_id)
+        stream = self._streams[key] = QueueStream(key, self._cancel, request_id)
         return stream
 
     def _cancel(self, key: Hashable, index: int | None) -> None:
@@ -370,13 +369,8 @@ class EngineProcess:
                 pass
 
     def _on_message(self, msg: tuple) -> None:
-        if msg[0] != "step":
-            return
-        for key, payload in msg[1]:
-            item = decode(payload)
-            stream = self._streams.get(key) if isinstance(item, list) else self._streams.pop(key, None)
-            if stream is not None:
-                stream.queue.put_nowait(item)
+        if msg[0] == "step":
+            route(self._streams, [(key, decode(payload)) for key, payload in msg[1]])
 
     def _on_lost(self, reason: str) -> str:
         streams, self._streams = self._streams, {}
@@ -385,31 +379,6 @@ class EngineProcess:
             stream.queue.put_nowait(err)
         ids = [s.request_id or f"#{s.key}" for s in streams.values()]
         return f"requests lost: {', '.join(ids)}" if ids else "no request was running"
-
-
-class RemoteStream:
-    """The `GenerationStream` of a request to an engine in a child process."""
-
-    def __init__(self, engine: EngineProcess, key: Hashable, request_id: str | None) -> None:
-        self._engine = engine
-        self.key = key
-        self.request_id = request_id
-        self.queue: asyncio.Queue[Payload] = asyncio.Queue()
-
-    def cancel(self, index: int | None = None) -> None:
-        self._engine._cancel(self.key, index)
-
-    async def __aiter__(self) -> AsyncIterator[list[TokenOutput]]:
-        try:
-            while True:
-                item = await self.queue.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            self.cancel()  # the consumer left: free whatever still runs
 
 
 class EmbedderProcess:

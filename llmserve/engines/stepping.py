@@ -126,7 +126,7 @@ class StepLoopEngine:
         self.faults = Faults()
         # in-process use (start/generate)
         self._thread: threading.Thread | None = None
-        self._streams: dict[Hashable, LocalStream] = {}
+        self._streams: dict[Hashable, QueueStream] = {}
         self._keys = itertools.count()
         self._dead: EngineError | None = None
         self._closed = False
@@ -286,7 +286,7 @@ class StepLoopEngine:
         loop = asyncio.get_running_loop()
 
         def deliver(items: list[tuple[Hashable, Payload]]) -> None:
-            loop.call_soon_threadsafe(self._dispatch, items)
+            loop.call_soon_threadsafe(route, self._streams, items)
 
         self._thread = threading.Thread(
             target=self._serve_thread, args=(deliver,), name=self.thread_name, daemon=True
@@ -309,12 +309,6 @@ class StepLoopEngine:
                     keys.add(msg[1].key)
             deliver([(k, self._dead) for k in keys])
 
-    def _dispatch(self, items: list[tuple[Hashable, Payload]]) -> None:
-        for key, payload in items:
-            stream = self._streams.get(key) if isinstance(payload, list) else self._streams.pop(key, None)
-            if stream is not None:
-                stream.queue.put_nowait(payload)
-
     async def stop(self) -> None:
         if self._thread is not None:
             self.shutdown()
@@ -329,27 +323,34 @@ class StepLoopEngine:
 
     def generate(
         self, prompt: list[int], params: list[SamplingParams], *, request_id: str | None = None
-    ) -> LocalStream:
+    ) -> QueueStream:
         if self._dead is not None:
             raise self._dead
         if self._thread is None:
             raise EngineError("engine not started")
         key = next(self._keys)
         self.submit(key, prompt, params)
-        stream = self._streams[key] = LocalStream(self, key)
+        stream = self._streams[key] = QueueStream(key, self.cancel, request_id)
         return stream
 
 
-class LocalStream:
-    """The `GenerationStream` of a request to an engine in this process."""
+class QueueStream:
+    """The `GenerationStream` of one request, fed by `route`: lists of tokens, then None
+    (finished) or the error that failed it. `cancel(key, index)` reaches the engine."""
 
-    def __init__(self, engine: StepLoopEngine, key: Hashable) -> None:
-        self._engine = engine
-        self._key = key
+    def __init__(
+        self,
+        key: Hashable,
+        cancel: Callable[[Hashable, int | None], None],
+        request_id: str | None = None,
+    ) -> None:
+        self.key = key
+        self.request_id = request_id
+        self._cancel = cancel
         self.queue: asyncio.Queue[Payload] = asyncio.Queue()
 
     def cancel(self, index: int | None = None) -> None:
-        self._engine.cancel(self._key, index)
+        self._cancel(self.key, index)
 
     async def __aiter__(self) -> AsyncIterator[list[TokenOutput]]:
         try:
@@ -363,3 +364,11 @@ class LocalStream:
         finally:
             # The consumer left (done, error or disconnect): free whatever still runs.
             self.cancel()
+
+
+def route(streams: dict[Hashable, QueueStream], items: list[tuple[Hashable, Payload]]) -> None:
+    """Hand one step's payloads to their streams; an ended request's stream is dropped."""
+    for key, payload in items:
+        stream = streams.get(key) if isinstance(payload, list) else streams.pop(key, None)
+        if stream is not None:
+            stream.queue.put_nowait(payload)
