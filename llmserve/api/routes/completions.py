@@ -16,7 +16,9 @@ from llmserve.api import sse
 from llmserve.api.protocol import CompletionRequest
 from llmserve.api.requests import (
     cancel_on_disconnect,
+    close_all,
     collect,
+    event_stream,
     logprob_value,
     parse_body,
     request_id,
@@ -50,21 +52,25 @@ async def create_completion(request: Request) -> Response:
             raise InvalidRequest(f"Prompt {i} is empty.", param="prompt")
         prompts.append(tokens)
     sampling = body.to_sampling()
-    gens = start_generations(
-        served, prompts, sampling, body.stop_list, request_id=request_id(request)
-    )
     echoes = [_prompt_text(engine, p) if body.echo else "" for p in prompts]
+    gens = start_generations(
+        served, prompts, sampling, body.stop_list, request_id=request_id(request),
+        metrics=app_state(request).metrics,
+    )
     n = sampling.n
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
     want_logprobs = sampling.logprobs is not None
 
     if body.stream:
-        return sse.EventStreamResponse(
-            _stream(gens, head, n, echoes, want_logprobs, body.include_usage)
+        return event_stream(
+            request, _stream(gens, head, n, echoes, want_logprobs, body.include_usage), gens
         )
 
-    async with cancel_on_disconnect(request):
-        choices = await collect(merge(gens), n * len(gens))
+    try:
+        async with cancel_on_disconnect(request):
+            choices = await collect(merge(gens), n * len(gens))
+    finally:
+        close_all(gens)
     result = {
         **head,
         "object": "text_completion",

@@ -1,0 +1,122 @@
+"""Streams that no client can stall: keep-alive comments while a stream waits, slow readers
+that hold no slot once their answer is generated, and readers that accept nothing dropped
+after the write timeout."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from conftest import MODEL, Server, run_server
+from sse import parse_events
+
+PATH = "/v1/chat/completions"
+SHORT = {"model": MODEL, "temperature": 0, "max_tokens": 16,
+         "messages": [{"role": "user", "content": "Name three fruits."}]}
+LONG = {"model": MODEL, "temperature": 0, "max_tokens": 400, "ignore_eos": True,
+        "messages": [{"role": "user", "content": "Write a very long story about a ship."}]}
+# About 3 KB per token: an answer far larger than the socket buffers between us.
+BULKY = {**LONG, "logprobs": True, "top_logprobs": 20}
+
+
+def stalled_client(server: Server, body: dict) -> socket.socket:
+    """Sends a streamed request and then reads nothing, with a tiny receive window."""
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    payload = json.dumps({**body, "stream": True}).encode()
+    head = (f"POST {PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {server.api_key}\r\nContent-Length: {len(payload)}\r\n\r\n")
+    sock.sendall(head.encode() + payload)
+    return sock
+
+
+def timed_short(server: Server) -> tuple[float, str]:
+    start = time.monotonic()
+    r = httpx.post(server.url + PATH, json=SHORT, headers=server.headers(), timeout=120)
+    assert r.status_code == 200, r.text
+    return time.monotonic() - start, r.json()["choices"][0]["message"]["content"]
+
+
+@pytest.fixture(scope="module")
+def one_slot(tmp_path_factory) -> Iterator[Server]:
+    with run_server(tmp_path_factory.mktemp("sse"), "--max-sequences", "1", "--sse-keepalive",
+                    "0.5", "--write-timeout", "60", "--embedding-model", "none") as s:
+        yield s
+
+
+def test_keepalive_comments_while_queued_and_clients_ignore_them(one_slot):
+    server = one_slot
+    _, expected = timed_short(server)
+    holder_started = threading.Event()
+
+    def hold() -> None:  # keeps the only slot busy for a few seconds
+        with httpx.stream("POST", server.url + PATH, json={**LONG, "stream": True},
+                          headers=server.headers(), timeout=120) as r:
+            for _ in r.iter_raw():
+                holder_started.set()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert holder_started.wait(60)
+    with httpx.stream("POST", server.url + PATH, json={**SHORT, "stream": True},
+                      headers=server.headers(), timeout=120) as r:
+        raw = r.read()
+    first_content = raw.index(b'"content":"', raw.index(b'"content":"') + 1)  # after the role chunk
+    assert b": keep-alive\n\n" in raw[:first_content]  # sent while it waited for the slot
+    events = parse_events(raw)  # comments are valid SSE
+    assert events[-1] == "[DONE]"
+    text = "".join(c["choices"][0]["delta"].get("content") or ""
+                   for c in map(json.loads, events[:-1]) if c["choices"])
+    assert text == expected
+
+    # The official client, also queued behind the holder, skips the comments.
+    holder = threading.Thread(target=hold, daemon=True)
+    holder_started.clear()
+    holder.start()
+    assert holder_started.wait(60)
+    client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
+    stream = client.chat.completions.create(**SHORT, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+    holder.join(timeout=120)
+
+
+def test_a_slow_reader_holds_no_slot_once_its_answer_is_generated(one_slot):
+    """The reader takes nothing and its answer is larger than the socket buffers; the write
+    timeout is 60 s. Its generation must still run to the end at once and free the only
+    slot: the next request waits for the engine's work, not for that client."""
+    server = one_slot
+    alone, _ = timed_short(server)
+    sock = stalled_client(server, {**BULKY, "max_tokens": 150})
+    try:
+        time.sleep(0.5)
+        waited, _ = timed_short(server)
+    finally:
+        sock.close()
+    assert waited < 30, f"{waited:.1f} s behind a stalled reader (alone: {alone:.1f} s)"
+
+
+def test_a_reader_that_accepts_nothing_is_dropped_after_the_write_timeout(tmp_path):
+    """The reader takes nothing; its 2000-token answer (about 6 MB) is more than the socket
+    buffers hold (up to 4 MB on Linux), and generating it would take the only slot for
+    half a minute. Once the buffers are full and no byte has gone out for 2 s it is dropped,
+    its generation cancelled and the slot freed."""
+    with run_server(tmp_path, "--max-sequences", "1", "--write-timeout", "2",
+                    "--embedding-model", "none") as server:
+        _, expected = timed_short(server)
+        sock = stalled_client(server, {**BULKY, "max_tokens": 2000})
+        try:
+            time.sleep(0.5)
+            _, text = timed_short(server)  # waits for the slot the dropped stream held
+            assert text == expected
+            assert "the client accepted no bytes for 2 s" in server.log()
+        finally:
+            sock.close()
+        assert "Traceback" not in server.log()
