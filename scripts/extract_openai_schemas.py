@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Extract the OpenAI response-body schemas our tests validate against.
+"""Extract the OpenAI schemas our tests use: the response bodies they validate against, and
+the request bodies the fuzz tests (tests/api/test_fuzz_e2e.py) generate from.
 
 Reads the OpenAI OpenAPI 3.1 spec (default: ../shared/openai/openapi.yaml
 relative to the repo root), collects the root component schemas below plus
@@ -42,6 +43,10 @@ ROOTS = [
     "ListModelsResponse",
     "Model",
     "CreateEmbeddingResponse",
+    # Request bodies, for the fuzz tests' generated requests.
+    "CreateChatCompletionRequest",
+    "CreateCompletionRequest",
+    "CreateEmbeddingRequest",
 ]
 
 DESCRIPTIVE_KEYS = {"description", "title", "example", "examples", "deprecated"}

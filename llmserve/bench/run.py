@@ -72,22 +72,18 @@ class Proc:
 
     def rss_mb(self) -> float | None:
         """Resident memory now, summed over the process tree."""
-        total = 0
-        for pid in self._pids():
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-            except OSError:
-                pass
-        return total / 1024 if total else None
+        return self._status_mb("VmRSS:")
 
     def peak_rss_mb(self) -> float | None:
+        """Peak resident memory, summed over the process tree."""
+        return self._status_mb("VmHWM:")
+
+    def _status_mb(self, field: str) -> float | None:
         total = 0
         for pid in self._pids():
             try:
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
+                    if line.startswith(field):
                         total += int(line.split()[1])
             except OSError:
                 if pid == self.popen.pid:

@@ -2,9 +2,9 @@
 model in a process of its own so that a native crash costs the requests it was serving,
 never the server.
 
-`ChildProcess` starts a worker (see `engines.worker`), reads its messages on the event
-loop as they arrive (no thread hop between the pipe and the streams), notices its death
-(the pipe closes), and restarts it with backoff; `EngineProcess` and `EmbedderProcess` speak their worker's messages.
+`ChildProcess` starts a worker (see `engines.worker`), reads its messages on a thread
+that hands each one to the event loop, notices its death (the pipe closes), and restarts
+it with backoff; `EngineProcess` and `EmbedderProcess` speak their worker's messages.
 """
 
 from __future__ import annotations
@@ -96,7 +96,6 @@ class ChildProcess:
         self._crashes: deque[float] = deque()
         self._next_try = 0.0
         self._restarter: asyncio.Task[None] | None = None
-        self._fatal: str | None = None  # the traceback a dying decode loop sent
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -142,11 +141,12 @@ class ChildProcess:
             raise
 
     def _watch(self) -> None:
-        assert self._loop is not None
+        # A thread of its own with a blocking pipe: an event loop's reader (uvloop) would make
+        # the pipe non-blocking, and a message larger than the pipe's buffer would then fail
+        # to send or arrive in pieces.
         self._generation += 1
-        self._fatal = None
-        self._loop.add_reader(self._conn.fileno(), self._readable,
-                              self._proc, self._conn, self._generation)
+        threading.Thread(target=self._read, args=(self._proc, self._conn, self._generation),
+                         name=f"{self.name}-reader", daemon=True).start()
 
     # -- running ----------------------------------------------------------------------------
 
@@ -179,27 +179,26 @@ class ChildProcess:
     def health(self) -> EngineHealth:
         return EngineHealth(self._state, self._reason, self.pid, max(0, self._starts - 1))
 
-    def _readable(self, proc, conn, generation: int) -> None:
+    def _read(self, proc, conn, generation: int) -> None:
+        """The reader thread: each message to the event loop, then the death, once."""
+        loop = self._loop
+        assert loop is not None
+        fatal: str | None = None
         try:
             while True:
-                msg = conn.recv()  # a whole message: the child writes each in one go
+                msg = conn.recv()
                 if msg[0] == "fatal":
-                    self._fatal = msg[1]
+                    fatal = msg[1]
                 else:
-                    self._on_message(msg)
-                if not conn.poll():
-                    return
+                    loop.call_soon_threadsafe(self._on_message, msg)
         except (EOFError, OSError):
-            self._loop.remove_reader(conn.fileno())
-            self._loop.create_task(self._report_death(proc, generation, self._fatal))
-
-    async def _report_death(self, proc, generation: int, fatal: str | None) -> None:
-        await asyncio.to_thread(_reap, proc, 5)
+            pass
+        _reap(proc, timeout=5)
         if fatal:
             reason = f"its decode loop raised {fatal.strip().splitlines()[-1]}"
         else:
             reason = f"its process (pid {proc.pid}) {describe_exit(proc.exitcode)}"
-        self._died(generation, reason, fatal)
+        loop.call_soon_threadsafe(self._died, generation, reason, fatal)
 
     def _died(self, generation: int, reason: str, fatal: str | None) -> None:
         if generation != self._generation or self._state in ("stopped", "failed"):
@@ -260,10 +259,7 @@ class ChildProcess:
         except (OSError, ValueError):
             pass
         await asyncio.to_thread(_reap, proc, 10)
-        if not conn.closed:
-            if self._loop is not None:
-                self._loop.remove_reader(conn.fileno())
-            conn.close()
+        conn.close()
 
 
 def _reap(proc, timeout: float = 0) -> None:

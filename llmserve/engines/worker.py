@@ -86,6 +86,14 @@ def engine_main(conn: Connection, spec: EngineSpec, fault: str | None, first: bo
 
 
 def _read_requests(conn: Connection, engine: StepLoopEngine, send) -> None:
+    try:
+        _serve_requests(conn, engine, send)
+    except BaseException:  # noqa: BLE001 - a child that cannot hear the server must not linger
+        traceback.print_exc()
+        os._exit(1)
+
+
+def _serve_requests(conn: Connection, engine: StepLoopEngine, send) -> None:
     while True:
         try:
             msg = conn.recv()

@@ -26,3 +26,20 @@ def test_bench_runs_all_three_systems(tmp_path):
         assert row["tok_s_vs_in-process"] > 0 and row["tok_s_vs_llama-cpp-python"] > 0
     # The printed table names every system and the ratios.
     assert "llmserve/in-process" in proc.stdout and "llmserve/llama-cpp-python" in proc.stdout
+
+
+def test_soak_runs_with_hostile_clients_and_finds_no_leak(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmserve.cli", "bench", "--soak", "--duration", "8",
+         "--baseline", "3", "--healthy", "4", "--abandoned", "8", "--slow", "2",
+         "--slow-hold", "4", "--context-length", "1024", "--json", str(out),
+         "--logs", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "soak.json").read_text())
+    assert report["healthy_errors"] == {"baseline": 0, "soak": 0}
+    assert report["healthy_requests"]["soak"] > 0 and report["abandoned_errors"] == 0
+    assert report["leaked_running"] == 0 and report["leaked_waiting"] == 0
+    assert "leaked slots" in proc.stdout
