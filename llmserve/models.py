@@ -18,6 +18,7 @@ from llmserve.engines.stepping import StepLoopEngine
 from llmserve.errors import InvalidRequest, ModelNotFound
 from llmserve.serving.chat_template import CHATML_TEMPLATE, ChatTemplate
 from llmserve.serving.embeddings import EmbeddingBatcher
+from llmserve.serving.prepare import Preparer
 from llmserve.serving.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def served_name_for(path: Path) -> str:
 class ServedModel:
     name: str
     engine: Engine
-    template: ChatTemplate
+    prepare: Preparer
     scheduler: Scheduler
     created: int = field(default_factory=lambda: int(time.time()))
     owned_by: str = "llmserve"
@@ -153,7 +154,9 @@ def serve_engine(engine: Engine, name: str, settings: Settings) -> ServedModel:
     scheduler = Scheduler(
         engine.max_sequences, max_queue=settings.max_queue, queue_timeout=settings.queue_timeout
     )
-    return ServedModel(name=name, engine=engine, template=template, scheduler=scheduler)
+    return ServedModel(
+        name=name, engine=engine, prepare=Preparer(engine, template), scheduler=scheduler
+    )
 
 
 def engine_spec(settings: Settings, path: Path, *, show_progress: bool = True) -> EngineSpec:

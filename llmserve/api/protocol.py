@@ -15,6 +15,28 @@ from llmserve.errors import InvalidRequest, UnsupportedParameter
 from llmserve.serving.sampling import SamplingRequest
 
 
+# Bounds on what a client sends, each at least as generous as OpenAI's own (README lists
+# them). Text length is bounded by the context (serving.prepare) and the body size.
+MAX_MESSAGES = 4096  # OpenAI: 2048
+MAX_CONTENT_PARTS = 4096
+MAX_STOP = 16  # OpenAI: 4
+MAX_STOP_CHARS = 1000
+MAX_LOGIT_BIAS = 1024  # OpenAI: 300
+MAX_PROMPTS = 2048  # prompts of one completions request
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI: 2048
+MAX_N = 128  # OpenAI: 128
+MAX_TOP_LOGPROBS = 20  # OpenAI: 20 (chat), 5 (completions)
+MAX_METADATA = 16  # OpenAI: 16 pairs, keys of 64 characters, values of 512
+MAX_NAME_CHARS = 256  # model, user, and other identifiers
+
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+Metadata = Annotated[
+    dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+    Field(max_length=MAX_METADATA),
+]
+
+
 class _Request(BaseModel):
     # No float field takes NaN or an infinity, sent as a number or as a string ("NaN", "inf"):
     # a 400 naming the field ("Input should be a finite number"), never a value for an engine.
@@ -43,19 +65,21 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(_Request):
-    model: str
-    n: Annotated[int, Field(ge=1, le=128)] = 1
+    model: Name
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     # Float ranges as serving.sampling.FLOAT_RANGES has them (checked again there).
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: Annotated[
+        dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=MAX_LOGIT_BIAS)
+    ] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Name | None = None
     # Extensions, as vLLM and llama.cpp's server accept them.
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
@@ -120,7 +144,7 @@ class ChatMessage(BaseModel):
     # Extra message fields (tool_calls, name, ...) pass through to the chat template.
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_CONTENT_PARTS)] | None = None
 
     def text(self, where: str) -> str | None:
         if self.content is None or isinstance(self.content, str):
@@ -150,17 +174,17 @@ class ChatCompletionRequest(_Sampling):
         "web_search_options", "verbosity", "suffix",
     )
 
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     # Accepted and harmless: they change nothing about the text.
     store: Literal[False] | None = None
-    metadata: dict[str, str] | None = None
-    service_tier: str | None = None
-    prompt_cache_key: str | None = None
-    safety_identifier: str | None = None
+    metadata: Metadata | None = None
+    service_tier: Name | None = None
+    prompt_cache_key: Name | None = None
+    safety_identifier: Annotated[str, Field(max_length=64)] | None = None
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
@@ -189,7 +213,12 @@ class ChatCompletionRequest(_Sampling):
 
 # -- text completions -----------------------------------------------------------------------
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+Prompt = (
+    str
+    | Annotated[list[str], Field(max_length=MAX_PROMPTS)]
+    | list[int]
+    | Annotated[list[list[int]], Field(max_length=MAX_PROMPTS)]
+)
 
 
 class CompletionRequest(_Sampling):
@@ -198,7 +227,7 @@ class CompletionRequest(_Sampling):
     prompt: Prompt
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
     echo: bool | None = None
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     best_of: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
@@ -225,11 +254,16 @@ class CompletionRequest(_Sampling):
 
 
 class EmbeddingRequest(_Request):
-    model: str
-    input: str | list[str] | list[int] | list[list[int]]
+    model: Name
+    input: (
+        str
+        | Annotated[list[str], Field(max_length=MAX_EMBEDDING_INPUTS)]
+        | list[int]
+        | Annotated[list[list[int]], Field(max_length=MAX_EMBEDDING_INPUTS)]
+    )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
-    user: str | None = None
+    user: Name | None = None
 
     def inputs(self) -> list[str | list[int]]:
         return _texts_or_token_lists(self.input, "input")

@@ -11,6 +11,7 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import anyio.to_thread
 import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -23,13 +24,24 @@ from llmserve.models import ServedModel
 from llmserve.serving.availability import ensure_up
 from llmserve.serving.generation import ChoiceDelta, Generation, TokenLogprob, Usage
 from llmserve.serving.metrics import Metrics
-from llmserve.serving.sampling import SamplingRequest, build_params
+from llmserve.serving.prepare import Prepared
 
 M = TypeVar("M", bound=BaseModel)
 
 
+# Bodies larger than this are parsed and validated on a worker thread: a multi-megabyte body
+# costs its own request, not the event loop's streams.
+PARSE_INLINE_BYTES = 256 * 1024
+
+
 async def parse_body(request: Request, model: type[M]) -> M:
     raw = await request.body()
+    if len(raw) > PARSE_INLINE_BYTES:
+        return await anyio.to_thread.run_sync(_parse, raw, model)
+    return _parse(raw, model)
+
+
+def _parse(raw: bytes, model: type[M]) -> M:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -179,37 +191,23 @@ def close_all(gens: list[Generation]) -> None:
 
 def start_generations(
     served: ServedModel,
-    prompts: list[list[int]],
-    sampling: SamplingRequest,
-    stop: list[str],
+    prepared: Prepared,
     *,
     request_id: str | None = None,
     metrics: Metrics | None = None,
 ) -> list[Generation]:
-    """One generation per prompt, n choices each, numbered prompt by prompt, each holding its
-    place in line from now on (429 now if the line is full), reporting to the model's
-    `metrics`. The caller must see that every one is run or closed (`close_all`)."""
-    engine = served.engine
-    ensure_up(served.name, engine.health())
-    if sampling.n > engine.max_sequences:
-        raise InvalidRequest(
-            f"n={sampling.n} is more than the {engine.max_sequences} sequences this server "
-            "decodes together (--max-sequences).",
-            param="n",
-        )
-    params = [
-        build_params(sampling, prompt_tokens=len(prompt), context_length=engine.context_length,
-                     vocab_size=engine.vocab_size)
-        for prompt in prompts
-    ]
+    """One generation per prepared prompt, n choices each, numbered prompt by prompt, each
+    holding its place in line from now on (429 now if the line is full), reporting to the
+    model's `metrics`. The caller must see that every one is run or closed (`close_all`)."""
+    ensure_up(served.name, served.engine.health())
     model_metrics = metrics.model(served.name) if metrics is not None else None
     gens: list[Generation] = []
     try:
-        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        for i, prompt in enumerate(prepared.prompts):
             gens.append(Generation(
-                engine, prompt, p, stop=stop, index_offset=i * sampling.n,
-                reservation=served.scheduler.reserve(sampling.n), request_id=request_id,
-                metrics=model_metrics,
+                served.engine, prompt.tokens, prompt.params, stop=prepared.stop,
+                index_offset=i * prepared.n, reservation=served.scheduler.reserve(prepared.n),
+                request_id=request_id, metrics=model_metrics,
             ))
     except BaseException:
         close_all(gens)

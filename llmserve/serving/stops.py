@@ -45,10 +45,16 @@ class StopMatcher:
         return text
 
     def _held_suffix(self, buf: str) -> int:
+        """The length of the longest suffix of `buf` that is a proper prefix of a stop string
+        (`buf` holds no whole one). Only places holding a stop's first character are tried,
+        so long stop strings cost little."""
         longest = 0
+        size = len(buf)
         for stop in self._stops:
-            for k in range(min(len(stop) - 1, len(buf)), longest, -1):
-                if buf.endswith(stop[:k]):
-                    longest = k
+            at = max(0, size - len(stop) + 1)
+            while (at := buf.find(stop[0], at, size - longest)) >= 0:
+                if stop.startswith(buf[at:]):
+                    longest = size - at
                     break
+                at += 1
         return longest

@@ -25,8 +25,7 @@ from llmserve.api.requests import (
     usage_body,
 )
 from llmserve.api.state import app_state
-from llmserve.errors import InvalidRequest, LLMServeError
-from llmserve.serving.chat_template import TemplateError
+from llmserve.errors import LLMServeError
 from llmserve.serving.generation import Generation, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -37,15 +36,10 @@ router = APIRouter()
 async def create_chat_completion(request: Request) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
     served = app_state(request).registry.get(body.model)
-    try:
-        text = served.template.render(body.template_messages(), add_generation_prompt=True)
-    except TemplateError as exc:
-        raise InvalidRequest(str(exc), param="messages") from None
-    prompt = served.engine.tokenize(text, add_bos=False)
     sampling = body.to_sampling()
+    prepared = await served.prepare.chat(body.template_messages(), sampling, body.stop_list)
     [gen] = start_generations(
-        served, [prompt], sampling, body.stop_list, request_id=request_id(request),
-        metrics=app_state(request).metrics,
+        served, prepared, request_id=request_id(request), metrics=app_state(request).metrics
     )
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",

@@ -26,7 +26,7 @@ from llmserve.api.requests import (
     usage_body,
 )
 from llmserve.api.state import app_state
-from llmserve.errors import InvalidRequest, LLMServeError
+from llmserve.errors import LLMServeError
 from llmserve.serving.detokenizer import IncrementalDetokenizer
 from llmserve.serving.generation import ChoiceDelta, Generation, TokenLogprob, Usage, merge
 
@@ -38,24 +38,11 @@ router = APIRouter()
 async def create_completion(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest)
     served = app_state(request).registry.get(body.model)
-    engine = served.engine
-    prompts: list[list[int]] = []
-    for i, p in enumerate(body.prompts()):
-        if isinstance(p, str):
-            tokens = engine.tokenize(p, add_bos=engine.add_bos)
-        else:
-            bad = next((t for t in p if not 0 <= t < engine.vocab_size), None)
-            if bad is not None:
-                raise InvalidRequest(f"Token id {bad} is outside the vocabulary.", param="prompt")
-            tokens = list(p)
-        if not tokens:
-            raise InvalidRequest(f"Prompt {i} is empty.", param="prompt")
-        prompts.append(tokens)
     sampling = body.to_sampling()
-    echoes = [_prompt_text(engine, p) if body.echo else "" for p in prompts]
+    prepared = await served.prepare.completion(body.prompts(), sampling, body.stop_list)
+    echoes = [served.prepare.prompt_text(p.tokens) if body.echo else "" for p in prepared.prompts]
     gens = start_generations(
-        served, prompts, sampling, body.stop_list, request_id=request_id(request),
-        metrics=app_state(request).metrics,
+        served, prepared, request_id=request_id(request), metrics=app_state(request).metrics
     )
     n = sampling.n
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
@@ -121,10 +108,6 @@ def _chunk(enc: sse.ChunkEncoder, d: ChoiceDelta, offsets: list[_Offsets], want_
     return enc.choice(
         {"index": d.index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish_reason}
     )
-
-
-def _prompt_text(engine, tokens: list[int]) -> str:
-    return b"".join(engine.token_bytes(t) for t in tokens).decode("utf-8", "replace")
 
 
 def _total(gens: list[Generation]) -> Usage:

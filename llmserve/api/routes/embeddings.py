@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 
+import anyio.to_thread
 import numpy as np
 import orjson
 from fastapi import APIRouter, Request
@@ -27,27 +28,8 @@ async def create_embeddings(request: Request) -> Response:
             f"The model '{served.name}' makes vectors of {embedder.dimensions} dimensions only.",
             param="dimensions",
         )
-    inputs: list[list[int]] = []
-    for i, item in enumerate(body.inputs()):
-        if isinstance(item, str):
-            if not item:
-                raise InvalidRequest(f"Input {i} is an empty string.", param="input")
-            ids = embedder.tokenize(item)
-        else:
-            if not item:
-                raise InvalidRequest(f"Input {i} is an empty list of tokens.", param="input")
-            bad = next((t for t in item if not 0 <= t < embedder.vocab_size), None)
-            if bad is not None:
-                raise InvalidRequest(f"Token id {bad} is outside the vocabulary.", param="input")
-            ids = item
-        if len(ids) > embedder.max_input_tokens:
-            raise InvalidRequest(
-                f"Input {i} has {len(ids)} tokens; the model '{served.name}' reads at most "
-                f"{embedder.max_input_tokens}.",
-                param="input",
-                code="context_length_exceeded",
-            )
-        inputs.append(ids)
+    # Tokenizing a large input is work for a thread, not the event loop every stream shares.
+    inputs = await anyio.to_thread.run_sync(_token_lists, served.name, embedder, body.inputs())
 
     async with cancel_on_disconnect(request):
         vectors = await served.batcher.embed(inputs)
@@ -63,6 +45,31 @@ async def create_embeddings(request: Request) -> Response:
     }
     return Response(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY),
                     media_type="application/json")
+
+
+def _token_lists(name: str, embedder, items: list[str | list[int]]) -> list[list[int]]:
+    inputs: list[list[int]] = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            if not item:
+                raise InvalidRequest(f"Input {i} is an empty string.", param="input")
+            ids = embedder.tokenize(item)
+        else:
+            if not item:
+                raise InvalidRequest(f"Input {i} is an empty list of tokens.", param="input")
+            bad = next((t for t in item if not 0 <= t < embedder.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(f"Token id {bad} is outside the vocabulary.", param="input")
+            ids = item
+        if len(ids) > embedder.max_input_tokens:
+            raise InvalidRequest(
+                f"Input {i} has {len(ids)} tokens; the model '{name}' reads at most "
+                f"{embedder.max_input_tokens}.",
+                param="input",
+                code="context_length_exceeded",
+            )
+        inputs.append(ids)
+    return inputs
 
 
 def _encode(vector: np.ndarray, fmt: str) -> list[float] | str:

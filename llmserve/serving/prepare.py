@@ -1,0 +1,142 @@
+"""Requests -> what an engine runs: prompt tokens and sampling params, checked against the
+model. The one home of templating, tokenizing and context checks, for every route.
+
+Templating and tokenizing run on a worker thread, after a length check that needs neither:
+a prompt far too long for the context is refused at once, and a huge one costs its own
+request, not every stream the event loop is serving.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import anyio.to_thread
+
+from llmserve.engines.base import Engine, SamplingParams
+from llmserve.errors import ContextLengthExceeded, InvalidRequest
+from llmserve.serving.chat_template import ChatTemplate, TemplateError
+from llmserve.serving.sampling import SamplingRequest, build_params
+
+# Special tokens are no token's bytes (their text is parsed from the prompt): a floor for
+# their text's length, so the length check never refuses a prompt that could fit.
+_SPECIAL_TEXT_FLOOR = 64
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedPrompt:
+    tokens: list[int]
+    params: list[SamplingParams]  # one per choice
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    prompts: list[PreparedPrompt]
+    n: int  # choices per prompt
+    stop: list[str]
+
+
+class Preparer:
+    """One model's prompt rules: its template, its tokenizer, its context."""
+
+    def __init__(self, engine: Engine, template: ChatTemplate) -> None:
+        self._engine = engine
+        self._template = template
+        # No token stands for more bytes than this, so a text of k characters (at least k
+        # bytes) is at least k / this many tokens.
+        self._max_token_bytes = max(
+            _SPECIAL_TEXT_FLOOR, len(engine.bos_token), len(engine.eos_token),
+            *(len(engine.token_bytes(t)) for t in range(engine.vocab_size)),
+        )
+
+    async def chat(
+        self, messages: list[dict[str, Any]], sampling: SamplingRequest, stop: list[str]
+    ) -> Prepared:
+        self._check_n(sampling)
+        chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+        self._check_length(self._least_tokens(chars), "messages")
+        tokens = await anyio.to_thread.run_sync(self._chat_tokens, messages)
+        return self._prepared([tokens], sampling, stop)
+
+    async def completion(
+        self, prompts: list[str | list[int]], sampling: SamplingRequest, stop: list[str]
+    ) -> Prepared:
+        self._check_n(sampling)
+        for p in prompts:
+            least = self._least_tokens(len(p)) if isinstance(p, str) else len(p)
+            self._check_length(least, "prompt")
+        tokens = await anyio.to_thread.run_sync(self._completion_tokens, prompts)
+        return self._prepared(tokens, sampling, stop)
+
+    def prompt_text(self, tokens: list[int]) -> str:
+        """A prompt's text, for `echo`."""
+        return b"".join(self._engine.token_bytes(t) for t in tokens).decode("utf-8", "replace")
+
+    # -- checks before any work -------------------------------------------------------------
+
+    def _check_n(self, sampling: SamplingRequest) -> None:
+        limit = self._engine.max_sequences
+        if sampling.n > limit:
+            raise InvalidRequest(
+                f"n={sampling.n} is more than the {limit} sequences this server decodes "
+                "together (--max-sequences).",
+                param="n",
+            )
+
+    def _least_tokens(self, chars: int) -> int:
+        return math.ceil(chars / self._max_token_bytes)
+
+    def _check_length(self, least: int, param: str) -> None:
+        """Refuse, before tokenizing it, a prompt of at least `least` tokens that cannot fit
+        even without an answer (what fits with `max_tokens` is checked once tokenized): the
+        work saved is bounded by the context."""
+        context = self._engine.context_length
+        if least >= context:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {context} tokens. However, your "
+                f"{param} alone would be at least {least} tokens. Please reduce the {param}.",
+                param=param,
+            )
+
+    # -- on a worker thread -------------------------------------------------------------------
+
+    def _chat_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
+        try:
+            text = self._template.render(messages, add_generation_prompt=True)
+        except TemplateError as exc:
+            raise InvalidRequest(str(exc), param="messages") from None
+        return self._engine.tokenize(text, add_bos=False)
+
+    def _completion_tokens(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        engine = self._engine
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                tokens = engine.tokenize(p, add_bos=engine.add_bos)
+            else:
+                vocab = engine.vocab_size
+                bad = next((t for t in p if not 0 <= t < vocab), None)
+                if bad is not None:
+                    raise InvalidRequest(f"Token id {bad} is outside the vocabulary.", param="prompt")
+                tokens = list(p)
+            if not tokens:
+                raise InvalidRequest(f"Prompt {i} is empty.", param="prompt")
+            out.append(tokens)
+        return out
+
+    def _prepared(
+        self, prompts: list[list[int]], sampling: SamplingRequest, stop: list[str]
+    ) -> Prepared:
+        engine = self._engine
+        return Prepared(
+            prompts=[
+                PreparedPrompt(tokens, build_params(
+                    sampling, prompt_tokens=len(tokens), context_length=engine.context_length,
+                    vocab_size=engine.vocab_size,
+                ))
+                for tokens in prompts
+            ],
+            n=sampling.n,
+            stop=stop,
+        )
