@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from llmserve.errors import InvalidRequest, UnsupportedParameter
 from llmserve.serving.sampling import SamplingRequest
 
-
 # Bounds on what a client sends, each at least as generous as OpenAI's own (README lists
 # them). Text length is bounded by the context (serving.prepare) and the body size.
 MAX_MESSAGES = 4096  # OpenAI: 2048
