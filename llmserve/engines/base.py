@@ -29,6 +29,9 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: no logprobs; k: the chosen token and k alternatives
     ignore_eos: bool = False
+    # A serialized llguidance grammar (LLMatcher.grammar_from_json_schema / _lark / _regex):
+    # every sampled token obeys it, and the sequence stops ("stop") once it is complete.
+    grammar: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

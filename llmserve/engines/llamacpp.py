@@ -22,10 +22,12 @@ import sys
 from dataclasses import dataclass, field
 from os.path import commonprefix
 from pathlib import Path
+from typing import Any
 
 import llama_cpp as lc
 import numpy as np
 
+from llmserve.engines import grammar
 from llmserve.engines.base import EngineError, SamplingParams, TokenOutput
 from llmserve.engines.stepping import EngineRequest, StepLoopEngine, StepOutputs, finish_reason
 
@@ -46,6 +48,8 @@ class _Sequence:
     generated_ids: list[int] = field(default_factory=list)
     next_token: int | None = None
     logits_at: int = -1  # batch index of this sequence's logits in the current step
+    matcher: Any = None  # its grammar's llguidance matcher; None: unconstrained
+    mask: np.ndarray | None = None  # the matcher's token bitmask for this step
 
 
 class LlamaCppEngine(StepLoopEngine):
@@ -117,6 +121,13 @@ class LlamaCppEngine(StepLoopEngine):
         self._bos_token = self._special_text(lc.llama_vocab_bos(self._vocab))
         self._eos_token = self._special_text(lc.llama_vocab_eos(self._vocab))
         self._add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
+        self._grammars = grammar.Grammars(
+            lambda: grammar.llamacpp_tokenizer(
+                self._vocab, lambda t: self._piece(t, special=True), self._n_vocab,
+                self._end_tokens,
+            ),
+            self._n_vocab, threads=threads,
+        )
 
         self._init_loop()
 
@@ -185,7 +196,8 @@ class LlamaCppEngine(StepLoopEngine):
                 self._clear_slot(sid)
             req.prefilled = reused
             req.sequences = [
-                _Sequence(req, i, sid, p, self._make_sampler(p, req.prompt))
+                _Sequence(req, i, sid, p, self._make_sampler(p, req.prompt),
+                          matcher=req.matchers[i])
                 for i, (sid, p) in enumerate(zip(ids, req.params, strict=True))
             ]
             self._prefilling.append(req)
@@ -276,6 +288,7 @@ class LlamaCppEngine(StepLoopEngine):
                     lc.llama_memory_seq_cp(self._mem, first.seq_id, seq.seq_id, -1, -1)
             running.extend(req.sequences)
 
+        self._fill_masks(running)
         kept = []
         for seq in running:
             try:
@@ -294,18 +307,42 @@ class LlamaCppEngine(StepLoopEngine):
                     out.end(req)
         self._seqs = kept
 
+    def _fill_masks(self, seqs: list[_Sequence]) -> None:
+        """The grammar masks of every constrained sequence, all at once."""
+        constrained = [s for s in seqs if s.matcher is not None]
+        if constrained:
+            masks = self._grammars.fill([s.matcher for s in constrained])
+            for seq, mask in zip(constrained, masks, strict=True):
+                seq.mask = mask
+
     def _sample(self, seq: _Sequence, out: StepOutputs) -> bool:
         """Sample the next token of `seq`; False when the sequence has finished."""
         self.faults.before_sample(seq.params.seed)
-        token = lc.llama_sampler_sample(seq.sampler, self._ctx, seq.logits_at)
-        seq.generated += 1
         p = seq.params
         logprob = top = None
-        if p.logprobs is not None:
-            logprob, top = self._logprobs(seq.logits_at, token, p.logprobs)
+        complete = False
+        if seq.matcher is None:
+            token = lc.llama_sampler_sample(seq.sampler, self._ctx, seq.logits_at)
+            if p.logprobs is not None:
+                logprob, top = self._logprobs(seq.logits_at, token, p.logprobs)
+        else:
+            grammar.check(seq.matcher, seq.mask)
+            # The sampler reads the context's logits: mask them there, and put them back
+            # after (the n choices of a prompt share one row).
+            row = self._logits_row(seq.logits_at)
+            saved = row.copy()
+            grammar.mask_logits(row, seq.mask)
+            try:
+                token = lc.llama_sampler_sample(seq.sampler, self._ctx, seq.logits_at)
+                if p.logprobs is not None:  # of the distribution sampled from
+                    logprob, top = self._logprobs(seq.logits_at, token, p.logprobs)
+            finally:
+                row[:] = saved
+            complete = grammar.advance(seq.matcher, token)
+        seq.generated += 1
         eog = token in self._end_tokens and not p.ignore_eos
         # The new token goes to position n_past next step: room is what is left after it.
-        finish = finish_reason(
+        finish = "stop" if complete else finish_reason(
             p, generated=seq.generated, end_of_generation=eog,
             room_left=self._context_length - seq.n_past - 1,
         )
@@ -314,16 +351,21 @@ class LlamaCppEngine(StepLoopEngine):
         seq.generated_ids.append(token)
         return finish is None
 
-    def _logprobs(self, at: int, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    def _logits_row(self, at: int) -> np.ndarray:
+        """The context's logits of batch index `at`, as a writable view."""
         ptr = lc.llama_get_logits_ith(self._ctx, at)
-        logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+
+    def _logprobs(self, at: int, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+        logits = self._logits_row(at)
         peak = logits.max()
         lse = peak + np.log(np.exp(logits - peak, dtype=np.float64).sum())
         top: tuple[tuple[int, float], ...] = ()
         if k > 0:
             idx = np.argpartition(logits, -k)[-k:]
             idx = idx[np.argsort(-logits[idx], kind="stable")]
-            top = tuple((int(i), float(logits[i] - lse)) for i in idx)
+            # a grammar's forbidden tokens (-inf) are no alternative
+            top = tuple((int(i), float(logits[i] - lse)) for i in idx if logits[i] > -np.inf)
         return float(logits[token] - lse), top
 
     def _make_sampler(self, p: SamplingParams, prompt: list[int]) -> lc.llama_sampler_p:

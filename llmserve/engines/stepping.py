@@ -30,6 +30,7 @@ from llmserve.engines.base import (
     check_request,
 )
 from llmserve.engines.faults import Faults
+from llmserve.engines.grammar import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class EngineRequest:
     """One request inside the decode loop (decode-thread state only)."""
 
     __slots__ = ("key", "prompt", "params", "sequences", "prefilled", "cancelled",
-                 "cancel_all", "error")
+                 "cancel_all", "error", "matchers")
 
     def __init__(self, key: Hashable, prompt: list[int], params: list[SamplingParams]) -> None:
         self.key = key
@@ -55,6 +56,8 @@ class EngineRequest:
         self.cancelled: set[int] = set()
         self.cancel_all = False
         self.error: BaseException | None = None
+        # per choice: its grammar's matcher (engines.grammar), None when unconstrained
+        self.matchers: list[Any] = [None] * len(params)
 
     def fail(self, exc: BaseException) -> None:
         """A failure that is this request's alone: it leaves at the start of the next step,
@@ -117,6 +120,7 @@ class StepLoopEngine:
     _bos_token: str
     _eos_token: str
     _add_bos: bool
+    _grammars: Grammars | None = None  # None: this engine takes no grammar
 
     def _init_loop(self) -> None:
         self._inbox: Inbox = Inbox()
@@ -182,7 +186,14 @@ class StepLoopEngine:
     def submit(self, key: Hashable, prompt: list[int], params: list[SamplingParams]) -> None:
         check_request(prompt, params, max_sequences=self._max_sequences,
                       context_length=self._context_length)
-        self._inbox.put(("add", EngineRequest(key, list(prompt), list(params))))
+        req = EngineRequest(key, list(prompt), list(params))
+        if any(p.grammar is not None for p in params):
+            if self._grammars is None:
+                raise ValueError("this engine does not support grammars")
+            # Compiling a grammar can take a while: here, off the decode thread (GrammarError
+            # is a ValueError, refused like any other bad request).
+            req.matchers = self._grammars.matchers(params)
+        self._inbox.put(("add", req))
 
     def cancel(self, key: Hashable, index: int | None = None) -> None:
         self._inbox.put(("cancel", key, index))
