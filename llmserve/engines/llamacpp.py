@@ -6,6 +6,10 @@ piece of at most `prefill_chunk` prompt tokens, calls `llama_decode` once, sampl
 sequence with its own llama.cpp sampler chain, and hands all new tokens to the event loop
 with a single `call_soon_threadsafe`.
 
+A sequence with a grammar (`SamplingParams.grammar`, see engines/grammar.py) has its logits
+masked before its sampler; the tokens its grammar then forces are handed out at once, without
+sampling, and decoded together in its next step's share of the batch.
+
 Each sequence owns a KV stream of `context_length` cells (`kv_unified=False`): a request
 admitted never runs out of cache, and attention reads only its own cells. A finished
 sequence's cells are kept: a new prompt goes to the free slot holding the longest common

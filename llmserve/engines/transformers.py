@@ -17,6 +17,9 @@ padding, so it is read exactly as it would be alone); once read, its rows (one p
 n > 1 shares the prompt's KV) join the batch: every part is left-padded to the longest row
 and the parts are stacked. A finished or cancelled sequence leaves at once: the remaining
 rows are selected, and leading columns that are padding in every row are dropped.
+
+Rows with a grammar (`SamplingParams.grammar`, see engines/grammar.py) have their logits
+masked, all in one tensor op, before sampling; forced tokens are sampled one per step here.
 """
 
 from __future__ import annotations
