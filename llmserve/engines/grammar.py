@@ -2,7 +2,7 @@
 with a grammar samples obeys it.
 
 An engine holds one `Grammars`: its vocabulary as llguidance sees it (built on first use: it
-takes about a second), and a pool of threads. A request's `SamplingParams.grammar` becomes
+takes up to a second), and a pool of threads. A request's `SamplingParams.grammar` becomes
 one `LLMatcher` per choice when the request is submitted, off the decode thread. Each step
 the engine asks `Grammars.fill` for the masks of all its constrained sequences at once
 (filled in parallel, without the GIL), applies each to its logits row before its sampler
@@ -55,7 +55,7 @@ class Grammars:
             tok = self.tokenizer()
         except GrammarError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the request's error, never the caller's crash
+        except Exception as exc:  # the request's error, never a crash of the caller
             raise GrammarError(f"grammars are not available: {type(exc).__name__}: {exc}") from exc
         built: dict[str, llguidance.LLMatcher] = {}
         out: list[llguidance.LLMatcher | None] = []
@@ -94,7 +94,8 @@ def check(matcher: llguidance.LLMatcher, mask: np.ndarray) -> None:
 
 def allowed(masks: np.ndarray, n_vocab: int) -> np.ndarray:
     """Bitmask rows [k, words] as booleans [k, n_vocab]."""
-    bits = np.unpackbits(masks.view(np.uint8), axis=-1, count=n_vocab, bitorder="little")
+    words = masks.astype("<i4", copy=False)  # bit j of a word is token j: little-endian bytes
+    bits = np.unpackbits(words.view(np.uint8), axis=-1, count=n_vocab, bitorder="little")
     return bits.view(np.bool_)
 
 
@@ -103,7 +104,7 @@ _BIAS = np.array([-np.inf, 0.0], dtype=np.float32)  # by bit: forbidden, allowed
 
 def mask_logits(logits: np.ndarray, mask: np.ndarray) -> None:
     """Set the logits of tokens `mask` (one bitmask row) forbids to -inf, in place."""
-    bits = np.unpackbits(mask.view(np.uint8), count=logits.shape[-1], bitorder="little")
+    bits = allowed(mask, logits.shape[-1]).view(np.uint8)
     # adding a looked-up bias has no branch: faster than putmask on ragged masks
     np.add(logits, _BIAS.take(bits), out=logits)
 

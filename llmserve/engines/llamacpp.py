@@ -6,6 +6,10 @@ piece of at most `prefill_chunk` prompt tokens, calls `llama_decode` once, sampl
 sequence with its own llama.cpp sampler chain, and hands all new tokens to the event loop
 with a single `call_soon_threadsafe`.
 
+A sequence with a grammar (`SamplingParams.grammar`, see engines/grammar.py) has its logits
+masked before its sampler; the tokens its grammar then forces are handed out at once, without
+sampling, and decoded together in its next step's share of the batch.
+
 Each sequence owns a KV stream of `context_length` cells (`kv_unified=False`): a request
 admitted never runs out of cache, and attention reads only its own cells. A finished
 sequence's cells are kept: a new prompt goes to the free slot holding the longest common
@@ -28,7 +32,7 @@ import llama_cpp as lc
 import numpy as np
 
 from llmserve.engines import grammar
-from llmserve.engines.base import EngineError, SamplingParams, TokenOutput
+from llmserve.engines.base import EngineError, FinishReason, SamplingParams, TokenOutput
 from llmserve.engines.stepping import EngineRequest, StepLoopEngine, StepOutputs, finish_reason
 
 log = logging.getLogger(__name__)
@@ -46,7 +50,7 @@ class _Sequence:
     n_past: int = 0  # positions held in the KV cache
     generated: int = 0
     generated_ids: list[int] = field(default_factory=list)
-    next_token: int | None = None
+    pending: list[int] = field(default_factory=list)  # to decode next step: sampled, then forced
     logits_at: int = -1  # batch index of this sequence's logits in the current step
     matcher: Any = None  # its grammar's llguidance matcher; None: unconstrained
     mask: np.ndarray | None = None  # the matcher's token bitmask for this step
@@ -75,6 +79,9 @@ class LlamaCppEngine(StepLoopEngine):
         self._max_sequences = max_sequences
         self._prefill_chunk = max(1, min(prefill_chunk, batch_size - max_sequences))
         self._batch_size = batch_size
+        # Tokens a grammar forces are decoded together, up to this many per sequence per step
+        # (every running sequence's share of the batch).
+        self._max_forced = max(0, batch_size // max_sequences - 1)
         threads = threads or os.cpu_count() or 1
 
         _route_llama_logs()
@@ -235,8 +242,10 @@ class LlamaCppEngine(StepLoopEngine):
             n += 1
 
         for seq in running:
-            seq.logits_at = n
-            add(seq.next_token, seq.n_past, seq.seq_id, True)
+            last = len(seq.pending) - 1
+            for j, token in enumerate(seq.pending):
+                add(token, seq.n_past + j, seq.seq_id, j == last)
+            seq.logits_at = n - 1
 
         # While streams are running, a small piece of prompt per step keeps them flowing; with
         # none running, prompts are read as fast as the batch allows.
@@ -278,7 +287,7 @@ class LlamaCppEngine(StepLoopEngine):
             prefilling.remove(req)
 
         for seq in running:
-            seq.n_past += 1
+            seq.n_past += len(seq.pending)
         for req in completed:
             first = req.sequences[0]
             for seq in req.sequences:
@@ -339,17 +348,37 @@ class LlamaCppEngine(StepLoopEngine):
             finally:
                 row[:] = saved
             complete = grammar.advance(seq.matcher, token)
+        seq.pending = []
+        finish = self._emit(seq, token, logprob, top, complete, out)
+        if finish is None and seq.matcher is not None and self._max_forced:
+            # Tokens the grammar forces need no sampling: out now, decoded together next step.
+            for token in seq.matcher.compute_ff_tokens()[: self._max_forced]:
+                complete = grammar.advance(seq.matcher, token)
+                lc.llama_sampler_accept(seq.sampler, token)  # penalties count it too
+                if p.logprobs is not None:
+                    logprob, top = 0.0, ((token, 0.0),)[: p.logprobs]
+                finish = self._emit(seq, token, logprob, top, complete, out)
+                if finish is not None:
+                    break
+        return finish is None
+
+    def _emit(self, seq: _Sequence, token: int, logprob: float | None, top, complete: bool,
+              out: StepOutputs) -> FinishReason | None:
+        """Hand out the next token of `seq` and queue it for decoding; why `seq` ends, if it
+        does (`complete`: its grammar is)."""
+        p = seq.params
         seq.generated += 1
         eog = token in self._end_tokens and not p.ignore_eos
-        # The new token goes to position n_past next step: room is what is left after it.
-        finish = "stop" if complete else finish_reason(
+        # The token goes to position n_past + len(pending) next step: room is what is left
+        # after it.
+        finish: FinishReason | None = "stop" if complete else finish_reason(
             p, generated=seq.generated, end_of_generation=eog,
-            room_left=self._context_length - seq.n_past - 1,
+            room_left=self._context_length - seq.n_past - len(seq.pending) - 1,
         )
         out.add(seq.request, TokenOutput(seq.index, token, logprob, top, eog, finish))
-        seq.next_token = token
+        seq.pending.append(token)
         seq.generated_ids.append(token)
-        return finish is None
+        return finish
 
     def _logits_row(self, at: int) -> np.ndarray:
         """The context's logits of batch index `at`, as a writable view."""

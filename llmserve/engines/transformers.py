@@ -17,6 +17,9 @@ padding, so it is read exactly as it would be alone); once read, its rows (one p
 n > 1 shares the prompt's KV) join the batch: every part is left-padded to the longest row
 and the parts are stacked. A finished or cancelled sequence leaves at once: the remaining
 rows are selected, and leading columns that are padding in every row are dropped.
+
+Rows with a grammar (`SamplingParams.grammar`, see engines/grammar.py) have their logits
+masked, all in one tensor op, before sampling; forced tokens are sampled one per step here.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from llmserve.engines import grammar
 from llmserve.engines.base import EngineError, SamplingParams, TokenOutput
 from llmserve.engines.stepping import (
     Delivery,
@@ -72,6 +76,7 @@ class _Sequence:
     n_past: int = 0  # tokens held in the KV cache (its row's real columns)
     generated: int = 0
     next_token: int = -1
+    matcher: Any = None  # its grammar's llguidance matcher; None: unconstrained
 
 
 @dataclass(eq=False)
@@ -151,6 +156,10 @@ class TransformersEngine(StepLoopEngine):
         self._add_bos = self._bos_id is not None and bool(probe) and probe[0] == self._bos_id
         self._end_tokens = self._find_end_tokens()
         self._token_bytes = _token_bytes_table(tok, self._n_vocab)
+        self._grammars = grammar.Grammars(
+            lambda: grammar.hf_tokenizer(self._tokenizer, self._n_vocab, self._end_tokens),
+            self._n_vocab, threads=threads,
+        )
 
         self._init_loop()
         # decode-thread state
@@ -251,7 +260,8 @@ class TransformersEngine(StepLoopEngine):
         bias = {t: b for t, b in p.logit_bias.items() if 0 <= t < n}
         penalties = p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
         argmax = p.temperature <= 0.0 or p.top_k == 1
-        seq = _Sequence(req, index, p, greedy=argmax and not bias and not penalties)
+        seq = _Sequence(req, index, p, greedy=argmax and not bias and not penalties,
+                        matcher=req.matchers[index])
         if not argmax:
             seq.generator = torch.Generator(device=dev)
             seed = p.seed if p.seed is not None else random.getrandbits(63)
@@ -402,15 +412,26 @@ class TransformersEngine(StepLoopEngine):
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor, out: StepOutputs) -> list[bool]:
         """Sample the next token of each sequence from its row of raw `logits`; returns,
         per sequence, whether it goes on."""
+        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        masks = {}
+        if constrained:
+            rows = self._grammars.fill([seqs[i].matcher for i in constrained])
+            masks = dict(zip(constrained, rows, strict=True))
+            logits = self._mask(logits, constrained, rows)
         argmax = logits.argmax(dim=-1).tolist() if any(s.greedy for s in seqs) else None
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         logprobs = torch.log_softmax(logits[want], dim=-1) if want else None
         alive = []
         for i, seq in enumerate(seqs):
             p = seq.params
+            complete = False
             try:
                 self.faults.before_sample(p.seed)
+                if seq.matcher is not None:
+                    grammar.check(seq.matcher, masks[i])
                 token = argmax[i] if seq.greedy else self._pick(seq, logits[i])
+                if seq.matcher is not None:
+                    complete = grammar.advance(seq.matcher, token)
             except Exception as exc:  # noqa: BLE001 - this request's failure, not the engine's
                 log.exception("sampling failed")
                 seq.request.fail(exc)
@@ -424,11 +445,13 @@ class TransformersEngine(StepLoopEngine):
                 k = min(p.logprobs, self._n_vocab)
                 if k > 0:
                     values, ids = torch.topk(row, k)
-                    top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+                    # a grammar's forbidden tokens (-inf) are no alternative
+                    top = tuple((t, v) for t, v in zip(ids.tolist(), values.tolist(), strict=True)
+                                if v > float("-inf"))
             seq.generated += 1
             eog = token in self._end_tokens and not p.ignore_eos
             # The new token goes to position n_past next step: room is what is left after it.
-            finish = finish_reason(
+            finish = "stop" if complete else finish_reason(
                 p, generated=seq.generated, end_of_generation=eog,
                 room_left=self._context_length - seq.n_past - 1,
             )
@@ -445,6 +468,22 @@ class TransformersEngine(StepLoopEngine):
                     out.end(req)
             alive.append(finish is None)
         return alive
+
+    def _mask(self, logits: torch.Tensor, rows: list[int], masks) -> torch.Tensor:
+        """`logits` with the tokens each constrained row's grammar forbids at -inf (a new
+        tensor: `logits` may be one prompt's row expanded to its n choices)."""
+        n, dev = logits.shape[-1], logits.device
+        if dev.type == "cpu":
+            ok = torch.from_numpy(grammar.allowed(masks, n))
+        else:  # ship the bits (1/32 of the booleans) and unpack them there
+            words = torch.from_numpy(masks).to(dev)
+            shifts = torch.arange(32, dtype=torch.int32, device=dev)
+            ok = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)[:, :n].bool()
+        if len(rows) < logits.shape[0]:
+            full = torch.ones(logits.shape, dtype=torch.bool, device=dev)
+            full[torch.tensor(rows, dtype=torch.long, device=dev)] = ok
+            ok = full
+        return torch.where(ok, logits, float("-inf"))
 
     def _pick(self, seq: _Sequence, raw: torch.Tensor) -> int:
         """The llama.cpp engine's chain: logit bias, penalties, then greedy, or temperature,

@@ -208,6 +208,36 @@ def test_logprobs_are_of_the_masked_distribution(run, llama):
         assert b"yes".startswith(piece) or b"no".startswith(piece)
 
 
+def test_forced_tokens_come_without_sampling(run, llama):
+    prefix = "The answer to life, the universe and everything is "
+    forced = LLMatcher.grammar_from_lark(f'start: "{prefix}" /[0-9]+/')
+
+    async def fn(e):
+        p, q = chat(e, "What is the answer to everything?"), chat(e, "Name three colors.")
+        free = (await outputs(e, q, [greedy()]))[0]
+        steps = []
+
+        async def read():
+            async for step in e.generate(p, [greedy(40, logprobs=2, grammar=forced)]):
+                steps.append(step)
+
+        together, _ = await asyncio.gather(outputs(e, q, [greedy()]), read())
+        capped = (await outputs(e, p, [greedy(3, grammar=forced)]))[0]
+        return free, together[0], steps, capped
+
+    free, together, steps, capped = run(fn)
+    outs = [o for step in steps for o in step]
+    said = text(llama, outs)
+    assert said.startswith(prefix) and said[len(prefix):].isdigit(), said
+    # The first step: one sampled token, then the rest of the prefix, forced, at once.
+    assert len(steps[0]) >= 5
+    for o in steps[0][1:]:
+        assert o.logprob == 0.0 and o.top_logprobs == ((o.token_id, 0.0),)
+    assert len(steps) < len(outs)
+    assert ids(together) == ids(free)  # forced tokens in the batch change nothing for others
+    assert len(capped) == 3 and capped[-1].finish_reason == "length"
+
+
 def test_cancel_mid_way_frees_the_slot(run):
     endless = LLMatcher.grammar_from_lark('start: /[a-z ]+/')
 

@@ -5,6 +5,8 @@ leaves the batch while it runs. Nothing is downloaded."""
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import random
 import time
 
@@ -13,6 +15,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="the hf extra (torch, transformers) is not installed")
 pytest.importorskip("transformers", reason="the hf extra (torch, transformers) is not installed")
 tokenizers = pytest.importorskip("tokenizers")
+
+from llguidance import LLMatcher  # noqa: E402
 
 from llmserve.engines.base import SamplingParams  # noqa: E402
 from llmserve.engines.transformers import TransformersEngine  # noqa: E402
@@ -23,6 +27,18 @@ CHATML = (
 )
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"]
 MAX_POSITIONS = 256
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+PERSON_GRAMMAR = LLMatcher.grammar_from_json_schema(PERSON)
+# No free whitespace: random weights could pad forever.
+PERSON_COMPACT = LLMatcher.grammar_from_json_schema(PERSON, overrides={"whitespace_flexible": False})
 MIXED_TEXT = "The sea 大海 is blue 🌊, 你好世界! 👍🏽 ok 🦄 龘"  # the last two are not in the corpus
 
 
@@ -454,7 +470,9 @@ def test_bundled_smollm2_through_transformers_gguf_loading():
         await engine.start()
         try:
             p = chat(engine, "What is the capital of France?")
-            return await outputs(engine, p, [greedy(12)])
+            q = chat(engine, "Give me a JSON object describing a person called Alice who is 30.")
+            return await asyncio.gather(outputs(engine, p, [greedy(12)]),
+                                        outputs(engine, q, [greedy(48, grammar=PERSON_GRAMMAR)]))
         finally:
             await engine.stop()
 
@@ -463,9 +481,13 @@ def test_bundled_smollm2_through_transformers_gguf_loading():
     assert engine.eos_token == "<|im_end|>" and engine.chat_template
     ids = engine.tokenize(MIXED_TEXT, add_bos=False)
     assert b"".join(engine.token_bytes(t) for t in ids) == MIXED_TEXT.encode()
-    outs = asyncio.run(main())
+    outs, person = asyncio.run(main())
     text = b"".join(b"" if o.end_of_generation else engine.token_bytes(o.token_id) for o in outs)
     assert "Paris" in text.decode(), (text, loaded)
+    # The grammar's tokenizer, built from the GGUF's (converted) vocabulary: the same answer
+    # as the llama.cpp engine gives.
+    assert person[-1].finish_reason == "stop"
+    assert json.loads(_text(engine, person)) == {"name": "Alice", "age": 30}
 
 
 def test_server_serves_a_model_directory_with_engine_auto(tiny_model, tmp_path):
@@ -491,3 +513,93 @@ def test_server_serves_a_model_directory_with_engine_auto(tiny_model, tmp_path):
                 for c in streamed.chunks() if c["choices"]
             )
             assert text == whole["choices"][0]["message"]["content"]
+
+
+# -- grammars (llguidance) --------------------------------------------------------------------
+
+
+def _text(engine, outs) -> str:
+    return b"".join(
+        b"" if o.end_of_generation else engine.token_bytes(o.token_id) for o in outs
+    ).decode()
+
+
+def _person(engine, outs) -> dict:
+    import jsonschema
+
+    assert outs[-1].finish_reason == "stop", _text(engine, outs)
+    assert all(o.finish_reason is None for o in outs[:-1])
+    value = json.loads(_text(engine, outs))
+    jsonschema.validate(value, PERSON)
+    return value
+
+
+def test_grammar_output_parses_and_leaves_its_neighbours_alone(run):
+    async def fn(e):
+        pj, pf = chat(e, QUESTIONS[1]), chat(e, QUESTIONS[3])
+        bound = await outputs(e, pj, [greedy(64, grammar=PERSON_COMPACT)])
+        free = await outputs(e, pf, [greedy(20, ignore_eos=True)])
+        unbound = await outputs(e, pj, [greedy(20, ignore_eos=True)])
+        e.batch_rows.clear()
+        both = await asyncio.gather(outputs(e, pj, [greedy(64, grammar=PERSON_COMPACT)]),
+                                    outputs(e, pf, [greedy(20, ignore_eos=True)]))
+        assert max(e.batch_rows) == 2  # they did share steps
+        return e, bound, free, unbound, both
+
+    e, bound, free, unbound, (bound2, free2) = run(fn)
+    _person(e, bound)
+    assert [o.token_id for o in bound2] == [o.token_id for o in bound]
+    assert [o.token_id for o in free2] == [o.token_id for o in free]
+    # the random model says no JSON on its own
+    assert [o.token_id for o in unbound] != [o.token_id for o in bound][:20]
+
+
+def test_grammar_with_n_choices_sampling_and_logprobs(run):
+    yes_no = LLMatcher.grammar_from_lark('start: "yes" | "no"')
+
+    def sampled(seed):
+        return SamplingParams(max_tokens=64, temperature=1.0, seed=seed, grammar=PERSON_COMPACT)
+
+    async def fn(e):
+        p = chat(e, QUESTIONS[0])
+        one = await outputs(e, p, [greedy(64, grammar=PERSON_COMPACT)])
+        three = await tokens(e, p, [greedy(64, grammar=PERSON_COMPACT)] * 3)
+        mixed = await tokens(e, p, [greedy(64, grammar=PERSON_COMPACT), greedy(8, ignore_eos=True)])
+        alone = await tokens(e, p, [greedy(8, ignore_eos=True)])
+        drawn = await outputs(e, p, [sampled(1), sampled(2), sampled(3)])
+        yn = await outputs(e, p, [greedy(8, logprobs=10, grammar=yes_no)])
+        return e, one, three, mixed, alone, drawn, yn
+
+    e, one, three, mixed, alone, drawn, yn = run(fn)
+    assert three == [[o.token_id for o in one]] * 3
+    assert mixed == [three[0], alone[0]]
+    for i in range(3):
+        _person(e, [o for o in drawn if o.index == i])
+    assert _text(e, yn) in ("yes", "no") and yn[-1].finish_reason == "stop"
+    first = yn[0]
+    assert 1 <= len(first.top_logprobs) < 10  # only pieces of "yes" and "no"
+    assert first.top_logprobs[0] == (first.token_id, pytest.approx(first.logprob))
+    assert sum(math.exp(lp) for _, lp in first.top_logprobs) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_grammar_cancel_frees_the_slot_and_bad_grammar_is_refused(run):
+    from llmserve.engines.grammar import GrammarError
+
+    endless = LLMatcher.grammar_from_lark("start: /[a-z ]+/")
+
+    async def fn(e):
+        p = chat(e, QUESTIONS[1])
+        with pytest.raises(GrammarError):
+            e.generate(p, [greedy(grammar=LLMatcher.grammar_from_lark("start: nowhere"))])
+        stream = e.generate(p, [greedy(200, ignore_eos=True, grammar=endless)] * 2)
+        it = stream.__aiter__()
+        await it.__anext__()
+        stream.cancel()
+        rest = [step async for step in it]
+        nxt = await asyncio.wait_for(outputs(e, p, [greedy(4, grammar=endless)] * 2), timeout=30)
+        return e, rest, nxt
+
+    e, rest, nxt = run(fn, max_sequences=2)
+    assert sum(len(s) for s in rest) < 10  # two choices, a few steps under way at most
+    assert len(nxt) == 8 and all(e.token_bytes(o.token_id).strip(b" ").isalpha()
+                                 or e.token_bytes(o.token_id) == b" " for o in nxt)
