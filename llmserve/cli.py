@@ -34,6 +34,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="transformers engine: allow the model directory's own code (off by default)")
     p.add_argument("--served-model-name", help="name clients send as `model`")
+    p.add_argument("--chat-template", metavar="PATH",
+                   help="Jinja chat template file used instead of the model's own (its tool "
+                        "syntax, if any, decides the tool-call format)")
     p.add_argument("--api-key", dest="api_keys", action="append",
                    help="accepted bearer key; repeat for several (env: comma-separated)")
     p.add_argument("--max-request-bytes", type=int,

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="transformers engine: auto, cpu, cuda, cuda:N")
     trust_remote_code: bool = Field(False, description="transformers engine: run model code")
     served_model_name: str | None = Field(None, description="name clients use; default from the file")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template file used instead of the model's own"
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="accepted bearer keys; none: no auth"
     )

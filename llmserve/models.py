@@ -19,6 +19,7 @@ from llmserve.errors import InvalidRequest, ModelNotFound
 from llmserve.serving.chat_template import CHATML_TEMPLATE, ChatTemplate
 from llmserve.serving.embeddings import EmbeddingBatcher
 from llmserve.serving.prepare import Preparer
+from llmserve.serving.tool_calls import tool_format
 from llmserve.serving.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -146,16 +147,16 @@ class ModelRegistry:
 
 
 def serve_engine(engine: Engine, name: str, settings: Settings) -> ServedModel:
-    template = ChatTemplate(
-        engine.chat_template or CHATML_TEMPLATE,
-        bos_token=engine.bos_token,
-        eos_token=engine.eos_token,
-    )
+    source = engine.chat_template or CHATML_TEMPLATE
+    if settings.chat_template:
+        source = Path(settings.chat_template).read_text()
+    template = ChatTemplate(source, bos_token=engine.bos_token, eos_token=engine.eos_token)
     scheduler = Scheduler(
         engine.max_sequences, max_queue=settings.max_queue, queue_timeout=settings.queue_timeout
     )
     return ServedModel(
-        name=name, engine=engine, prepare=Preparer(engine, template), scheduler=scheduler
+        name=name, engine=engine, prepare=Preparer(engine, template, tool_format(source)),
+        scheduler=scheduler,
     )
 
 

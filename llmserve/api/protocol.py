@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llmserve.errors import InvalidRequest, UnsupportedParameter
 from llmserve.serving.sampling import SamplingRequest
+from llmserve.serving.tool_calls import OutputRequest, Tool, ToolChoice
 
 # Bounds on what a client sends, each at least as generous as OpenAI's own (README lists
 # them). Text length is bounded by the context (serving.prepare) and the body size.
@@ -20,13 +21,14 @@ MAX_MESSAGES = 4096  # OpenAI: 2048
 MAX_CONTENT_PARTS = 4096
 MAX_STOP = 16  # OpenAI: 4
 MAX_STOP_CHARS = 1000
-MAX_LOGIT_BIAS = 1024  # OpenAI: 300
+MAX_LOGIT_BIAS = 262_144  # OpenAI: 300; ours: a whole vocabulary (Gemma's is 256k)
 MAX_PROMPTS = 2048  # prompts of one completions request
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI: 2048
 MAX_N = 128  # OpenAI: 128
 MAX_TOP_LOGPROBS = 20  # OpenAI: 20 (chat), 5 (completions)
 MAX_METADATA = 16  # OpenAI: 16 pairs, keys of 64 characters, values of 512
 MAX_NAME_CHARS = 256  # model, user, and other identifiers
+MAX_TOOLS = 128  # OpenAI: 128 (also the calls of one assistant message)
 
 Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
@@ -139,11 +141,24 @@ class TextPart(BaseModel):
     text: str
 
 
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
-    # Extra message fields (tool_calls, name, ...) pass through to the chat template.
+    # Extra message fields (name, ...) pass through to the chat template.
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_CONTENT_PARTS)] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None
+    tool_call_id: str | None = None
 
     def text(self, where: str) -> str | None:
         if self.content is None or isinstance(self.content, str):
@@ -166,14 +181,74 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionRef
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: FunctionName
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[
+    TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")
+]
+
+
 class ChatCompletionRequest(_Sampling):
     unsupported_fields: ClassVar[tuple[str, ...]] = (
-        "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
-        "response_format", "modalities", "audio", "prediction", "reasoning_effort",
+        "functions", "function_call", "modalities", "audio", "prediction", "reasoning_effort",
         "web_search_options", "verbosity", "suffix",
     )
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    tools: Annotated[list[FunctionTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
@@ -193,10 +268,53 @@ class ChatCompletionRequest(_Sampling):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_tools(self) -> ChatCompletionRequest:
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) < len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise InvalidRequest(f"Function '{dup}' is declared twice.", param="tools")
+        if self.tool_choice is not None and not names:
+            raise InvalidRequest(
+                "tool_choice is only allowed when tools are specified.", param="tool_choice"
+            )
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise InvalidRequest(
+                f"tool_choice names function '{self.tool_choice.function.name}', which is not "
+                "among the tools.",
+                param="tool_choice",
+            )
+        return self
+
+    def tool_list(self) -> list[Tool]:
+        return [
+            Tool(t.function.name, t.function.description,
+                 t.function.parameters if t.function.parameters is not None else {"type": "object"},
+                 bool(t.function.strict))
+            for t in self.tools or ()
+        ]
+
+    def choice(self) -> ToolChoice:
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return ToolChoice("named", self.tool_choice.function.name)
+        return ToolChoice(self.tool_choice or "auto")
+
+    def output_request(self) -> OutputRequest:
+        fmt = self.response_format
+        return OutputRequest(
+            tools=self.tool_list(), choice=self.choice(),
+            parallel=self.parallel_tool_calls is not False,
+            response_format=fmt.model_dump(by_alias=True) if fmt is not None else None,
+        )
+
     def template_messages(self) -> list[dict[str, Any]]:
         out = []
         for i, m in enumerate(self.messages):
             msg = {**(m.model_extra or {}), "role": m.role, "content": m.text(f"messages.{i}")}
+            if m.tool_calls:
+                msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
             if m.role == "developer":  # templates know "system"; OpenAI's newer name for it
                 msg["role"] = "system"
             if msg["content"] is None:

@@ -25,6 +25,7 @@ from llmserve.serving.availability import ensure_up
 from llmserve.serving.generation import ChoiceDelta, Generation, TokenLogprob, Usage
 from llmserve.serving.metrics import Metrics
 from llmserve.serving.prepare import Prepared
+from llmserve.serving.tool_calls import ToolCallDelta
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -156,6 +157,15 @@ class CollectedChoice:
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    tool_calls: list[dict] = field(default_factory=list)  # OpenAI's, assembled
+
+    def add_calls(self, deltas: list[ToolCallDelta]) -> None:
+        for d in deltas:
+            if d.id is not None:
+                self.tool_calls.append({"id": d.id, "type": "function",
+                                        "function": {"name": d.name, "arguments": d.arguments}})
+            else:
+                self.tool_calls[-1]["function"]["arguments"] += d.arguments
 
 
 async def collect(deltas: AsyncIterator[list[ChoiceDelta]], n: int) -> list[CollectedChoice]:
@@ -166,6 +176,8 @@ async def collect(deltas: AsyncIterator[list[ChoiceDelta]], n: int) -> list[Coll
                 c = choices[d.index]
                 c.text.append(d.text)
                 c.logprobs.extend(d.logprobs)
+                if d.tool_calls:
+                    c.add_calls(d.tool_calls)
                 if d.finish_reason:
                     c.finish_reason = d.finish_reason
     return choices
@@ -207,7 +219,8 @@ def start_generations(
             gens.append(Generation(
                 served.engine, prompt.tokens, prompt.params, stop=prepared.stop,
                 index_offset=i * prepared.n, reservation=served.scheduler.reserve(prepared.n),
-                request_id=request_id, metrics=model_metrics,
+                request_id=request_id, metrics=model_metrics, parser=prepared.parser,
+                calls_finish=prepared.calls_finish,
             ))
     except BaseException:
         close_all(gens)

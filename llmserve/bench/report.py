@@ -71,7 +71,7 @@ def _f(v: float | None, digits: int = 0) -> str:
 
 def table(results: list[LevelResult]) -> str:
     head = (
-        f"{'system':<18} {'conc':>4} {'req':>4} {'err':>3} {'tok/s':>7} {'req/s':>6} "
+        f"{'system':<20} {'conc':>4} {'req':>4} {'err':>3} {'tok/s':>7} {'req/s':>6} "
         f"{'TTFT p50/p95/p99 ms':>21} {'ITL p50/p95/p99 ms':>19} {'gap ms':>7} "
         f"{'e2e p50 s':>9} {'cpu s':>6} {'rss MB':>7}"
     )
@@ -80,7 +80,7 @@ def table(results: list[LevelResult]) -> str:
         ttft = "/".join(_f(v) for v in r.ttft_ms)
         itl = "/".join(_f(v, 1) for v in r.itl_ms)
         lines.append(
-            f"{r.system:<18} {r.concurrency:>4} {r.requests:>4} {r.errors:>3} {r.tok_s:>7.1f} "
+            f"{r.system:<20} {r.concurrency:>4} {r.requests:>4} {r.errors:>3} {r.tok_s:>7.1f} "
             f"{r.req_s:>6.2f} {ttft:>21} {itl:>19} {_f(r.max_gap_ms):>7} "
             f"{_f(r.e2e_s[0], 2):>9} {_f(r.cpu_s, 1):>6} {_f(r.peak_rss_mb):>7}"
         )

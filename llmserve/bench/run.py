@@ -28,6 +28,15 @@ from llmserve.bench.report import LevelResult, ratios, summarize, table
 LLMSERVE = "llmserve"
 LIMIT = "in-process"
 LCP = "llama-cpp-python"
+CONSTRAINED = "llmserve json_schema"
+# Free text inside a structure, never complete within the bench's answers: every stream
+# runs to max_tokens under its grammar, as the unconstrained ones do.
+NOTES_SCHEMA = {
+    "type": "object",
+    "properties": {"notes": {"type": "array", "items": {"type": "string"}, "minItems": 256}},
+    "required": ["notes"],
+    "additionalProperties": False,
+}
 
 
 def shipped_prompts() -> list[str]:
@@ -172,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--context-length", type=int, default=1024)
     p.add_argument("--no-limit", action="store_true", help="skip the in-process baseline")
+    p.add_argument("--no-constrained", action="store_true",
+                   help="skip the case of llmserve with every stream under a JSON schema")
     p.add_argument("--no-llama-cpp-python", action="store_true",
                    help="skip llama-cpp-python's server baseline")
     p.add_argument("--json", default="benchmarks/results/bench.json", help="where to write JSON")
@@ -286,9 +297,16 @@ async def _main(args: argparse.Namespace) -> int:
                 n_req = args.requests or max(4, conc)
                 print(f"-- concurrency {conc}: {n_req} requests x {args.max_tokens} tokens",
                       file=sys.stderr, flush=True)
+                ours_extra = {"ignore_eos": True, "stream_options": {"include_usage": True}}
                 results.append(await _measure_http(
                     LLMSERVE, ours_url, model, prompts, conc, n_req, args.max_tokens,
-                    {"ignore_eos": True, "stream_options": {"include_usage": True}}, ours_proc))
+                    ours_extra, ours_proc))
+                if not args.no_constrained:
+                    fmt = {"type": "json_schema",
+                           "json_schema": {"name": "notes", "schema": NOTES_SCHEMA}}
+                    results.append(await _measure_http(
+                        CONSTRAINED, ours_url, model, prompts, conc, n_req, args.max_tokens,
+                        {**ours_extra, "response_format": fmt}, ours_proc))
                 if engine is not None:
                     results.append(await _measure_engine(engine, token_prompts, conc, n_req,
                                                          args.max_tokens))
@@ -296,7 +314,8 @@ async def _main(args: argparse.Namespace) -> int:
                     results.append(await _measure_http(
                         LCP, lcp_proc.url, model, prompts, conc, n_req, args.max_tokens,
                         lcp_extra, lcp_proc))
-                print(table(results[-(1 + (engine is not None) + (lcp_proc is not None)):]),
+                shown = 1 + (not args.no_constrained) + (engine is not None) + (lcp_proc is not None)
+                print(table(results[-shown:]),
                       file=sys.stderr, flush=True)
         finally:
             if engine is not None:
@@ -304,6 +323,10 @@ async def _main(args: argparse.Namespace) -> int:
 
     baselines = [b for b in (LIMIT, LCP) if any(r.system == b for r in results)]
     ratio_text, ratio_rows = ratios(results, LLMSERVE, baselines)
+    if any(r.system == CONSTRAINED for r in results):
+        text, rows = ratios(results, CONSTRAINED, [LLMSERVE])
+        ratio_text += "\n" + text
+        ratio_rows += rows
     print()
     print(f"model {model_path.name}, {engine_kind} engine, {args.max_tokens} output tokens per request, greedy, "
           f"{args.threads} threads, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")

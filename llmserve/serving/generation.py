@@ -4,9 +4,10 @@ logprobs, finish reasons and usage. Every engine streams through this same code.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Literal
 
 from llmserve.engines.base import Engine, EngineError, FinishReason, SamplingParams, TokenOutput
 from llmserve.errors import EngineFailure, QueueTimeout
@@ -15,6 +16,7 @@ from llmserve.serving.detokenizer import IncrementalDetokenizer, token_text
 from llmserve.serving.metrics import ModelMetrics, NoStats, RequestStats
 from llmserve.serving.scheduler import Reservation
 from llmserve.serving.stops import StopMatcher
+from llmserve.serving.tool_calls import OutputParser, ToolCallDelta
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +32,8 @@ class ChoiceDelta:
     index: int
     text: str
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: FinishReason | None = None
+    finish_reason: FinishReason | Literal["tool_calls"] | None = None
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -44,9 +47,12 @@ class Usage:
 
 
 class _Choice:
-    __slots__ = ("index", "detok", "stops", "pending", "done", "tokens", "want_logprobs")
+    __slots__ = ("index", "detok", "stops", "pending", "done", "tokens", "want_logprobs",
+                 "parser")
 
-    def __init__(self, index: int, stops: list[str], want_logprobs: bool) -> None:
+    def __init__(
+        self, index: int, stops: list[str], want_logprobs: bool, parser: OutputParser | None
+    ) -> None:
         self.index = index
         self.detok = IncrementalDetokenizer()
         self.stops = StopMatcher(stops)
@@ -54,6 +60,7 @@ class _Choice:
         self.done = False
         self.tokens = 0
         self.want_logprobs = want_logprobs
+        self.parser = parser
 
 
 class Generation:
@@ -76,6 +83,8 @@ class Generation:
         reservation: Reservation | None = None,
         request_id: str | None = None,
         metrics: ModelMetrics | None = None,
+        parser: Callable[[], OutputParser] | None = None,
+        calls_finish: Literal["tool_calls", "stop"] = "tool_calls",
     ) -> None:
         self._engine = engine
         self._prompt = prompt
@@ -83,7 +92,11 @@ class Generation:
         self._offset = index_offset
         self._reservation = reservation
         self._request_id = request_id
-        self._choices = [_Choice(i, list(stop), p.logprobs is not None) for i, p in enumerate(params)]
+        self._choices = [
+            _Choice(i, list(stop), p.logprobs is not None, parser() if parser else None)
+            for i, p in enumerate(params)
+        ]
+        self._calls_finish = calls_finish
         self.usage = Usage(prompt_tokens=len(prompt))
         self._stats: RequestStats | NoStats = NoStats()
         if metrics is not None:
@@ -163,12 +176,19 @@ class Generation:
             text += choice.stops.flush()
         if finish is not None:
             choice.done = True
-        if not text and finish is None:
-            return None  # held back: part of a character, or maybe a stop string
+        calls: list[ToolCallDelta] = []
+        if choice.parser is not None:
+            text, calls = choice.parser.feed(text)
+            if finish is not None:
+                text += choice.parser.flush()
+            if finish == "stop" and choice.parser.called:
+                finish = self._calls_finish
+        if not text and not calls and finish is None:
+            return None  # held back: part of a character, a stop string, tool-call syntax
         logprobs: list[TokenLogprob] = []
-        if choice.pending and (text or not result.stopped):
+        if choice.pending and (text or calls or not result.stopped):
             logprobs, choice.pending = choice.pending, []
-        return ChoiceDelta(choice.index + self._offset, text, logprobs, finish)
+        return ChoiceDelta(choice.index + self._offset, text, logprobs, finish, calls)
 
     def _logprob(self, data: bytes, out: TokenOutput) -> TokenLogprob:
         top = tuple(

@@ -163,7 +163,9 @@ class RequestStats:
             self._last[i] = now
             if d.finish_reason is not None and not self._done[i]:
                 self._done[i] = True
-                m.success[d.finish_reason].inc()
+                # A choice that ended in tool calls stopped as the engine sees it (as in vLLM).
+                reason = "stop" if d.finish_reason == "tool_calls" else d.finish_reason
+                m.success[reason].inc()
                 m.e2e_request_latency.observe(now - self._created)
 
     def end(self, outcome: str) -> None:

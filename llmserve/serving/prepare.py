@@ -8,9 +8,11 @@ request, not every stream the event loop is serving.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import anyio.to_thread
 
@@ -18,6 +20,13 @@ from llmserve.engines.base import Engine, SamplingParams
 from llmserve.errors import ContextLengthExceeded, InvalidRequest
 from llmserve.serving.chat_template import ChatTemplate, TemplateError
 from llmserve.serving.sampling import SamplingRequest, build_params
+from llmserve.serving.tool_calls import (
+    OutputParser,
+    OutputPlan,
+    OutputRequest,
+    ToolFormat,
+    plan_output,
+)
 
 # Special tokens are no token's bytes (their text is parsed from the prompt): a floor for
 # their text's length, so the length check never refuses a prompt that could fit.
@@ -35,14 +44,20 @@ class Prepared:
     prompts: list[PreparedPrompt]
     n: int  # choices per prompt
     stop: list[str]
+    # Tool calls: each choice's output parser, and the finish_reason once it called.
+    parser: Callable[[], OutputParser] | None = None
+    calls_finish: Literal["tool_calls", "stop"] = "tool_calls"
 
 
 class Preparer:
     """One model's prompt rules: its template, its tokenizer, its context."""
 
-    def __init__(self, engine: Engine, template: ChatTemplate) -> None:
+    def __init__(
+        self, engine: Engine, template: ChatTemplate, tool_format: ToolFormat = "generic"
+    ) -> None:
         self._engine = engine
         self._template = template
+        self._tool_format = tool_format
         # No token stands for more bytes than this, so a text of k characters (at least k
         # bytes) is at least k / this many tokens.
         self._max_token_bytes = max(
@@ -51,13 +66,22 @@ class Preparer:
         )
 
     async def chat(
-        self, messages: list[dict[str, Any]], sampling: SamplingRequest, stop: list[str]
+        self,
+        messages: list[dict[str, Any]],
+        sampling: SamplingRequest,
+        stop: list[str],
+        output: OutputRequest | None = None,
     ) -> Prepared:
+        """`output`: the tools and response_format that shape the answer (see tool_calls)."""
         self._check_n(sampling)
         chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
         self._check_length(self._least_tokens(chars), "messages")
-        tokens = await anyio.to_thread.run_sync(self._chat_tokens, messages)
-        return self._prepared([tokens], sampling, stop)
+        plan, tokens = await anyio.to_thread.run_sync(
+            self._chat_tokens, messages, output or OutputRequest()
+        )
+        sampling = dataclasses.replace(sampling, grammar=plan.grammar)
+        return dataclasses.replace(self._prepared([tokens], sampling, stop), parser=plan.parser,
+                                   calls_finish=plan.calls_finish)
 
     async def completion(
         self, prompts: list[str | list[int]], sampling: SamplingRequest, stop: list[str]
@@ -101,12 +125,16 @@ class Preparer:
 
     # -- on a worker thread -------------------------------------------------------------------
 
-    def _chat_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
+    def _chat_tokens(
+        self, messages: list[dict[str, Any]], output: OutputRequest
+    ) -> tuple[OutputPlan, list[int]]:
+        plan = plan_output(messages, output, self._tool_format)
+        extra = {"tools": plan.template_tools} if plan.template_tools else {}
         try:
-            text = self._template.render(messages, add_generation_prompt=True)
+            text = self._template.render(plan.messages, add_generation_prompt=True, **extra)
         except TemplateError as exc:
             raise InvalidRequest(str(exc), param="messages") from None
-        return self._engine.tokenize(text, add_bos=False)
+        return plan, self._engine.tokenize(text, add_bos=False)
 
     def _completion_tokens(self, prompts: list[str | list[int]]) -> list[list[int]]:
         engine = self._engine

@@ -49,6 +49,7 @@ class SamplingRequest:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None
     ignore_eos: bool = False
+    grammar: str | None = None  # llguidance's, from serving.constraints
 
 
 def resolve_max_tokens(prompt_tokens: int, requested: int | None, context_length: int) -> int:
@@ -127,6 +128,7 @@ def build_params(
                 logit_bias=req.logit_bias,
                 logprobs=req.logprobs,
                 ignore_eos=req.ignore_eos,
+                grammar=req.grammar,
             )
         )
     return params

@@ -15,43 +15,12 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import MODEL, Server, engine_flags, engines, run_server
+from conftest import MODEL, run_server
+from engine_fixtures import *  # engine, server, client, async_client, http
 from openai_schema import validate
 from sse import EventStream, parse_events, stream_post
 
 # -- every test here runs on each engine: the serving core must make them behave alike ------
-
-
-@pytest.fixture(scope="module", params=engines())
-def engine(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def server(engine: str, request, tmp_path_factory) -> Server:
-    if engine == "llamacpp":
-        yield request.getfixturevalue("session_server")
-        return
-    with run_server(tmp_path_factory.mktemp(engine), *engine_flags(engine)) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0,
-                         timeout=120)
-
-
-@pytest.fixture(scope="module")
-def async_client(server: Server) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0,
-                              timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(server: Server):
-    with httpx.Client(base_url=server.url, headers=server.headers(), timeout=120) as c:
-        yield c
 
 PATH = "/v1/chat/completions"
 

@@ -249,12 +249,8 @@ def test_unknown_field_via_openai_client(client):
 
 
 CHAT_UNSUPPORTED = {
-    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-    "tool_choice": "auto",
-    "parallel_tool_calls": True,
     "functions": [{"name": "f", "parameters": {"type": "object"}}],
     "function_call": "auto",
-    "response_format": {"type": "json_object"},
     "modalities": ["text", "audio"],
     "audio": {"voice": "alloy", "format": "wav"},
     "prediction": {"type": "content", "content": "x"},
@@ -277,16 +273,16 @@ def test_unsupported_chat_field_named(http, field):
 def test_unsupported_field_via_openai_client(client):
     with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(
-            model=MODEL, messages=MESSAGES, max_tokens=2, tools=CHAT_UNSUPPORTED["tools"]
+            model=MODEL, messages=MESSAGES, max_tokens=2, functions=CHAT_UNSUPPORTED["functions"]
         )
     assert exc.value.status_code == 400
-    assert exc.value.param == "tools"
+    assert exc.value.param == "functions"
     with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(
-            model=MODEL, messages=MESSAGES, max_tokens=2, response_format={"type": "json_object"},
+            model=MODEL, messages=MESSAGES, max_tokens=2, prediction=CHAT_UNSUPPORTED["prediction"],
             stream=True,
         )
-    assert exc.value.param == "response_format"
+    assert exc.value.param == "prediction"
 
 
 def test_completions_suffix_named(http):

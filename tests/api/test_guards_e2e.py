@@ -143,7 +143,9 @@ def test_body_under_the_limit_is_served(open_server):
 
 
 def test_one_mib_body_served_under_the_default_limit(http):
-    r = http.post(CHAT, json=chat_body(user="u" * MIB))
+    # A tool's description is free text; with tool_choice none it stays out of the prompt.
+    tool = {"type": "function", "function": {"name": "f", "description": "d" * MIB}}
+    r = http.post(CHAT, json=chat_body(tools=[tool], tool_choice="none"))
     assert r.status_code == 200, r.text
 
 

@@ -25,10 +25,9 @@ BOUNDS = [
     (CHAT, chat_body, "stop", ["zz"] * 16, ["zz"] * 17),
     (CHAT, chat_body, "stop", "z" * 1000, "z" * 1001),
     (COMPLETIONS, completion_body, "stop", ["z" * 1000], ["z" * 1001]),
-    (CHAT, chat_body, "logit_bias", {str(t): 1 for t in range(1024)},
-     {str(t): 1 for t in range(1025)}),
-    (COMPLETIONS, completion_body, "logit_bias", {str(t): 1 for t in range(1024)},
-     {str(t): 1 for t in range(1025)}),
+    # Up to a whole vocabulary; the bundled model's is 49,152 tokens (a larger id is a 400 too).
+    (CHAT, chat_body, "logit_bias", {str(t): 1 for t in range(49152)},
+     {str(t): 1 for t in range(262_145)}),
     (CHAT, chat_body, "metadata", {f"k{i}": "v" for i in range(16)},
      {f"k{i}": "v" for i in range(17)}),
     (CHAT, chat_body, "metadata", {"k" * 64: "v" * 512}, {"k": "v" * 513}),

@@ -46,12 +46,8 @@ def test_unknown_field_refused_even_when_null():
 
 
 CHAT_UNSUPPORTED = {
-    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-    "tool_choice": "auto",
-    "parallel_tool_calls": True,
     "functions": [{"name": "f"}],
     "function_call": "auto",
-    "response_format": {"type": "json_object"},
     "modalities": ["text", "audio"],
     "audio": {"voice": "alloy", "format": "wav"},
     "prediction": {"type": "content", "content": "x"},
@@ -427,3 +423,34 @@ def test_echo_with_logprobs_refused():
     assert info.value.param == "echo"
     assert completion(echo=True).echo is True
     assert completion(echo=False, logprobs=1).to_sampling().logprobs == 1
+
+
+# -- tools and response_format ----------------------------------------------------------------
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+     "tool_choice"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"tools": [TOOL, TOOL]}, "tools"),
+])
+def test_tool_refusals(fields, param):
+    with pytest.raises(InvalidRequest) as info:
+        chat(**fields)
+    assert info.value.param == param
+
+
+def test_output_request_from_the_fields():
+    req = chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "f"}},
+               parallel_tool_calls=False,
+               response_format={"type": "json_schema",
+                                "json_schema": {"name": "x", "schema": {"type": "object"},
+                                                "strict": True}}).output_request()
+    assert [t.name for t in req.tools] == ["f"] and req.tools[0].parameters == {"type": "object"}
+    assert (req.choice.mode, req.choice.name, req.parallel) == ("named", "f", False)
+    assert req.response_format["json_schema"]["schema"] == {"type": "object"}
+    plain = chat(tools=[{"type": "function", "function": {"name": "g"}}]).output_request()
+    assert plain.choice.mode == "auto" and plain.parallel
+    assert plain.tools[0].parameters == {"type": "object"}

@@ -15,6 +15,7 @@ from fastapi.responses import Response
 from llmserve.api import sse
 from llmserve.api.protocol import ChatCompletionRequest
 from llmserve.api.requests import (
+    CollectedChoice,
     cancel_on_disconnect,
     collect,
     event_stream,
@@ -27,6 +28,7 @@ from llmserve.api.requests import (
 from llmserve.api.state import app_state
 from llmserve.errors import LLMServeError
 from llmserve.serving.generation import Generation, TokenLogprob
+from llmserve.serving.tool_calls import ToolCallDelta
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -37,7 +39,9 @@ async def create_chat_completion(request: Request) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
     served = app_state(request).registry.get(body.model)
     sampling = body.to_sampling()
-    prepared = await served.prepare.chat(body.template_messages(), sampling, body.stop_list)
+    prepared = await served.prepare.chat(
+        body.template_messages(), sampling, body.stop_list, body.output_request()
+    )
     [gen] = start_generations(
         served, prepared, request_id=request_id(request), metrics=app_state(request).metrics
     )
@@ -46,8 +50,11 @@ async def create_chat_completion(request: Request) -> Response:
         "created": int(time.time()),
         "model": served.name,
     }
+    tools = prepared.parser is not None
     if body.stream:
-        return event_stream(request, _stream(gen, head, sampling.n, body.include_usage), [gen])
+        return event_stream(
+            request, _stream(gen, head, sampling.n, body.include_usage, tools), [gen]
+        )
 
     try:
         async with cancel_on_disconnect(request):
@@ -61,7 +68,7 @@ async def create_chat_completion(request: Request) -> Response:
         "choices": [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": "".join(c.text), "refusal": None},
+                "message": _message(c),
                 "logprobs": _logprobs(c.logprobs) if want_logprobs else None,
                 "finish_reason": c.finish_reason,
             }
@@ -72,13 +79,23 @@ async def create_chat_completion(request: Request) -> Response:
     return Response(orjson.dumps(result), media_type="application/json")
 
 
-async def _stream(gen: Generation, head: dict, n: int, include_usage: bool) -> AsyncIterator[bytes]:
+def _message(c: CollectedChoice) -> dict:
+    text = "".join(c.text)
+    message = {"role": "assistant", "content": text if text or not c.tool_calls else None,
+               "refusal": None}
+    if c.tool_calls:
+        message["tool_calls"] = c.tool_calls
+    return message
+
+
+async def _stream(
+    gen: Generation, head: dict, n: int, include_usage: bool, tools: bool
+) -> AsyncIterator[bytes]:
     enc = sse.ChunkEncoder(object="chat.completion.chunk", include_usage=include_usage, **head)
+    # With tools the answer may be calls alone: no content until there is some, as at OpenAI.
+    first = {"role": "assistant", "content": None if tools else ""}
     yield b"".join(
-        enc.choice(
-            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-             "finish_reason": None}
-        )
+        enc.choice({"index": i, "delta": first, "logprobs": None, "finish_reason": None})
         for i in range(n)
     )
     try:
@@ -91,6 +108,13 @@ async def _stream(gen: Generation, head: dict, n: int, include_usage: bool) -> A
                             "index": d.index,
                             "delta": {"content": d.text},
                             "logprobs": _logprobs(d.logprobs) if d.logprobs else None,
+                            "finish_reason": None,
+                        }))
+                    if d.tool_calls:
+                        parts.append(enc.choice({
+                            "index": d.index,
+                            "delta": {"tool_calls": [_call_delta(c) for c in d.tool_calls]},
+                            "logprobs": None,
                             "finish_reason": None,
                         }))
                     if d.finish_reason:
@@ -108,6 +132,13 @@ async def _stream(gen: Generation, head: dict, n: int, include_usage: bool) -> A
         log.exception("stream %s failed", head["id"])
         yield sse.error_event(LLMServeError(f"Internal error: {exc}", code="internal_error"))
     yield sse.DONE
+
+
+def _call_delta(c: ToolCallDelta) -> dict:
+    if c.id is None:
+        return {"index": c.index, "function": {"arguments": c.arguments}}
+    return {"index": c.index, "id": c.id, "type": "function",
+            "function": {"name": c.name, "arguments": c.arguments}}
 
 
 def _logprobs(entries: list[TokenLogprob]) -> dict:

@@ -1,0 +1,49 @@
+"""What a request asks its output to be -> one llguidance grammar, checked before the request
+is admitted. Engines only apply grammars (engines/grammar.py); building them from OpenAI's
+`response_format` and `tools` is written once, here, for every engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llguidance import LLMatcher
+
+from llmserve.errors import InvalidRequest
+
+# Compact JSON as OpenAI writes it (a space after ',' and ':'), and no free whitespace: a
+# small model can spend its whole budget on newlines where the grammar allows them.
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def json_schema(schema: Any, *, strict: bool, param: str) -> str:
+    """The grammar of JSON valid against `schema`. With `strict`, a schema feature that cannot
+    be enforced is a 400; without, it is ignored (the rest is still enforced)."""
+    if not isinstance(schema, dict):
+        raise InvalidRequest("A JSON schema must be an object.", param=param)
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(
+            schema, defaults=JSON_STYLE, overrides={"lenient": not strict}
+        )
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest(f"Invalid JSON schema: {exc}", param=param) from None
+    check(grammar, param=param, what="JSON schema")
+    return grammar
+
+
+def json_object() -> str:
+    """Any JSON object (`response_format: json_object`)."""
+    return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_STYLE)
+
+
+def lark(source: str, *, param: str) -> str:
+    grammar = LLMatcher.grammar_from_lark(source)
+    check(grammar, param=param, what="grammar")
+    return grammar
+
+
+def check(grammar: str, *, param: str, what: str) -> None:
+    """A 400 naming `param` unless llguidance can build a matcher for `grammar`."""
+    failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
+    if failed:
+        raise InvalidRequest(f"Invalid {what}: {messages[0]}", param=param)
