@@ -13,6 +13,7 @@ grammar is complete (the sequence then finishes with "stop").
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from collections.abc import Callable, Sequence
 
@@ -28,14 +29,20 @@ class GrammarError(ValueError):
 
 
 class Grammars:
-    """One engine's llguidance state: its tokenizer, its mask threads, its masks' shape."""
+    """One engine's llguidance state: its tokenizer, its mask threads, its masks' shape.
+
+    `engine_threads`: the threads the model itself computes with. Masks are filled in
+    parallel only where the machine has cores to spare beside those: on a 2-core machine a
+    pool of mask threads contends with llama.cpp's own (measured with 16 constrained streams:
+    masks 3.7x slower and decode steps 6% slower than filling them one after another)."""
 
     def __init__(
         self, build_tokenizer: Callable[[], llguidance.LLTokenizer], n_vocab: int,
-        *, threads: int | None = None,
+        *, engine_threads: int | None = None,
     ) -> None:
         self._build = build_tokenizer
-        self._threads = threads
+        spare = (os.cpu_count() or 1) - (engine_threads or os.cpu_count() or 1)
+        self._threads = spare if spare >= 2 else 0  # 0: one after another
         self.n_vocab = n_vocab
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._executor: llguidance.LLExecutor | None = None
@@ -45,7 +52,8 @@ class Grammars:
         with self._lock:
             if self._tokenizer is None:
                 self._tokenizer = self._build()
-                self._executor = llguidance.LLExecutor(self._threads)
+                if self._threads:
+                    self._executor = llguidance.LLExecutor(self._threads)
             return self._tokenizer
 
     def matchers(self, params: Sequence[SamplingParams]) -> list[llguidance.LLMatcher | None]:
@@ -74,13 +82,18 @@ class Grammars:
 
     def fill(self, matchers: Sequence[llguidance.LLMatcher]) -> np.ndarray:
         """The next-token masks of `matchers`, row i for matcher i: int32 words, bit j of
-        word w allowing token 32*w + j. Computed in parallel, without the GIL."""
+        word w allowing token 32*w + j. Computed without the GIL, in parallel where there
+        are cores to spare."""
         masks = llguidance.numpy.allocate_token_bitmask(len(matchers), self.n_vocab)
         if matchers:
             self.tokenizer()  # the executor
-            llguidance.numpy.fill_next_token_bitmask_par(
-                self._executor, [(m, i) for i, m in enumerate(matchers)], masks
-            )
+            if self._executor is not None:
+                llguidance.numpy.fill_next_token_bitmask_par(
+                    self._executor, [(m, i) for i, m in enumerate(matchers)], masks
+                )
+            else:
+                for i, m in enumerate(matchers):
+                    llguidance.numpy.fill_next_token_bitmask(m, masks, i)
         return masks
 
 

@@ -158,7 +158,7 @@ class TransformersEngine(StepLoopEngine):
         self._token_bytes = _token_bytes_table(tok, self._n_vocab)
         self._grammars = grammar.Grammars(
             lambda: grammar.hf_tokenizer(self._tokenizer, self._n_vocab, self._end_tokens),
-            self._n_vocab, threads=threads,
+            self._n_vocab, engine_threads=threads,
         )
 
         self._init_loop()

@@ -87,6 +87,19 @@ def test_keepalive_comments_while_queued_and_clients_ignore_them(one_slot):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
     holder.join(timeout=120)
 
+    # And LangChain's OpenAI chat model.
+    langchain_openai = pytest.importorskip("langchain_openai")
+    holder = threading.Thread(target=hold, daemon=True)
+    holder_started.clear()
+    holder.start()
+    assert holder_started.wait(60)
+    llm = langchain_openai.ChatOpenAI(
+        model=SHORT["model"], base_url=server.base_url, api_key=server.api_key, max_retries=0,
+        temperature=SHORT.get("temperature", 0), max_tokens=SHORT["max_tokens"],
+    )
+    assert "".join(c.content for c in llm.stream(SHORT["messages"])) == expected
+    holder.join(timeout=120)
+
 
 def test_a_slow_reader_holds_no_slot_once_its_answer_is_generated(one_slot):
     """The reader takes nothing and its answer is larger than the socket buffers; the write

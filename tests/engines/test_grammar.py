@@ -209,32 +209,42 @@ def test_logprobs_are_of_the_masked_distribution(run, llama):
 
 
 def test_forced_tokens_come_without_sampling(run, llama):
+    """Alone in the batch, the tokens a grammar forces come out at once, unsampled, and are
+    decoded together. Beside other sequences they are sampled one a step (a batch in which
+    one sequence has more tokens than the others costs llama.cpp several passes): the same
+    text either way, and the neighbour's text unchanged."""
     prefix = "The answer to life, the universe and everything is "
     forced = LLMatcher.grammar_from_lark(f'start: "{prefix}" /[0-9]+/')
+
+    async def steps_of(e, p, params):
+        steps = []
+        async for step in e.generate(p, params):
+            steps.append(step)
+        return steps
 
     async def fn(e):
         p, q = chat(e, "What is the answer to everything?"), chat(e, "Name three colors.")
         free = (await outputs(e, q, [greedy()]))[0]
-        steps = []
-
-        async def read():
-            async for step in e.generate(p, [greedy(40, logprobs=2, grammar=forced)]):
-                steps.append(step)
-
-        together, _ = await asyncio.gather(outputs(e, q, [greedy()]), read())
+        alone = await steps_of(e, p, [greedy(40, logprobs=2, grammar=forced)])
+        together, beside = await asyncio.gather(
+            outputs(e, q, [greedy()]), steps_of(e, p, [greedy(40, logprobs=2, grammar=forced)])
+        )
         capped = (await outputs(e, p, [greedy(3, grammar=forced)]))[0]
-        return free, together[0], steps, capped
+        return free, alone, together[0], beside, capped
 
-    free, together, steps, capped = run(fn)
-    outs = [o for step in steps for o in step]
+    free, alone, together, beside, capped = run(fn)
+    outs = [o for step in alone for o in step]
     said = text(llama, outs)
     assert said.startswith(prefix) and said[len(prefix):].isdigit(), said
     # The first step: one sampled token, then the rest of the prefix, forced, at once.
-    assert len(steps[0]) >= 5
-    for o in steps[0][1:]:
+    assert len(alone[0]) >= 5
+    for o in alone[0][1:]:
         assert o.logprob == 0.0 and o.top_logprobs == ((o.token_id, 0.0),)
-    assert len(steps) < len(outs)
-    assert ids(together) == ids(free)  # forced tokens in the batch change nothing for others
+    assert len(alone) < len(outs)
+    # Beside another sequence: one token a step, the same tokens.
+    assert all(len(step) == 1 for step in beside)
+    assert ids([o for step in beside for o in step]) == ids(outs)
+    assert ids(together) == ids(free)
     assert len(capped) == 3 and capped[-1].finish_reason == "length"
 
 
