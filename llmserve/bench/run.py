@@ -323,10 +323,10 @@ async def _main(args: argparse.Namespace) -> int:
 
     baselines = [b for b in (LIMIT, LCP) if any(r.system == b for r in results)]
     ratio_text, ratio_rows = ratios(results, LLMSERVE, baselines)
+    constrained_rows: list[dict] = []
     if any(r.system == CONSTRAINED for r in results):
-        text, rows = ratios(results, CONSTRAINED, [LLMSERVE])
+        text, constrained_rows = ratios(results, CONSTRAINED, [LLMSERVE])
         ratio_text += "\n" + text
-        ratio_rows += rows
     print()
     print(f"model {model_path.name}, {engine_kind} engine, {args.max_tokens} output tokens per request, greedy, "
           f"{args.threads} threads, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
@@ -339,6 +339,7 @@ async def _main(args: argparse.Namespace) -> int:
         "model": str(model_path), "engine": engine_kind, "max_tokens": args.max_tokens, "threads": args.threads,
         "cores": os.cpu_count(), "levels": levels,
         "results": [r.to_json() for r in results], "ratios": ratio_rows,
+        "constrained_ratios": constrained_rows,
     }, indent=1))
     print(f"\nJSON: {out}")
     return 1 if any(r.errors for r in results if r.system == LLMSERVE) else 0

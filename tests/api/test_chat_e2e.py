@@ -15,7 +15,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import MODEL, run_server
+from conftest import MODEL, Server, engine_flags, run_server
 from engine_fixtures import *  # engine, server, client, async_client, http
 from openai_schema import validate
 from sse import EventStream, parse_events, stream_post

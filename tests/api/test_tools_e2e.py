@@ -8,7 +8,6 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import jsonschema
 import openai
 import pytest

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 
-def test_bench_runs_all_three_systems(tmp_path):
+def test_bench_runs_every_system(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "llmserve.cli", "bench", "--levels", "1,2", "--max-tokens", "8",
@@ -16,7 +16,8 @@ def test_bench_runs_all_three_systems(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     systems = {(r["system"], r["concurrency"]) for r in report["results"]}
-    assert systems == {(s, c) for s in ("llmserve", "in-process", "llama-cpp-python") for c in (1, 2)}
+    names = ("llmserve", "llmserve json_schema", "in-process", "llama-cpp-python")
+    assert systems == {(s, c) for s in names for c in (1, 2)}
     for r in report["results"]:
         assert r["errors"] == 0, r
         assert r["requests"] == 2
@@ -24,8 +25,10 @@ def test_bench_runs_all_three_systems(tmp_path):
         assert r["tok_s"] > 0 and r["ttft_ms"][0] > 0
     for row in report["ratios"]:
         assert row["tok_s_vs_in-process"] > 0 and row["tok_s_vs_llama-cpp-python"] > 0
+    assert [row["tok_s_vs_llmserve"] > 0 for row in report["constrained_ratios"]] == [True] * 2
     # The printed table names every system and the ratios.
     assert "llmserve/in-process" in proc.stdout and "llmserve/llama-cpp-python" in proc.stdout
+    assert "llmserve json_schema/llmserve" in proc.stdout
 
 
 def test_soak_runs_with_hostile_clients_and_finds_no_leak(tmp_path):
