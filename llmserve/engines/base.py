@@ -79,6 +79,49 @@ class EngineInfo:
     add_bos: bool
 
 
+class EngineFacts:
+    """The `Engine` protocol's facts, read from `self.info` (set once the model is loaded):
+    one implementation for engines in this process and in a child process."""
+
+    info: EngineInfo
+
+    @property
+    def context_length(self) -> int:
+        return self.info.context_length
+
+    @property
+    def max_sequences(self) -> int:
+        return self.info.max_sequences
+
+    @property
+    def vocab_size(self) -> int:
+        return self.info.vocab_size
+
+    @property
+    def end_tokens(self) -> frozenset[int]:
+        """End-of-generation tokens (EOS, end of turn)."""
+        return self.info.end_tokens
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.info.chat_template
+
+    @property
+    def bos_token(self) -> str:
+        return self.info.bos_token
+
+    @property
+    def eos_token(self) -> str:
+        return self.info.eos_token
+
+    @property
+    def add_bos(self) -> bool:
+        return self.info.add_bos
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.info.token_bytes[token_id]
+
+
 @dataclass(frozen=True, slots=True)
 class EngineHealth:
     """`running`, `starting`, `restarting`, `failed` (down for good) or `stopped`."""

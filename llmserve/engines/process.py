@@ -26,6 +26,7 @@ from typing import Any
 from llmserve.engines.base import (
     EngineDown,
     EngineError,
+    EngineFacts,
     EngineHealth,
     EngineInfo,
     SamplingParams,
@@ -273,7 +274,7 @@ def _reap(proc, timeout: float = 0) -> None:
         proc.join()
 
 
-class EngineProcess:
+class EngineProcess(EngineFacts):
     """An engine in a child process behind the `Engine` protocol. Tokenizing happens here,
     with the model's tokenizer (no weights); decoding there."""
 
@@ -285,46 +286,9 @@ class EngineProcess:
             f"engine of {name}", engine_main, lambda n: (spec, fault, n == 0),
             on_message=self._on_message, on_lost=self._on_lost, policy=policy,
         )
-        self._info: EngineInfo = self._child.launch()
+        self.info: EngineInfo = self._child.launch()
         self._streams: dict[Hashable, QueueStream] = {}
         self._keys = itertools.count()
-
-    # -- facts ------------------------------------------------------------------------------
-
-    @property
-    def context_length(self) -> int:
-        return self._info.context_length
-
-    @property
-    def max_sequences(self) -> int:
-        return self._info.max_sequences
-
-    @property
-    def vocab_size(self) -> int:
-        return self._info.vocab_size
-
-    @property
-    def end_tokens(self) -> frozenset[int]:
-        return self._info.end_tokens
-
-    @property
-    def chat_template(self) -> str | None:
-        return self._info.chat_template
-
-    @property
-    def bos_token(self) -> str:
-        return self._info.bos_token
-
-    @property
-    def eos_token(self) -> str:
-        return self._info.eos_token
-
-    @property
-    def add_bos(self) -> bool:
-        return self._info.add_bos
-
-    def token_bytes(self, token_id: int) -> bytes:
-        return self._info.token_bytes[token_id]
 
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
         return self._tokenizer.tokenize(text, add_bos=add_bos)

@@ -22,6 +22,7 @@ from typing import Any
 
 from llmserve.engines.base import (
     EngineError,
+    EngineFacts,
     EngineHealth,
     EngineInfo,
     FinishReason,
@@ -100,11 +101,11 @@ class StepOutputs:
         ]
 
 
-class StepLoopEngine:
+class StepLoopEngine(EngineFacts):
     """The part of an engine that is the same for every backend.
 
     A subclass loads its model, sets the `_`-fields below in `__init__`, calls
-    `_init_loop()`, and fills in the model's side of a step: `_apply_cancels`, `_admit`,
+    `_init_loop()` (which makes `info` of them), and fills in the model's side of a step: `_apply_cancels`, `_admit`,
     `_step`, `_running` and `_reset`. Requests waiting for room are `self._waiting`;
     requests whose prompt is being read are `self._prefilling`.
     """
@@ -123,6 +124,12 @@ class StepLoopEngine:
     _grammars: Grammars | None = None  # None: this engine takes no grammar
 
     def _init_loop(self) -> None:
+        self.info = EngineInfo(
+            context_length=self._context_length, max_sequences=self._max_sequences,
+            vocab_size=self._n_vocab, end_tokens=self._end_tokens,
+            token_bytes=self._token_bytes, chat_template=self._chat_template,
+            bos_token=self._bos_token, eos_token=self._eos_token, add_bos=self._add_bos,
+        )
         self._inbox: Inbox = Inbox()
         self._waiting: deque[EngineRequest] = deque()
         self._prefilling: deque[EngineRequest] = deque()
@@ -134,52 +141,6 @@ class StepLoopEngine:
         self._keys = itertools.count()
         self._dead: EngineError | None = None
         self._closed = False
-
-    # -- facts -----------------------------------------------------------------------------
-
-    @property
-    def context_length(self) -> int:
-        return self._context_length
-
-    @property
-    def max_sequences(self) -> int:
-        return self._max_sequences
-
-    @property
-    def vocab_size(self) -> int:
-        return self._n_vocab
-
-    @property
-    def end_tokens(self) -> frozenset[int]:
-        """End-of-generation tokens (EOS, end of turn)."""
-        return self._end_tokens
-
-    @property
-    def chat_template(self) -> str | None:
-        return self._chat_template
-
-    @property
-    def bos_token(self) -> str:
-        return self._bos_token
-
-    @property
-    def eos_token(self) -> str:
-        return self._eos_token
-
-    @property
-    def add_bos(self) -> bool:
-        return self._add_bos
-
-    def token_bytes(self, token_id: int) -> bytes:
-        return self._token_bytes[token_id]
-
-    def info(self) -> EngineInfo:
-        return EngineInfo(
-            context_length=self._context_length, max_sequences=self._max_sequences,
-            vocab_size=self._n_vocab, end_tokens=self._end_tokens,
-            token_bytes=self._token_bytes, chat_template=self._chat_template,
-            bos_token=self._bos_token, eos_token=self._eos_token, add_bos=self._add_bos,
-        )
 
     # -- the decode loop, from any thread ----------------------------------------------------
 

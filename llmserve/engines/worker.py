@@ -68,7 +68,7 @@ def engine_main(conn: Connection, spec: EngineSpec, fault: str | None, first: bo
         with send_lock:
             conn.send(msg)
 
-    send(("ready", engine.info()))
+    send(("ready", engine.info))
     threading.Thread(target=_read_requests, args=(conn, engine, send), daemon=True,
                      name="engine-inbox").start()
 
