@@ -20,6 +20,7 @@ from llguidance import LLMatcher  # noqa: E402
 
 from llmserve.engines.base import SamplingParams  # noqa: E402
 from llmserve.engines.transformers import TransformersEngine  # noqa: E402
+from test_grammar import PERSON, PERSON_COMPACT, PERSON_GRAMMAR  # noqa: E402 - one schema
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
@@ -27,18 +28,6 @@ CHATML = (
 )
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"]
 MAX_POSITIONS = 256
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-    },
-    "required": ["name", "age"],
-    "additionalProperties": False,
-}
-PERSON_GRAMMAR = LLMatcher.grammar_from_json_schema(PERSON)
-# No free whitespace: random weights could pad forever.
-PERSON_COMPACT = LLMatcher.grammar_from_json_schema(PERSON, overrides={"whitespace_flexible": False})
 MIXED_TEXT = "The sea 大海 is blue 🌊, 你好世界! 👍🏽 ok 🦄 龘"  # the last two are not in the corpus
 
 
