@@ -23,6 +23,7 @@ import ctypes
 import logging
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from os.path import commonprefix
 from pathlib import Path
@@ -298,10 +299,14 @@ class LlamaCppEngine(StepLoopEngine):
             running.extend(req.sequences)
 
         self._fill_masks(running)
+        # A row of logits read by several sequences (the n choices of a prompt, on their
+        # first step): a grammar's mask on it must be undone for the next reader.
+        readers = Counter(s.logits_at for s in running)
+        shared = {at for at, k in readers.items() if k > 1}
         kept = []
         for seq in running:
             try:
-                going_on = self._sample(seq, out)
+                going_on = self._sample(seq, out, seq.logits_at in shared)
             except Exception as exc:  # noqa: BLE001 - this request's failure, not the engine's
                 log.exception("sampling failed")
                 seq.request.fail(exc)
@@ -324,8 +329,9 @@ class LlamaCppEngine(StepLoopEngine):
             for seq, mask in zip(constrained, masks, strict=True):
                 seq.mask = mask
 
-    def _sample(self, seq: _Sequence, out: StepOutputs) -> bool:
-        """Sample the next token of `seq`; False when the sequence has finished."""
+    def _sample(self, seq: _Sequence, out: StepOutputs, shared_row: bool = False) -> bool:
+        """Sample the next token of `seq` (whose logits row others read too when
+        `shared_row`); False when the sequence has finished."""
         self.faults.before_sample(seq.params.seed)
         p = seq.params
         logprob = top = None
@@ -336,17 +342,18 @@ class LlamaCppEngine(StepLoopEngine):
                 logprob, top = self._logprobs(seq.logits_at, token, p.logprobs)
         else:
             grammar.check(seq.matcher, seq.mask)
-            # The sampler reads the context's logits: mask them there, and put them back
-            # after (the n choices of a prompt share one row).
+            # The sampler reads the context's logits: mask them there (a shared row is put
+            # back after).
             row = self._logits_row(seq.logits_at)
-            saved = row.copy()
+            saved = row.copy() if shared_row else None
             grammar.mask_logits(row, seq.mask)
             try:
                 token = lc.llama_sampler_sample(seq.sampler, self._ctx, seq.logits_at)
                 if p.logprobs is not None:  # of the distribution sampled from
                     logprob, top = self._logprobs(seq.logits_at, token, p.logprobs)
             finally:
-                row[:] = saved
+                if saved is not None:
+                    row[:] = saved
             complete = grammar.advance(seq.matcher, token)
         seq.pending = []
         finish = self._emit(seq, token, logprob, top, complete, out)

@@ -119,9 +119,11 @@ def plan_output(
     tools in play (`tool_choice` not `none`), the tools decide the output's form, not
     `response_format`."""
     tools = request.tools if request.choice.mode != "none" else []
-    for i, tool in enumerate(tools):  # each on its own, to name the one at fault
-        constraints.json_schema(tool.parameters, strict=tool.strict,
-                                param=f"tools.{i}.function.parameters")
+    arguments = {  # each tool's on its own, to name the one at fault
+        tool.name: constraints.json_schema(tool.parameters, strict=tool.strict,
+                                           param=f"tools.{i}.function.parameters")
+        for i, tool in enumerate(tools)
+    }
     if fmt == "hermes":
         messages = _native_history(messages)
         if tools:
@@ -129,7 +131,7 @@ def plan_output(
         return _structured(messages, request.response_format)
     messages = _generic_history(messages)
     if tools:
-        return _generic_tools(messages, tools, request.choice, request.parallel)
+        return _generic_tools(messages, tools, request.choice, request.parallel, arguments)
     return _structured(messages, request.response_format)
 
 
@@ -148,17 +150,17 @@ def _structured(messages: list[dict[str, Any]], fmt: dict[str, Any] | None) -> O
 
 
 def _generic_tools(
-    messages: list[dict[str, Any]], tools: list[Tool], choice: ToolChoice, parallel: bool
+    messages: list[dict[str, Any]], tools: list[Tool], choice: ToolChoice, parallel: bool,
+    arguments: dict[str, str],
 ) -> OutputPlan:
+    """`arguments`: each tool's arguments grammar, by name."""
     if choice.mode == "named":
         [tool] = [t for t in tools if t.name == choice.name]
         prompt = (
             f"Call the function {tool.name} now: answer with its arguments alone, as one JSON "
             f"object valid against its parameters.\n\n{json.dumps(tool.describe())}"
         )
-        grammar = constraints.json_schema(tool.parameters, strict=tool.strict,
-                                          param="tool_choice")
-        return OutputPlan(_with_system(messages, prompt), grammar=grammar,
+        return OutputPlan(_with_system(messages, prompt), grammar=arguments[tool.name],
                           parser=lambda: NamedCallParser(tool.name), calls_finish="stop")
 
     calls = {"type": "array", "items": {"anyOf": [_call_schema(t) for t in tools]},

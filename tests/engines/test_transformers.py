@@ -20,7 +20,12 @@ from llguidance import LLMatcher  # noqa: E402
 
 from llmserve.engines.base import SamplingParams  # noqa: E402
 from llmserve.engines.transformers import TransformersEngine  # noqa: E402
-from test_grammar import PERSON, PERSON_COMPACT, PERSON_GRAMMAR  # noqa: E402 - one schema
+from test_grammar import (  # noqa: E402 - one schema, one way to read it
+    PERSON_COMPACT,
+    PERSON_GRAMMAR,
+    assert_person,
+)
+from test_grammar import text as decoded  # noqa: E402 - beside locals named text
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
@@ -476,7 +481,7 @@ def test_bundled_smollm2_through_transformers_gguf_loading():
     # The grammar's tokenizer, built from the GGUF's (converted) vocabulary: the same answer
     # as the llama.cpp engine gives.
     assert person[-1].finish_reason == "stop"
-    assert json.loads(_text(engine, person)) == {"name": "Alice", "age": 30}
+    assert json.loads(decoded(engine, person)) == {"name": "Alice", "age": 30}
 
 
 def test_server_serves_a_model_directory_with_engine_auto(tiny_model, tmp_path):
@@ -507,22 +512,6 @@ def test_server_serves_a_model_directory_with_engine_auto(tiny_model, tmp_path):
 # -- grammars (llguidance) --------------------------------------------------------------------
 
 
-def _text(engine, outs) -> str:
-    return b"".join(
-        b"" if o.end_of_generation else engine.token_bytes(o.token_id) for o in outs
-    ).decode()
-
-
-def _person(engine, outs) -> dict:
-    import jsonschema
-
-    assert outs[-1].finish_reason == "stop", _text(engine, outs)
-    assert all(o.finish_reason is None for o in outs[:-1])
-    value = json.loads(_text(engine, outs))
-    jsonschema.validate(value, PERSON)
-    return value
-
-
 def test_grammar_output_parses_and_leaves_its_neighbours_alone(run):
     async def fn(e):
         pj, pf = chat(e, QUESTIONS[1]), chat(e, QUESTIONS[3])
@@ -536,7 +525,7 @@ def test_grammar_output_parses_and_leaves_its_neighbours_alone(run):
         return e, bound, free, unbound, both
 
     e, bound, free, unbound, (bound2, free2) = run(fn)
-    _person(e, bound)
+    assert_person(e, bound)
     assert [o.token_id for o in bound2] == [o.token_id for o in bound]
     assert [o.token_id for o in free2] == [o.token_id for o in free]
     # the random model says no JSON on its own
@@ -563,8 +552,8 @@ def test_grammar_with_n_choices_sampling_and_logprobs(run):
     assert three == [[o.token_id for o in one]] * 3
     assert mixed == [three[0], alone[0]]
     for i in range(3):
-        _person(e, [o for o in drawn if o.index == i])
-    assert _text(e, yn) in ("yes", "no") and yn[-1].finish_reason == "stop"
+        assert_person(e, [o for o in drawn if o.index == i])
+    assert decoded(e, yn) in ("yes", "no") and yn[-1].finish_reason == "stop"
     first = yn[0]
     assert 1 <= len(first.top_logprobs) < 10  # only pieces of "yes" and "no"
     assert first.top_logprobs[0] == (first.token_id, pytest.approx(first.logprob))
