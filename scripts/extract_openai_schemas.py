@@ -43,6 +43,13 @@ ROOTS = [
     "ListModelsResponse",
     "Model",
     "CreateEmbeddingResponse",
+    # The Responses API and stored chat completions.
+    "Response",
+    "ResponseStreamEvent",
+    "ResponseItemList",
+    "ChatCompletionList",
+    "ChatCompletionMessageList",
+    "ChatCompletionDeleted",
     # Request bodies, for the fuzz tests' generated requests.
     "CreateChatCompletionRequest",
     "CreateCompletionRequest",
