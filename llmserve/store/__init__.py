@@ -1,0 +1,6 @@
+"""Persistence of stored Responses and stored chat completions (`store: true`), and of
+their streams' events so a stream can be resumed. Independent of the API and the engines."""
+
+from llmserve.store.db import StoreError
+
+__all__ = ["StoreError"]
