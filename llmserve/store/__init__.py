@@ -2,5 +2,6 @@
 their streams' events so a stream can be resumed. Independent of the API and the engines."""
 
 from llmserve.store.db import StoreError
+from llmserve.store.store import Store, StoredChat, StoredResponse
 
-__all__ = ["StoreError"]
+__all__ = ["Store", "StoreError", "StoredChat", "StoredResponse"]
