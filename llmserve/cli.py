@@ -69,6 +69,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sse-keepalive", type=float,
                    help="seconds of silence in a stream before a `: keep-alive` comment "
                         "(default 15; 0: never)")
+    p.add_argument("--store", metavar="PATH",
+                   help="SQLite file keeping responses and chat completions created with "
+                        "`store: true`, or `none` (default: <user data dir>/llmserve/"
+                        "store.sqlite3, the data dir being $XDG_DATA_HOME or ~/.local/share)")
+    p.add_argument("--store-ttl", metavar="DURATION",
+                   help="how long a stored item is kept: seconds, or with a unit such as "
+                        "30d, 12h, 15m (default: forever)")
     p.add_argument("--log-level", help="critical|error|warning|info|debug (default info)")
 
 

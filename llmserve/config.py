@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}  # --store-ttl suffixes
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -68,6 +70,14 @@ class Settings(BaseSettings):
     sse_keepalive: float = Field(
         15.0, ge=0, description="seconds of silence in a stream before a keep-alive comment; 0: none"
     )
+    store: str | None = Field(
+        None,
+        description="SQLite file keeping stored responses and chat completions, or none; "
+        "default: <user data dir>/llmserve/store.sqlite3",
+    )
+    store_ttl: float | None = Field(
+        None, gt=0, description="seconds (or 30d, 12h, 15m) a stored item is kept; default: no limit"
+    )
     log_level: str = "info"
     # Test-only fault injection (engines/faults.py); deliberately not a CLI flag.
     test_fault: str | None = None
@@ -78,6 +88,24 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @field_validator("store_ttl", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        text = value.strip().lower()
+        if text in ("", "none"):
+            return None
+        unit = _SECONDS.get(text[-1:])
+        if unit is None:
+            return text  # plain seconds, or pydantic's own error
+        try:
+            return float(text[:-1]) * unit
+        except ValueError:
+            raise ValueError(
+                f"not a duration: {value!r} (seconds, or e.g. 30d, 12h, 15m)"
+            ) from None
 
     @field_validator("log_level")
     @classmethod

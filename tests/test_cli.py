@@ -16,7 +16,7 @@ from conftest import MODEL, run_server
 SERVE_FLAGS = [
     "--host", "--port", "--model", "--served-model-name", "--api-key", "--max-request-bytes",
     "--allowed-hosts", "--cors-origins", "--context-length",
-    "--max-sequences", "--threads", "--log-level",
+    "--max-sequences", "--threads", "--store", "--store-ttl", "--log-level",
 ]
 
 
@@ -96,12 +96,31 @@ def test_missing_model_file_fails_clearly(tmp_path):
     (["--max-sequences", "0"], "max_sequences"),
     (["--context-length", "4"], "context_length"),
     (["--bogus-flag"], "--bogus-flag"),
+    (["--store-ttl", "soon"], "store_ttl"),
 ])
 def test_bad_flags_are_usage_errors(tmp_path, args, word):
     r = cli("serve", *args, cwd=tmp_path)
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     assert word in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_store_flags_over_environment(tmp_path, monkeypatch):
+    """--store and --store-ttl reach Settings, over LLMSERVE_STORE*; checked in process, with
+    `serve` replaced, so no server starts."""
+    from llmserve import cli as cli_module
+
+    for name in list(os.environ):
+        if name.startswith("LLMSERVE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    got = []
+    monkeypatch.setattr(cli_module, "serve", lambda settings: got.append(settings) or 0)
+    monkeypatch.setenv("LLMSERVE_STORE", "env.db")
+    monkeypatch.setenv("LLMSERVE_STORE_TTL", "60")
+    assert cli_module.main(["serve"]) == 0
+    assert cli_module.main(["serve", "--store", "none", "--store-ttl", "12h"]) == 0
+    assert [(s.store, s.store_ttl) for s in got] == [("env.db", 60), ("none", 43200)]
 
 
 def test_served_model_name_and_no_key(tmp_path):

@@ -192,3 +192,30 @@ def test_weight_repack_from_flag_env_and_dotenv(clean_env, monkeypatch):
     assert Settings(weight_repack="auto").weight_repack == "auto"
     with pytest.raises(pydantic.ValidationError):
         Settings(weight_repack="sometimes")
+
+
+def test_store_defaults_and_sources(clean_env, monkeypatch):
+    s = Settings()
+    assert s.store is None and s.store_ttl is None
+    write_env(clean_env, store="from-dotenv.db", store_ttl="7d")
+    s = Settings()
+    assert (s.store, s.store_ttl) == ("from-dotenv.db", 7 * 86400)
+    monkeypatch.setenv("LLMSERVE_STORE", "none")
+    monkeypatch.setenv("LLMSERVE_STORE_TTL", "90")
+    s = Settings()
+    assert (s.store, s.store_ttl) == ("none", 90)
+    assert Settings(store="flag.db", store_ttl="1h").store == "flag.db"
+
+
+@pytest.mark.parametrize("value,seconds", [
+    ("3600", 3600), ("1.5", 1.5), (45, 45), ("30s", 30), ("15m", 900), ("12h", 43200),
+    ("30d", 2592000), (" 2D ", 172800), ("none", None), ("", None), (None, None),
+])
+def test_store_ttl_durations(value, seconds):
+    assert Settings(store_ttl=value).store_ttl == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1h", "h", "1w", "1.5.h"])
+def test_bad_store_ttl_rejected(value):
+    with pytest.raises(pydantic.ValidationError, match="store_ttl"):
+        Settings(store_ttl=value)
