@@ -50,6 +50,14 @@ class ModelNotFound(LLMServeError):
     code = "model_not_found"
 
 
+class NotFound(LLMServeError):
+    """A stored object (a response, a chat completion) that does not exist, or no longer."""
+
+    status_code = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
 class RouteNotFound(LLMServeError):
     status_code = 404
     type = "invalid_request_error"

@@ -59,6 +59,7 @@ def run_server(
         args += ["--api-key", api_key]
     log_path = tmp_dir / f"server-{port}.log"
     environ = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVE_")}
+    environ["XDG_DATA_HOME"] = str(tmp_dir / "data")  # the default store: the test's own
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                 env={**environ, **(env or {})}, cwd=tmp_dir)

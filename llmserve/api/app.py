@@ -3,6 +3,7 @@ routes need hangs off `app.state.llmserve`."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 import uuid
@@ -15,29 +16,52 @@ from starlette.middleware.cors import CORSMiddleware
 from llmserve import __version__
 from llmserve.api import errors
 from llmserve.api.guards import Guards
-from llmserve.api.routes import chat, completions, docs, embeddings, health, metrics, models
+from llmserve.api.routes import (
+    chat,
+    completions,
+    docs,
+    embeddings,
+    health,
+    metrics,
+    models,
+    responses,
+)
 from llmserve.api.state import AppState, app_state
 from llmserve.config import Settings
 from llmserve.errors import AuthenticationFailed
 from llmserve.models import ModelRegistry
 from llmserve.serving.metrics import Metrics
+from llmserve.store import Store, store_path
 
 
 def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
+    path = store_path(settings)
+    store = Store(path, ttl=settings.store_ttl) if path is not None else None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if store is not None:
+            await store.open()
+            purger = asyncio.create_task(store.run_purger())
         await registry.start()
         try:
             yield
         finally:
+            # Background responses end (and are saved as failed) before the store closes.
+            await state.runs.stop()
             await registry.stop()
+            if store is not None:
+                purger.cancel()
+                await asyncio.gather(purger, return_exceptions=True)
+                await store.close()
 
     # The docs routes come from routes/docs.py, behind the API key.
     app = FastAPI(title="llmserve", version=__version__, lifespan=lifespan,
                   openapi_url=None, docs_url=None, redoc_url=None)
     # A Prometheus registry of this app's own (never the process-wide default one).
     app_metrics = Metrics({m.name: m.scheduler for m in registry})
-    app.state.llmserve = AppState(settings=settings, registry=registry, metrics=app_metrics)
+    state = AppState(settings=settings, registry=registry, metrics=app_metrics, store=store)
+    app.state.llmserve = state
     errors.install(app)
     # The last added runs first: request id, then CORS (so refusals carry its headers too),
     # then the guards.
@@ -46,7 +70,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID"],
         )
@@ -58,6 +82,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
     app.include_router(models.router, dependencies=v1)
     app.include_router(chat.router, dependencies=v1)
     app.include_router(completions.router, dependencies=v1)
+    app.include_router(responses.router, dependencies=v1)
     app.include_router(embeddings.router, dependencies=v1)
     app.include_router(docs.router, dependencies=v1)
     return app

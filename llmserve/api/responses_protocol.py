@@ -1,0 +1,230 @@
+"""The Responses API request (`POST /v1/responses`) as a pydantic model.
+
+As for chat, unknown fields are refused by name and OpenAI fields we do not serve are
+refused when set. Input items are checked and normalised in `serving.responses`, which
+knows what the template can take.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from llmserve.api.protocol import (
+    MAX_MESSAGES,
+    MAX_TOOLS,
+    FunctionName,
+    Metadata,
+    Name,
+    _Request,
+)
+from llmserve.errors import InvalidRequest, UnsupportedParameter
+from llmserve.serving.sampling import SamplingRequest
+from llmserve.serving.tool_calls import OutputRequest, Tool, ToolChoice
+
+
+class ResponseFunctionTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponseNamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    name: str
+
+
+class TextFormatText(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+
+
+class TextFormatJsonObject(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_object"]
+
+
+class TextFormatJsonSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    type: Literal["json_schema"]
+    name: FunctionName
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+TextFormat = Annotated[
+    TextFormatText | TextFormatJsonObject | TextFormatJsonSchema, Field(discriminator="type")
+]
+
+
+class ResponseText(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None  # accepted: one way to answer
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_obfuscation: bool | None = None  # accepted; we never obfuscate
+
+
+class CreateResponseRequest(_Request):
+    unsupported_fields: ClassVar[tuple[str, ...]] = (
+        "conversation", "prompt", "max_tool_calls", "top_logprobs", "context_management",
+    )
+
+    model: Name
+    input: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)]
+    instructions: str | None = None
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ResponseNamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    text: ResponseText | None = None
+    metadata: Metadata | None = None
+    store: bool | None = None
+    previous_response_id: Name | None = None
+    background: bool | None = None
+    include: list[str] | None = None
+    reasoning: dict[str, Any] | None = None
+    truncation: Literal["disabled", "auto"] | None = None
+    # Accepted and harmless: they change nothing about the text.
+    user: Name | None = None
+    service_tier: Name | None = None
+    prompt_cache_key: Name | None = None
+    prompt_cache_retention: Name | None = None
+    safety_identifier: Annotated[str, Field(max_length=64)] | None = None
+    # Extensions, as chat completions accept them.
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=10.0)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    ignore_eos: bool | None = None
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> CreateResponseRequest:
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest(
+                "stream_options is only allowed when stream is true.", param="stream_options"
+            )
+        if self.include:
+            raise UnsupportedParameter(
+                f"include {self.include[0]!r} is not supported by this server.", param="include"
+            )
+        if self.reasoning and any(v is not None for v in self.reasoning.values()):
+            raise UnsupportedParameter(
+                "reasoning is not supported: this server's models do not reason apart from "
+                "their answer.", param="reasoning",
+            )
+        if self.truncation == "auto":
+            raise UnsupportedParameter(
+                "truncation 'auto' is not supported; inputs that do not fit are refused.",
+                param="truncation",
+            )
+        if self.background and self.store is False:
+            raise InvalidRequest("background responses must be stored: store cannot be false.",
+                                 param="background")
+        names = [t.name for t in self.tool_list()]
+        if len(set(names)) < len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise InvalidRequest(f"Function '{dup}' is declared twice.", param="tools")
+        if isinstance(self.tool_choice, ResponseNamedToolChoice) and self.tool_choice.name not in names:
+            raise InvalidRequest(
+                f"tool_choice names function '{self.tool_choice.name}', which is not among the "
+                "tools.", param="tool_choice",
+            )
+        return self
+
+    @property
+    def stored(self) -> bool:
+        return self.store is not False  # OpenAI's default: stored
+
+    def tool_list(self) -> list[Tool]:
+        tools = []
+        for i, raw in enumerate(self.tools or ()):
+            if raw.get("type") != "function":
+                raise UnsupportedParameter(
+                    f"Tools of type {raw.get('type')!r} are not supported; only function tools.",
+                    param=f"tools.{i}.type",
+                )
+            try:
+                t = ResponseFunctionTool.model_validate(raw)
+            except ValueError as exc:
+                raise InvalidRequest(f"Invalid function tool: {exc}", param=f"tools.{i}") from None
+            tools.append(Tool(t.name, t.description,
+                              t.parameters if t.parameters is not None else {"type": "object"},
+                              bool(t.strict)))
+        return tools
+
+    def output_request(self) -> OutputRequest:
+        if isinstance(self.tool_choice, ResponseNamedToolChoice):
+            choice = ToolChoice("named", self.tool_choice.name)
+        else:
+            choice = ToolChoice(self.tool_choice or "auto")
+        fmt = self.text.format if self.text is not None else None
+        response_format: dict[str, Any] | None = None
+        if isinstance(fmt, TextFormatJsonSchema):  # as chat's response_format has it
+            response_format = {"type": "json_schema", "json_schema": {
+                "name": fmt.name, "schema": fmt.schema_, "strict": fmt.strict}}
+        elif fmt is not None:
+            response_format = {"type": fmt.type}
+        return OutputRequest(tools=self.tool_list(), choice=choice,
+                             parallel=self.parallel_tool_calls is not False,
+                             response_format=response_format)
+
+    def to_sampling(self) -> SamplingRequest:
+        return SamplingRequest(
+            n=1,
+            max_tokens=self.max_output_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(self.top_k or 0, 0),
+            min_p=self.min_p or 0.0,
+            seed=self.seed,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            logit_bias={},
+            logprobs=None,
+            ignore_eos=bool(self.ignore_eos),
+        )
+
+    def echo_fields(self) -> dict[str, Any]:
+        """What a Response object repeats of its request."""
+        fmt = self.text.format if self.text is not None and self.text.format else None
+        return {
+            "instructions": self.instructions,
+            "max_output_tokens": self.max_output_tokens,
+            "metadata": self.metadata or {},
+            "parallel_tool_calls": self.parallel_tool_calls is not False,
+            "previous_response_id": self.previous_response_id,
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "tool_choice": (self.tool_choice.model_dump() if isinstance(
+                self.tool_choice, ResponseNamedToolChoice) else self.tool_choice or "auto"),
+            "tools": [
+                {"type": "function", "name": t.name, "description": t.description,
+                 "parameters": t.parameters, "strict": t.strict}
+                for t in self.tool_list()
+            ],
+            "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True)
+                     if fmt is not None else {"type": "text"}},
+            "truncation": "disabled",
+            "store": self.stored,
+            "background": bool(self.background),
+            "reasoning": None,
+            "service_tier": "default",
+            **({"user": self.user} if self.user is not None else {}),
+        }
