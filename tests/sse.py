@@ -26,19 +26,31 @@ class EventStream:
 
 def parse_events(raw: bytes) -> list[str]:
     """Split an SSE body into event data strings. Every event must be `data: ...` lines
-    ended by a blank line; comments (`:`) are skipped."""
+    ended by a blank line, maybe after an `id: N` line; ids number a stream's events from 0
+    (a client resumes after one); comments (`:`) are skipped."""
+    return [data for _, data in parse_numbered(raw)]
+
+
+def parse_numbered(raw: bytes) -> list[tuple[int | None, str]]:
+    """The events of an SSE body with their ids, None where an event has none (see
+    `parse_events`)."""
     text = raw.decode("utf-8")  # raises on a broken character anywhere in the stream
     assert text.endswith("\n\n") or not text, f"stream does not end with a blank line: {text[-50:]!r}"
     events = []
     for block in text.split("\n\n")[:-1]:
-        data = []
+        data, id = [], None
         for line in block.split("\n"):
             if line.startswith(":"):
+                continue
+            if line.startswith("id: ") and id is None and not data:
+                id = int(line[len("id: "):])
                 continue
             assert line.startswith("data: "), f"unexpected SSE line {line!r}"
             data.append(line[len("data: "):])
         if data:
-            events.append("\n".join(data))
+            events.append((id, "\n".join(data)))
+    ids = [id for id, _ in events if id is not None]
+    assert ids == list(range(len(ids))), f"event ids not numbered from 0: {ids}"
     return events
 
 

@@ -25,6 +25,7 @@ from llmserve.api.routes import (
     metrics,
     models,
     responses,
+    stored_chat,
 )
 from llmserve.api.state import AppState, app_state
 from llmserve.config import Settings
@@ -81,6 +82,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
     v1 = [Depends(_require_api_key)]
     app.include_router(models.router, dependencies=v1)
     app.include_router(chat.router, dependencies=v1)
+    app.include_router(stored_chat.router, dependencies=v1)
     app.include_router(completions.router, dependencies=v1)
     app.include_router(responses.router, dependencies=v1)
     app.include_router(embeddings.router, dependencies=v1)

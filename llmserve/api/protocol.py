@@ -253,9 +253,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    # Accepted and harmless: they change nothing about the text.
-    store: Literal[False] | None = None
+    store: bool | None = None  # kept, listed and resumable (routes/stored_chat.py)
     metadata: Metadata | None = None
+    # Accepted and harmless: they change nothing about the text.
     service_tier: Name | None = None
     prompt_cache_key: Name | None = None
     safety_identifier: Annotated[str, Field(max_length=64)] | None = None

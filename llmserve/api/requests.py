@@ -25,6 +25,7 @@ from llmserve.serving.availability import ensure_up
 from llmserve.serving.generation import ChoiceDelta, Generation, TokenLogprob, Usage
 from llmserve.serving.metrics import Metrics
 from llmserve.serving.prepare import Prepared
+from llmserve.serving.runs import Run
 from llmserve.serving.tool_calls import ToolCallDelta
 
 M = TypeVar("M", bound=BaseModel)
@@ -109,6 +110,18 @@ def event_stream(
     )
 
 
+def follow_run(request: Request, run: Run, after: int) -> EventStreamResponse:
+    """A run's events numbered above `after`, then live; a client that hangs up leaves the
+    run going."""
+
+    async def events() -> AsyncIterator[bytes]:
+        async with aclosing(run.log.follow(after)) as it:
+            async for _, data in it:
+                yield data
+
+    return event_stream(request, events(), [])
+
+
 def request_id(request: Request) -> str | None:
     """The id the request-id middleware gave this request (echoed as X-Request-ID)."""
     return getattr(request.state, "request_id", None)
@@ -168,18 +181,22 @@ class CollectedChoice:
                 self.tool_calls[-1]["function"]["arguments"] += d.arguments
 
 
+def collect_batch(choices: list[CollectedChoice], batch: list[ChoiceDelta]) -> None:
+    for d in batch:
+        c = choices[d.index]
+        c.text.append(d.text)
+        c.logprobs.extend(d.logprobs)
+        if d.tool_calls:
+            c.add_calls(d.tool_calls)
+        if d.finish_reason:
+            c.finish_reason = d.finish_reason
+
+
 async def collect(deltas: AsyncIterator[list[ChoiceDelta]], n: int) -> list[CollectedChoice]:
     choices = [CollectedChoice() for _ in range(n)]
     async with aclosing(deltas) as it:
         async for batch in it:
-            for d in batch:
-                c = choices[d.index]
-                c.text.append(d.text)
-                c.logprobs.extend(d.logprobs)
-                if d.tool_calls:
-                    c.add_calls(d.tool_calls)
-                if d.finish_reason:
-                    c.finish_reason = d.finish_reason
+            collect_batch(choices, batch)
     return choices
 
 

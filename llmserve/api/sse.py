@@ -34,7 +34,24 @@ def error_event(exc: LLMServeError) -> bytes:
     return event(orjson.dumps(body))
 
 
-KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: every client skips it
+async def numbered(blocks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Each event of `blocks` (SSE events, several to a block) with its `id:`, numbered from
+    0: the number a client resumes after (`Last-Event-ID`)."""
+    n = 0
+    async with contextlib.aclosing(blocks) as it:  # type: ignore[type-var]
+        async for block in it:
+            out = []
+            for event in block.split(b"\n\n")[:-1]:  # JSON never holds a raw newline
+                out.append(b"id: %d\n%s\n\n" % (n, event))
+                n += 1
+            if out:
+                yield b"".join(out)
+
+
+# An SSE comment line, which every client skips. No blank line after it: a blank line ends an
+# event, and the official client then hands on an empty event whenever the stream has had an
+# `id:` (it keeps the last id, as the SSE spec says, and takes that for an event).
+KEEPALIVE = b": keep-alive\n"
 
 _END = object()
 

@@ -942,7 +942,7 @@ def test_waiters_that_hang_up_leave_no_slot_behind(one_slot_server):
             with httpx.Client(base_url=server.url, headers=server.headers(), timeout=120) as h2:
                 with h2.stream("POST", PATH, json={**LONG_BODY, "stream": True}) as waiter:
                     assert waiter.status_code == 200
-                    first = next(line for line in waiter.iter_lines() if line)
+                    first = next(line for line in waiter.iter_lines() if line.startswith("data: "))
                     chunk = json.loads(first[len("data: "):])
                     validate("CreateChatCompletionStreamResponse", chunk)
                     assert chunk["choices"][0]["delta"]["role"] == "assistant"

@@ -352,7 +352,7 @@ def test_unknown_route(http, method, path):
 
 
 @pytest.mark.parametrize("method,path", [
-    ("GET", CHAT), ("GET", COMPLETIONS), ("DELETE", "/v1/models"), ("PUT", CHAT),
+    ("DELETE", CHAT), ("GET", COMPLETIONS), ("DELETE", "/v1/models"), ("PUT", CHAT),
     ("POST", "/health"),
 ])
 def test_wrong_method(http, method, path):
@@ -360,7 +360,7 @@ def test_wrong_method(http, method, path):
 
 
 def test_wrong_method_says_allow(http):
-    r = http.get(CHAT)
+    r = http.delete(CHAT)  # GET lists stored completions
     assert r.status_code == 405
     assert "POST" in r.headers.get("allow", "")
 

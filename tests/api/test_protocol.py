@@ -285,7 +285,6 @@ def test_logit_bias_non_integer_key_refused():
         {"top_p": -0.1},
         {"logit_bias": {"1": -101}},
         {"top_k": -2},
-        {"store": True},
     ],
 )
 def test_range_violations_are_validation_errors(fields):

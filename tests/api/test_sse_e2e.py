@@ -70,7 +70,7 @@ def test_keepalive_comments_while_queued_and_clients_ignore_them(one_slot):
                       headers=server.headers(), timeout=120) as r:
         raw = r.read()
     first_content = raw.index(b'"content":"', raw.index(b'"content":"') + 1)  # after the role chunk
-    assert b": keep-alive\n\n" in raw[:first_content]  # sent while it waited for the slot
+    assert b"\n: keep-alive\n" in raw[:first_content]  # sent while it waited for the slot
     events = parse_events(raw)  # comments are valid SSE
     assert events[-1] == "[DONE]"
     text = "".join(c["choices"][0]["delta"].get("content") or ""

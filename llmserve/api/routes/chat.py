@@ -18,16 +18,20 @@ from llmserve.api.requests import (
     CollectedChoice,
     cancel_on_disconnect,
     collect,
+    collect_batch,
     event_stream,
+    follow_run,
     logprob_value,
     parse_body,
     request_id,
     start_generations,
     usage_body,
 )
-from llmserve.api.state import app_state
-from llmserve.errors import LLMServeError
-from llmserve.serving.generation import Generation, TokenLogprob
+from llmserve.api.state import AppState, app_state
+from llmserve.errors import InvalidRequest, LLMServeError
+from llmserve.serving.generation import Generation, TokenLogprob, Usage
+from llmserve.serving.runs import Run
+from llmserve.store import Store
 from llmserve.serving.tool_calls import ToolCallDelta
 
 log = logging.getLogger(__name__)
@@ -37,32 +41,49 @@ router = APIRouter()
 @router.post("/v1/chat/completions")
 async def create_chat_completion(request: Request) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
-    served = app_state(request).registry.get(body.model)
+    state = app_state(request)
+    store = state.store
+    if body.store and store is None:
+        raise InvalidRequest("store needs the store, and this server runs with --store none.",
+                             param="store")
+    served = state.registry.get(body.model)
     sampling = body.to_sampling()
     prepared = await served.prepare.chat(
         body.template_messages(), sampling, body.stop_list, body.output_request()
     )
     [gen] = start_generations(
-        served, prepared, request_id=request_id(request), metrics=app_state(request).metrics
+        served, prepared, request_id=request_id(request), metrics=state.metrics
     )
     head = {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        # Time first: stored completions of one second list in the order they were made.
+        "id": f"chatcmpl-{time.time_ns():016x}{uuid.uuid4().hex[:16]}",
         "created": int(time.time()),
         "model": served.name,
     }
     tools = prepared.parser is not None
+    want_logprobs = sampling.logprobs is not None
+    saver = _Saver(store, body, head, want_logprobs) if body.store and store is not None else None
     if body.stream:
-        return event_stream(
-            request, _stream(gen, head, sampling.n, body.include_usage, tools), [gen]
-        )
+        chunks = _stream(gen, head, sampling.n, body.include_usage, tools,
+                         saver.choices if saver is not None else None)
+        if saver is not None:
+            return _keep_running(request, state, gen, chunks, saver)
+        return event_stream(request, sse.numbered(_with_done(chunks)), [gen])
 
     try:
         async with cancel_on_disconnect(request):
             choices = await collect(gen.deltas(), sampling.n)
     finally:
         gen.close()
-    want_logprobs = sampling.logprobs is not None
-    result = {
+    result = _completion(head, choices, gen.usage, want_logprobs)
+    if saver is not None:
+        await saver.save(result)
+    return Response(orjson.dumps(result), media_type="application/json")
+
+
+def _completion(head: dict, choices: list[CollectedChoice], usage: Usage,
+                want_logprobs: bool) -> dict:
+    return {
         **head,
         "object": "chat.completion",
         "choices": [
@@ -74,9 +95,70 @@ async def create_chat_completion(request: Request) -> Response:
             }
             for i, c in enumerate(choices)
         ],
-        "usage": usage_body(gen.usage),
+        "usage": usage_body(usage),
     }
-    return Response(orjson.dumps(result), media_type="application/json")
+
+
+class _Saver:
+    """A completion with `store: true`: kept with its request's messages and metadata."""
+
+    def __init__(self, store: Store, body: ChatCompletionRequest, head: dict,
+                 want_logprobs: bool) -> None:
+        self._store = store
+        self._body = body
+        self._head = head
+        self._want_logprobs = want_logprobs
+        self.choices = [CollectedChoice() for _ in range(body.n)]  # filled by a stream
+
+    async def save(self, completion: dict | None = None, usage: Usage | None = None) -> None:
+        if completion is None:
+            assert usage is not None
+            completion = _completion(self._head, self.choices, usage, self._want_logprobs)
+        metadata = self._body.metadata or {}
+        messages = [
+            {"id": f"{self._head['id']}-{i}", "role": m.role, "refusal": None,
+             "content": m.text(f"messages.{i}"), "name": (m.model_extra or {}).get("name"),
+             "content_parts": m.content if isinstance(m.content, list) else None}
+            for i, m in enumerate(self._body.messages)
+        ]
+        await self._store.save_chat({**completion, "metadata": metadata},
+                                    messages=messages, metadata=metadata)
+
+
+async def _with_done(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async with aclosing(chunks) as it:
+        async for block in it:
+            yield block
+    yield sse.DONE
+
+
+def _keep_running(request: Request, state: AppState, gen: Generation,
+                  chunks: AsyncIterator[bytes], saver: _Saver) -> Response:
+    """A stored stream runs on its own: a client that hangs up leaves it running, and
+    resumes it with GET /v1/chat/completions/{id}?stream=true and Last-Event-ID."""
+    id = saver._head["id"]
+
+    async def work(run: Run) -> None:
+        written: list[tuple[int, bytes]] = []
+
+        def write(event: bytes) -> None:  # one entry per event: its id is its place
+            data = b"id: %d\n%s\n\n" % (len(run.log), event)
+            written.append((run.log.write(data), data))
+
+        try:
+            async with aclosing(chunks) as it:
+                async for block in it:
+                    for event in block.split(b"\n\n")[:-1]:
+                        write(event)
+        finally:
+            gen.close()
+        # Kept before [DONE] goes out: a client that reads it finds the completion.
+        await saver.save(usage=gen.usage)
+        write(sse.DONE[:-2])
+        await state.store.append_events(id, written)  # type: ignore[union-attr]
+
+    run = state.runs.start(id, work)
+    return follow_run(request, run, -1)
 
 
 def _message(c: CollectedChoice) -> dict:
@@ -89,8 +171,11 @@ def _message(c: CollectedChoice) -> dict:
 
 
 async def _stream(
-    gen: Generation, head: dict, n: int, include_usage: bool, tools: bool
+    gen: Generation, head: dict, n: int, include_usage: bool, tools: bool,
+    collected: list[CollectedChoice] | None = None,
 ) -> AsyncIterator[bytes]:
+    """The stream's chunks, one block per step (without `[DONE]`); `collected` gathers the
+    whole answer on the way, for a completion that is stored."""
     enc = sse.ChunkEncoder(object="chat.completion.chunk", include_usage=include_usage, **head)
     # With tools the answer may be calls alone: no content until there is some, as at OpenAI.
     first = {"role": "assistant", "content": None if tools else ""}
@@ -101,6 +186,8 @@ async def _stream(
     try:
         async with aclosing(gen.deltas()) as deltas:
             async for batch in deltas:
+                if collected is not None:
+                    collect_batch(collected, batch)
                 parts = []
                 for d in batch:
                     if d.text or d.logprobs:
@@ -131,7 +218,6 @@ async def _stream(
     except Exception as exc:  # noqa: BLE001 - the client still gets a well-formed ending
         log.exception("stream %s failed", head["id"])
         yield sse.error_event(LLMServeError(f"Internal error: {exc}", code="internal_error"))
-    yield sse.DONE
 
 
 def _call_delta(c: ToolCallDelta) -> dict:

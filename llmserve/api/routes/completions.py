@@ -50,7 +50,9 @@ async def create_completion(request: Request) -> Response:
 
     if body.stream:
         return event_stream(
-            request, _stream(gens, head, n, echoes, want_logprobs, body.include_usage), gens
+            request,
+            sse.numbered(_stream(gens, head, n, echoes, want_logprobs, body.include_usage)),
+            gens,
         )
 
     try:

@@ -25,12 +25,12 @@ from fastapi.responses import Response
 from llmserve.api.requests import (
     cancel_on_disconnect,
     event_stream,
+    follow_run,
     parse_body,
     request_id,
     start_generations,
 )
 from llmserve.api.responses_protocol import CreateResponseRequest
-from llmserve.api.sse import EventStreamResponse
 from llmserve.api.state import AppState, app_state
 from llmserve.errors import InvalidRequest, LLMServeError, NotFound
 from llmserve.serving.generation import Generation
@@ -191,19 +191,8 @@ async def _background(
     run = state.runs.start(id, work)
     run.state = stream
     if follow:
-        return _follow(request, run, -1)
+        return follow_run(request, run, -1)
     return _json(stream.response)
-
-
-def _follow(request: Request, run: Run, after: int) -> EventStreamResponse:
-    """A background response's events after `after`; hanging up leaves it running."""
-
-    async def events() -> AsyncIterator[bytes]:
-        async with aclosing(run.log.follow(after)) as it:
-            async for _, data in it:
-                yield data
-
-    return event_stream(request, events(), [])
 
 
 async def _stored(state: AppState, id: str, param: str | None = None):
@@ -223,7 +212,7 @@ async def retrieve_response(
     if stream:
         after = -1 if starting_after is None else starting_after
         if run is not None:
-            return _follow(request, run, after)
+            return follow_run(request, run, after)
         found = await _stored(state, response_id)
         if not found.response.get("background"):
             raise InvalidRequest("Only background responses can be streamed again.",
@@ -282,5 +271,5 @@ async def list_input_items(
     page = items[:limit]
     return _json({
         "object": "list", "data": page, "has_more": len(items) > limit,
-        "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None,
+        "first_id": page[0]["id"] if page else "", "last_id": page[-1]["id"] if page else "",
     })
