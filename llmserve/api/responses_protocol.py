@@ -140,6 +140,8 @@ class CreateResponseRequest(_Request):
         if len(set(names)) < len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise InvalidRequest(f"Function '{dup}' is declared twice.", param="tools")
+        if self.tool_choice == "required" and not names:
+            raise InvalidRequest("tool_choice 'required' needs tools.", param="tool_choice")
         if isinstance(self.tool_choice, ResponseNamedToolChoice) and self.tool_choice.name not in names:
             raise InvalidRequest(
                 f"tool_choice names function '{self.tool_choice.name}', which is not among the "

@@ -74,9 +74,11 @@ async def http_stream(client: httpx.AsyncClient, body: dict) -> Timing:
                 buf += data
                 *events, buf = buf.split(b"\n\n")
                 for ev in events:
-                    if not ev.startswith(b"data: "):
+                    # its `data:` line (after an `id:` line); none in a keep-alive comment
+                    payload = next((line[6:] for line in ev.split(b"\n")
+                                    if line.startswith(b"data: ")), None)
+                    if payload is None:
                         continue
-                    payload = ev[6:]
                     if payload == b"[DONE]":
                         continue
                     chunk = orjson.loads(payload)

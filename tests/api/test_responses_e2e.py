@@ -267,6 +267,8 @@ def test_unsupported_and_invalid_requests(http):
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
     r = post(surprise=1)
     assert r.status_code == 400 and r.json()["error"]["param"] == "surprise"
+    r = post(tool_choice="required")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
     r = post(background=True, store=False)
     assert r.status_code == 400 and r.json()["error"]["param"] == "background"
     for r in (post(tools=[{"type": "web_search"}]), post(surprise=1)):

@@ -154,7 +154,11 @@ async def _background(
     assert saver.store is not None
     id = stream.response["id"]
     queued = stream.start("queued")
-    await saver.save(stream)
+    try:
+        await saver.save(stream)
+    except BaseException:
+        gen.close()  # its place in line
+        raise
 
     async def work(run: Run) -> None:
         written: list[tuple[int, bytes]] = []

@@ -5,6 +5,7 @@ from the store."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -109,8 +110,8 @@ async def update_chat_completion(request: Request, completion_id: str) -> Respon
 async def delete_chat_completion(request: Request, completion_id: str) -> Response:
     state = app_state(request)
     run = state.runs.get(completion_id)
-    if run is not None:
-        run.cancel()
+    if run is not None and run.cancel():
+        await asyncio.gather(run.task, return_exceptions=True)  # type: ignore[arg-type]
     if not await _store(state).delete_chat(completion_id):
         raise NotFound(f"No chat completion found with id '{completion_id}'.")
     return _json({"object": "chat.completion.deleted", "id": completion_id, "deleted": True})
