@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from llmserve.errors import (
     ClientGone,
@@ -77,7 +78,8 @@ def install(app: FastAPI) -> None:
         elif exc.status_code == 405:
             err = MethodNotAllowed(
                 f"Method {request.method} not allowed on {request.url.path}.",
-                headers=dict(exc.headers or {}),  # keeps Allow
+                headers={**(exc.headers or {}),
+                         "Allow": _allowed(request, (exc.headers or {}).get("Allow", ""))},
             )
         else:
             err = LLMServeError(str(exc.detail))
@@ -96,6 +98,26 @@ def install(app: FastAPI) -> None:
         return error_response(
             LLMServeError(f"Internal server error (request id {rid}).", code="internal_error")
         )
+
+
+def _allowed(request: Request, starlettes: str) -> str:
+    """Every method some route serves on this path. Starlette's own Allow (`starlettes`)
+    names only the first matching route's, and a path may have routes in several routers."""
+    methods: set[str] = set()
+    for route in _routes(request.app.routes):
+        match, _ = route.matches(request.scope)
+        if match is Match.PARTIAL:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods)) if methods else starlettes
+
+
+def _routes(routes):
+    for route in routes:
+        inner = getattr(route, "original_router", None)  # FastAPI's included router
+        if inner is not None:
+            yield from _routes(inner.routes)
+        else:
+            yield route
 
 
 def _request_id(request: Request) -> str:
