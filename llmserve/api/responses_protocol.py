@@ -142,7 +142,8 @@ class CreateResponseRequest(_Request):
             raise InvalidRequest(f"Function '{dup}' is declared twice.", param="tools")
         if self.tool_choice == "required" and not names:
             raise InvalidRequest("tool_choice 'required' needs tools.", param="tool_choice")
-        if isinstance(self.tool_choice, ResponseNamedToolChoice) and self.tool_choice.name not in names:
+        named = isinstance(self.tool_choice, ResponseNamedToolChoice)
+        if named and self.tool_choice.name not in names:  # type: ignore[union-attr]
             raise InvalidRequest(
                 f"tool_choice names function '{self.tool_choice.name}', which is not among the "
                 "tools.", param="tool_choice",

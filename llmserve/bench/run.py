@@ -260,7 +260,8 @@ async def _soak(args: argparse.Namespace) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     with start_process(
         [sys.executable, "-m", "llmserve.cli", "serve", "--port", "{port}",
-         "--model", str(model_path), "--engine", args.engine, "--embedding-model", "none", "--store", "none",
+         "--model", str(model_path), "--engine", args.engine, "--embedding-model", "none",
+         "--store", "none",
          "--max-sequences", str(args.healthy), "--context-length", str(args.context_length),
          "--threads", str(args.threads), "--log-level", "warning"],
         "/health", logs / "soak-server.log",
