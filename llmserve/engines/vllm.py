@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,12 @@ class VllmEngine(EngineFacts):
             eos_token=_as_str(tok.eos_token),
             add_bos=bos_id is not None and bool(probe) and probe[0] == bos_id,
         )
+        if dtype == "auto":
+            from vllm.platforms import current_platform
+
+            # as for the transformers engine: fp32 on CPU (vLLM's auto is bf16 there, whose
+            # greedy output changes with the batch), the model's choice elsewhere
+            dtype = "float32" if current_platform.is_cpu() else "auto"
         if kv_cache_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             kv_cache_bytes = _kv_bytes(text_config, dtype) * ctx * max_sequences
             kv_cache_bytes = max(kv_cache_bytes, 64 << 20)
@@ -120,6 +127,8 @@ class VllmEngine(EngineFacts):
             max_logprobs=_MAX_LOGPROBS, kv_cache_memory_bytes=kv_cache_bytes,
         )
         self._llm: Any = None
+        self._streams: weakref.WeakSet[VllmStream] = weakref.WeakSet()
+        self._watchdog: asyncio.Task | None = None
         self._state = "stopped"
         self._reason: str | None = None
         self._ids = itertools.count()
@@ -175,6 +184,7 @@ class VllmEngine(EngineFacts):
             self._state, self._reason = "failed", f"{type(exc).__name__}: {exc}"
             raise EngineError(f"vLLM did not start: {exc}") from exc
         self._state = "running"
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
         if self._warmup:
             # the first batch after start is slow (seconds): before reporting ready
             prompt = self.tokenize("Hello, world.", add_bos=self.add_bos)
@@ -184,9 +194,24 @@ class VllmEngine(EngineFacts):
                 pass
         log.info("vLLM engine up in %.1f s", time.monotonic() - began)
 
+    async def _watch(self) -> None:
+        """Fail every stream once vLLM's engine core is dead: a request added while vLLM
+        noticed the death is never told (it would wait forever)."""
+        while self._llm is not None and not self._llm.errored:
+            await asyncio.sleep(0.5)
+        if self._llm is None:
+            return
+        self._state, self._reason = "failed", "vLLM's engine core is dead"
+        log.error("vLLM's engine core died: %d requests lost", len(self._streams))
+        for stream in list(self._streams):
+            stream.fail(EngineDown("The vLLM engine core died.", retry_after=30))
+
     async def stop(self) -> None:
         llm, self._llm = self._llm, None
         self._state = "stopped"
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if llm is not None:
             await asyncio.to_thread(llm.shutdown)
 
@@ -206,7 +231,9 @@ class VllmEngine(EngineFacts):
         room = self.context_length - len(prompt)
         mapped = [to_vllm(p, end_tokens=self.end_tokens, room=room) for p in params]
         base = f"{request_id or 'req'}.{next(self._ids)}"
-        return VllmStream(self._llm, list(prompt), params, mapped, base, self.end_tokens)
+        stream = VllmStream(self._llm, list(prompt), params, mapped, base, self.end_tokens)
+        self._streams.add(stream)
+        return stream
 
 
 class VllmStream:
@@ -269,6 +296,10 @@ class VllmStream:
                 finish_reason=finish if last else None,
             ))
         return out
+
+    def fail(self, exc: BaseException) -> None:
+        """End the stream with `exc` (the engine died)."""
+        self._queue.put_nowait(exc)
 
     def cancel(self, index: int | None = None) -> None:
         indices = range(len(self._ids)) if index is None else [index]

@@ -265,3 +265,46 @@ def test_refused(vllm_engine):
         engine.generate(prompt, [greedy(4)] * 9)
     with pytest.raises(ValueError, match="context"):
         engine.generate([1] * 1024, [greedy(4)])
+
+
+def test_engine_core_death_is_reported(smollm2_dir):
+    """vLLM's engine core process killed: health says failed, generate raises EngineDown."""
+    import signal
+
+    import psutil
+
+    from llmserve.engines.base import EngineDown
+    from llmserve.engines.vllm import VllmEngine
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    engine = VllmEngine(smollm2_dir, context_length=256, max_sequences=2, threads=2,
+                        warmup=False)
+    loop = Loop()
+    try:
+        loop.run(engine.start(), timeout=300)
+        assert engine.health().ok
+        new = [p for p in me.children(recursive=True) if p.pid not in before]
+        assert new
+        for p in new:
+            p.send_signal(signal.SIGKILL)
+
+        async def main():
+            prompt = chat(engine, "Hi")
+            try:  # the request that finds the engine dead, or the next one
+                await collect(engine.generate(prompt, [greedy(4)]))
+            except EngineDown:
+                pass
+            for _ in range(100):
+                if not engine.health().ok:
+                    break
+                await asyncio.sleep(0.1)
+            with pytest.raises(EngineDown):
+                engine.generate(prompt, [greedy(4)])
+            return engine.health()
+
+        health = loop.run(main())
+        assert health.state == "failed" and "dead" in health.reason
+    finally:
+        loop.run(engine.stop())
+        loop.close()
