@@ -119,8 +119,10 @@ class VllmEngine(EngineFacts):
             # greedy output changes with the batch), the model's choice elsewhere
             dtype = "float32" if current_platform.is_cpu() else "auto"
         if kv_cache_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            kv_cache_bytes = _kv_bytes(text_config, dtype) * ctx * max_sequences
-            kv_cache_bytes = max(kv_cache_bytes, 64 << 20)
+            # every sequence's full context, plus room for vLLM's block rounding (it refuses
+            # to start when one full sequence does not fit)
+            kv_cache_bytes = int(_kv_bytes(text_config, dtype) * ctx * max_sequences * 1.25)
+            kv_cache_bytes += 64 << 20
         self._engine_kwargs: dict[str, Any] = dict(
             model=str(path), max_model_len=ctx, max_num_seqs=max_sequences,
             enforce_eager=enforce_eager, dtype=dtype, trust_remote_code=trust_remote_code,
