@@ -62,6 +62,8 @@ def _require_vllm():
 class VllmEngine(EngineFacts):
     """The `Engine` protocol over vLLM's `AsyncLLM` (started by `start`, on the serving loop)."""
 
+    supports_grammar = False  # the serving core refuses tools/response_format up front
+
     def __init__(
         self,
         model_path: str | Path,
