@@ -26,8 +26,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--model", help="GGUF file or Hugging Face model directory "
                                    "(default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--engine", choices=["auto", "llamacpp", "transformers"],
-                   help="auto (default): llama.cpp for .gguf files, transformers for directories")
+    p.add_argument("--engine", choices=["auto", "llamacpp", "transformers", "vllm"],
+                   help="auto (default): llama.cpp for .gguf files, transformers for directories; "
+                        "vllm: a model directory on vLLM's AsyncLLM (vllm must be installed)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="transformers engine weights (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", help="transformers engine: auto (default), cpu, cuda, cuda:N")

@@ -20,8 +20,9 @@ class Settings(BaseSettings):
     model: str | None = Field(
         None, description="GGUF file or Hugging Face model directory; default: bundled SmolLM2"
     )
-    engine: Literal["auto", "llamacpp", "transformers"] = Field(
-        "auto", description="auto: llama.cpp for .gguf files, transformers for directories"
+    engine: Literal["auto", "llamacpp", "transformers", "vllm"] = Field(
+        "auto", description="auto: llama.cpp for .gguf files, transformers for directories; "
+        "vllm: a model directory on vLLM (needs vllm installed)"
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="transformers engine: auto is bf16 on CUDA, fp32 on CPU"

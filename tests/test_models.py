@@ -51,3 +51,32 @@ def test_bundled_model_path():
     assert path.suffix == ".gguf"
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert served_name_for(path) == "smollm2-135m-instruct"
+
+
+def test_vllm_engine_needs_a_model_directory(tmp_path):
+    from llmserve.config import Settings
+    from llmserve.models import engine_spec
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(FileNotFoundError, match="llmserve.engines.vllm convert"):
+        engine_spec(Settings(engine="vllm"), gguf)
+
+
+def test_vllm_engine_spec(tmp_path, monkeypatch):
+    import importlib.util
+
+    from llmserve.config import Settings
+    from llmserve.models import engine_spec
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match="needs vLLM installed"):
+        engine_spec(Settings(engine="vllm"), tmp_path)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    spec = engine_spec(Settings(engine="vllm", max_sequences=4, threads=2), tmp_path)
+    assert spec.kind == "vllm" and spec.path == tmp_path
+    assert spec.options["max_sequences"] == 4 and spec.options["threads"] == 2
+    # auto is unchanged: a directory goes to transformers
+    assert Settings().engine == "auto"

@@ -9,7 +9,7 @@ from typing import Any, Literal, Protocol
 
 from llmserve.engines.stepping import StepLoopEngine
 
-EngineKind = Literal["llamacpp", "transformers"]
+EngineKind = Literal["llamacpp", "transformers", "vllm"]
 
 
 class Tokenizer(Protocol):
@@ -27,6 +27,11 @@ class EngineSpec:
             from llmserve.engines.llamacpp import LlamaCppEngine
 
             return LlamaCppEngine(self.path, **self.options)
+        if self.kind == "vllm":
+            # not a StepLoopEngine: vLLM's AsyncLLM, served in the server process (engines/vllm.py)
+            from llmserve.engines.vllm import VllmEngine
+
+            return VllmEngine(self.path, **self.options)  # type: ignore[return-value]
         from llmserve.engines.transformers import TransformersEngine
 
         return TransformersEngine(self.path, **self.options)
@@ -39,6 +44,8 @@ class EngineSpec:
             return LlamaCppVocab(self.path)
         from llmserve.engines.transformers import HFTokenizer
 
+        if self.kind == "vllm":
+            return HFTokenizer(self.path, trust_remote_code=self.options.get("trust_remote_code", False))
         return HFTokenizer(self.path, gguf_file=self.options.get("gguf_file"),
                            trust_remote_code=self.options.get("trust_remote_code", False))
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from llmserve.engines.base import Engine, EngineError, FinishReason, SamplingParams, TokenOutput
-from llmserve.errors import EngineFailure, QueueTimeout
+from llmserve.errors import EngineFailure, InvalidRequest, QueueTimeout
 from llmserve.serving.availability import engine_failure
 from llmserve.serving.detokenizer import IncrementalDetokenizer, token_text
 from llmserve.serving.metrics import ModelMetrics, NoStats, RequestStats
@@ -131,6 +131,8 @@ class Generation:
             stream = self._engine.generate(self._prompt, self._params, request_id=self._request_id)
         except EngineError as exc:
             raise engine_failure(exc) from exc
+        except ValueError as exc:  # what this engine cannot do (vllm: a grammar): the request's
+            raise InvalidRequest(str(exc)) from exc
         live = len(self._choices)
         async with aclosing(stream.__aiter__()) as steps:
             try:

