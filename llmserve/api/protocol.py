@@ -65,27 +65,53 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None  # accepted; we never obfuscate
 
 
-class _Sampling(_Request):
-    model: Name
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+class _SamplingFields(_Request):
+    """The sampling fields every generating request takes (chat, completions, responses)."""
+
     # Float ranges as serving.sampling.FLOAT_RANGES has them (checked again there).
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     seed: int | None = None
-    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    # Extensions, as vLLM and llama.cpp's server accept them.
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=10.0)] | None = None
+    ignore_eos: bool | None = None
+
+    def sampling_request(
+        self, *, n: int, max_tokens: int | None, logprobs: int | None,
+        logit_bias: dict[int, float],
+    ) -> SamplingRequest:
+        # As sent: build_params turns a tiny temperature, or top_p 0, into greedy decoding.
+        return SamplingRequest(
+            n=n,
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(self.top_k or 0, 0),
+            min_p=self.min_p or 0.0,
+            seed=self.seed,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            logit_bias=logit_bias,
+            logprobs=logprobs,
+            ignore_eos=bool(self.ignore_eos),
+        )
+
+
+class _Sampling(_SamplingFields):
+    model: Name
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     logit_bias: Annotated[
         dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=MAX_LOGIT_BIAS)
     ] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: Name | None = None
-    # Extensions, as vLLM and llama.cpp's server accept them.
-    top_k: Annotated[int, Field(ge=-1)] | None = None
-    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    repetition_penalty: Annotated[float, Field(ge=0.01, le=10.0)] | None = None
-    ignore_eos: bool | None = None
 
     @model_validator(mode="after")
     def _check_stream_options(self) -> _Sampling:
@@ -114,22 +140,8 @@ class _Sampling(_Request):
                 raise InvalidRequest(
                     f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
                 ) from None
-        # As sent: build_params turns a tiny temperature, or top_p 0, into greedy decoding.
-        return SamplingRequest(
-            n=self.n,
-            max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=max(self.top_k or 0, 0),
-            min_p=self.min_p or 0.0,
-            seed=self.seed,
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0,
-            logit_bias=bias,
-            logprobs=logprobs,
-            ignore_eos=bool(self.ignore_eos),
-        )
+        return self.sampling_request(n=self.n, max_tokens=max_tokens, logprobs=logprobs,
+                                     logit_bias=bias)
 
 
 # -- chat -----------------------------------------------------------------------------------
@@ -190,6 +202,22 @@ class FunctionDefinition(BaseModel):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+
+    def tool(self) -> Tool:
+        parameters = self.parameters if self.parameters is not None else {"type": "object"}
+        return Tool(self.name, self.description, parameters, bool(self.strict))
+
+
+def check_tool_names(names: list[str], named_choice: str | None) -> None:
+    """Each function declared once; a named tool_choice names one of them."""
+    if len(set(names)) < len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise InvalidRequest(f"Function '{dup}' is declared twice.", param="tools")
+    if named_choice is not None and named_choice not in names:
+        raise InvalidRequest(
+            f"tool_choice names function '{named_choice}', which is not among the tools.",
+            param="tool_choice",
+        )
 
 
 class FunctionTool(BaseModel):
@@ -271,28 +299,16 @@ class ChatCompletionRequest(_Sampling):
     @model_validator(mode="after")
     def _check_tools(self) -> ChatCompletionRequest:
         names = [t.function.name for t in self.tools or ()]
-        if len(set(names)) < len(names):
-            dup = next(n for n in names if names.count(n) > 1)
-            raise InvalidRequest(f"Function '{dup}' is declared twice.", param="tools")
         if self.tool_choice is not None and not names:
             raise InvalidRequest(
                 "tool_choice is only allowed when tools are specified.", param="tool_choice"
             )
-        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
-            raise InvalidRequest(
-                f"tool_choice names function '{self.tool_choice.function.name}', which is not "
-                "among the tools.",
-                param="tool_choice",
-            )
+        named = self.tool_choice if isinstance(self.tool_choice, NamedToolChoice) else None
+        check_tool_names(names, named.function.name if named else None)
         return self
 
     def tool_list(self) -> list[Tool]:
-        return [
-            Tool(t.function.name, t.function.description,
-                 t.function.parameters if t.function.parameters is not None else {"type": "object"},
-                 bool(t.function.strict))
-            for t in self.tools or ()
-        ]
+        return [t.function.tool() for t in self.tools or ()]
 
     def choice(self) -> ToolChoice:
         if isinstance(self.tool_choice, NamedToolChoice):

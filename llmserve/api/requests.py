@@ -9,12 +9,13 @@ import math
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio.to_thread
 import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
+from starlette.responses import Response
 
 from llmserve.api.errors import validation_error
 from llmserve.api.sse import EventStreamResponse
@@ -120,6 +121,40 @@ def follow_run(request: Request, run: Run, after: int) -> EventStreamResponse:
                 yield data
 
     return event_stream(request, events(), [])
+
+
+def replay_events(request: Request, events: list[tuple[int, bytes]]) -> EventStreamResponse:
+    """Stored events (of a run that ended) as a stream."""
+
+    async def replay() -> AsyncIterator[bytes]:
+        for _, data in events:
+            yield data
+
+    return event_stream(request, replay(), [])
+
+
+def json_response(body: Any) -> Response:
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+def list_page(
+    items: list[dict], *, after: str | None, limit: int, order: Literal["asc", "desc"],
+    what: str,
+) -> dict:
+    """OpenAI's list object over `items` (oldest first, each with an `id`): `limit` of them
+    in `order`, after the one with id `after`."""
+    items = items[::-1] if order == "desc" else items
+    if after is not None:
+        ids = [i["id"] for i in items]
+        if after not in ids:
+            raise InvalidRequest(f"No {what} with id '{after}'.", param="after")
+        items = items[ids.index(after) + 1:]
+    return page_body(items[:limit], len(items) > limit)
+
+
+def page_body(data: list[dict], has_more: bool) -> dict:
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else "", "last_id": data[-1]["id"] if data else ""}
 
 
 def request_id(request: Request) -> str | None:

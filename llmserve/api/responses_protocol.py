@@ -9,44 +9,35 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from llmserve.api.protocol import (
     MAX_MESSAGES,
     MAX_TOOLS,
+    FunctionDefinition,
     FunctionName,
+    JsonObjectFormat,
     Metadata,
     Name,
-    _Request,
+    TextFormat,
+    _SamplingFields,
+    check_tool_names,
 )
 from llmserve.errors import InvalidRequest, UnsupportedParameter
 from llmserve.serving.sampling import SamplingRequest
 from llmserve.serving.tool_calls import OutputRequest, Tool, ToolChoice
 
 
-class ResponseFunctionTool(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ResponseFunctionTool(FunctionDefinition):
+    """A function tool as the Responses API writes it: flat, not under `function`."""
+
     type: Literal["function"]
-    name: FunctionName
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
 
 
 class ResponseNamedToolChoice(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["function"]
     name: str
-
-
-class TextFormatText(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
-
-
-class TextFormatJsonObject(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["json_object"]
 
 
 class TextFormatJsonSchema(BaseModel):
@@ -58,14 +49,14 @@ class TextFormatJsonSchema(BaseModel):
     strict: bool | None = None
 
 
-TextFormat = Annotated[
-    TextFormatText | TextFormatJsonObject | TextFormatJsonSchema, Field(discriminator="type")
+ResponseTextFormat = Annotated[
+    TextFormat | JsonObjectFormat | TextFormatJsonSchema, Field(discriminator="type")
 ]
 
 
 class ResponseText(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    format: TextFormat | None = None
+    format: ResponseTextFormat | None = None
     verbosity: Literal["low", "medium", "high"] | None = None  # accepted: one way to answer
 
 
@@ -74,7 +65,7 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None  # accepted; we never obfuscate
 
 
-class CreateResponseRequest(_Request):
+class CreateResponseRequest(_SamplingFields):
     unsupported_fields: ClassVar[tuple[str, ...]] = (
         "conversation", "prompt", "max_tool_calls", "top_logprobs", "context_management",
     )
@@ -83,8 +74,6 @@ class CreateResponseRequest(_Request):
     input: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)]
     instructions: str | None = None
     max_output_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOLS)] | None = None
@@ -104,14 +93,7 @@ class CreateResponseRequest(_Request):
     prompt_cache_key: Name | None = None
     prompt_cache_retention: Name | None = None
     safety_identifier: Annotated[str, Field(max_length=64)] | None = None
-    # Extensions, as chat completions accept them.
-    top_k: Annotated[int, Field(ge=-1)] | None = None
-    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    repetition_penalty: Annotated[float, Field(ge=0.01, le=10.0)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    ignore_eos: bool | None = None
-    seed: int | None = None
+    _tools: list[Tool] = PrivateAttr(default_factory=list)  # `tools`, checked once
 
     @model_validator(mode="after")
     def _check(self) -> CreateResponseRequest:
@@ -136,25 +118,19 @@ class CreateResponseRequest(_Request):
         if self.background and self.store is False:
             raise InvalidRequest("background responses must be stored: store cannot be false.",
                                  param="background")
-        names = [t.name for t in self.tool_list()]
-        if len(set(names)) < len(names):
-            dup = next(n for n in names if names.count(n) > 1)
-            raise InvalidRequest(f"Function '{dup}' is declared twice.", param="tools")
+        self._tools = self._function_tools()
+        names = [t.name for t in self._tools]
         if self.tool_choice == "required" and not names:
             raise InvalidRequest("tool_choice 'required' needs tools.", param="tool_choice")
-        named = isinstance(self.tool_choice, ResponseNamedToolChoice)
-        if named and self.tool_choice.name not in names:  # type: ignore[union-attr]
-            raise InvalidRequest(
-                f"tool_choice names function '{self.tool_choice.name}', which is not among the "
-                "tools.", param="tool_choice",
-            )
+        named = self.tool_choice if isinstance(self.tool_choice, ResponseNamedToolChoice) else None
+        check_tool_names(names, named.name if named else None)
         return self
 
     @property
     def stored(self) -> bool:
         return self.store is not False  # OpenAI's default: stored
 
-    def tool_list(self) -> list[Tool]:
+    def _function_tools(self) -> list[Tool]:
         tools = []
         for i, raw in enumerate(self.tools or ()):
             if raw.get("type") != "function":
@@ -163,12 +139,9 @@ class CreateResponseRequest(_Request):
                     param=f"tools.{i}.type",
                 )
             try:
-                t = ResponseFunctionTool.model_validate(raw)
+                tools.append(ResponseFunctionTool.model_validate(raw).tool())
             except ValueError as exc:
                 raise InvalidRequest(f"Invalid function tool: {exc}", param=f"tools.{i}") from None
-            tools.append(Tool(t.name, t.description,
-                              t.parameters if t.parameters is not None else {"type": "object"},
-                              bool(t.strict)))
         return tools
 
     def output_request(self) -> OutputRequest:
@@ -183,26 +156,13 @@ class CreateResponseRequest(_Request):
                 "name": fmt.name, "schema": fmt.schema_, "strict": fmt.strict}}
         elif fmt is not None:
             response_format = {"type": fmt.type}
-        return OutputRequest(tools=self.tool_list(), choice=choice,
+        return OutputRequest(tools=self._tools, choice=choice,
                              parallel=self.parallel_tool_calls is not False,
                              response_format=response_format)
 
     def to_sampling(self) -> SamplingRequest:
-        return SamplingRequest(
-            n=1,
-            max_tokens=self.max_output_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=max(self.top_k or 0, 0),
-            min_p=self.min_p or 0.0,
-            seed=self.seed,
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0,
-            logit_bias={},
-            logprobs=None,
-            ignore_eos=bool(self.ignore_eos),
-        )
+        return self.sampling_request(n=1, max_tokens=self.max_output_tokens, logprobs=None,
+                                     logit_bias={})
 
     def echo_fields(self) -> dict[str, Any]:
         """What a Response object repeats of its request."""
@@ -220,7 +180,7 @@ class CreateResponseRequest(_Request):
             "tools": [
                 {"type": "function", "name": t.name, "description": t.description,
                  "parameters": t.parameters, "strict": t.strict}
-                for t in self.tool_list()
+                for t in self._tools
             ],
             "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True)
                      if fmt is not None else {"type": "text"}},

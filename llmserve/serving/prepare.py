@@ -79,7 +79,7 @@ class Preparer:
         plan, tokens = await anyio.to_thread.run_sync(
             self._chat_tokens, messages, output or OutputRequest()
         )
-        if plan.grammar is not None and not getattr(self._engine, "supports_grammar", True):
+        if plan.grammar is not None and not self._engine.supports_grammar:
             # refused here, before a stream has begun (vllm engine, for now)
             raise UnsupportedParameter(
                 "This model's engine does not support constrained output yet: tools and "

@@ -133,6 +133,7 @@ class ResponseStream:
         self._seq = 0
         self._item: Item | None = None  # the output item being written
         self._text: list[str] = []  # of the open message
+        self._finish_reason: str | None = None  # the generation's, once it has one
 
     @property
     def output(self) -> list[Item]:
@@ -161,7 +162,15 @@ class ResponseStream:
         self.response["status"] = "in_progress"
         return [self._event("response.in_progress", response=self._snapshot())]
 
-    def feed(self, delta: ChoiceDelta) -> list[dict[str, Any]]:
+    def feed(self, batch: list[ChoiceDelta]) -> list[dict[str, Any]]:
+        """The events of one step's deltas."""
+        events: list[dict[str, Any]] = []
+        for delta in batch:
+            events += self._feed(delta)
+            self._finish_reason = delta.finish_reason or self._finish_reason
+        return events
+
+    def _feed(self, delta: ChoiceDelta) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
         if delta.text:
             if self._item is None or self._item["type"] != "message":
@@ -227,9 +236,9 @@ class ResponseStream:
                                   item=dict(item)))
         return events
 
-    def finish(self, finish_reason: str | None, usage: Usage) -> list[dict[str, Any]]:
-        """The generation ended with `finish_reason` ("length": cut off)."""
-        cut = finish_reason == "length"
+    def finish(self, usage: Usage) -> list[dict[str, Any]]:
+        """The generation ended (with finish reason "length": cut off)."""
+        cut = self._finish_reason == "length"
         events = self._close("incomplete" if cut else "completed")
         self.response["usage"] = usage_body(usage)
         if cut:

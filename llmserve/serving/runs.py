@@ -78,6 +78,11 @@ class Run:
         self.task.cancel()
         return True
 
+    async def end(self) -> None:
+        """Stop the run and wait until it has written (and saved) its ending."""
+        if self.cancel():
+            await asyncio.gather(self.task, return_exceptions=True)  # type: ignore[arg-type]
+
 
 class Runs:
     """The running generations of one app, by id. An ended run stays for `linger` seconds, so

@@ -68,9 +68,9 @@ def _response() -> dict:
 def test_text_events_in_openai_order_and_numbered():
     s = ResponseStream(_response())
     events = s.start()
-    events += s.feed(ChoiceDelta(0, "Hel"))
-    events += s.feed(ChoiceDelta(0, "lo"))
-    events += s.finish("stop", Usage(3, 2))
+    events += s.feed([ChoiceDelta(0, "Hel")])
+    events += s.feed([ChoiceDelta(0, "lo", finish_reason="stop")])
+    events += s.finish(Usage(3, 2))
     assert [e["type"] for e in events] == [
         "response.created", "response.in_progress", "response.output_item.added",
         "response.content_part.added", "response.output_text.delta",
@@ -87,11 +87,12 @@ def test_text_events_in_openai_order_and_numbered():
 def test_calls_after_text_close_the_message_and_stream_arguments():
     s = ResponseStream(_response())
     s.start()
-    events = s.feed(ChoiceDelta(0, "Let me check.", tool_calls=[
+    events = s.feed([ChoiceDelta(0, "Let me check.", tool_calls=[
         ToolCallDelta(0, id="call_1", name="w", arguments='{"ci'),
-    ]))
-    events += s.feed(ChoiceDelta(0, "", tool_calls=[ToolCallDelta(0, arguments='ty":"A"}')]))
-    events += s.finish("tool_calls", Usage(1, 1))
+    ])])
+    events += s.feed([ChoiceDelta(0, "", tool_calls=[ToolCallDelta(0, arguments='ty":"A"}')],
+                                  finish_reason="tool_calls")])
+    events += s.finish(Usage(1, 1))
     kinds = [e["type"] for e in events]
     assert kinds.index("response.output_item.done") < kinds.index("response.output_item.added", 3)
     done = next(e for e in events if e["type"] == "response.function_call_arguments.done")
@@ -105,8 +106,8 @@ def test_calls_after_text_close_the_message_and_stream_arguments():
 def test_cut_off_failed_and_cancelled_endings():
     cut = ResponseStream(_response())
     cut.start()
-    cut.feed(ChoiceDelta(0, "abc"))
-    assert cut.finish("length", Usage(1, 3))[-1]["type"] == "response.incomplete"
+    cut.feed([ChoiceDelta(0, "abc", finish_reason="length")])
+    assert cut.finish(Usage(1, 3))[-1]["type"] == "response.incomplete"
     assert cut.response["incomplete_details"] == {"reason": "max_output_tokens"}
     assert cut.response["output"][0]["status"] == "incomplete"
 
@@ -119,7 +120,7 @@ def test_cut_off_failed_and_cancelled_endings():
     cancelled.start("queued")
     assert [e["type"] for e in cancelled.running()] == ["response.in_progress"]
     assert cancelled.running() == []  # once
-    cancelled.feed(ChoiceDelta(0, "x"))
+    cancelled.feed([ChoiceDelta(0, "x")])
     events = cancelled.cancel()
     assert events[-1]["type"] == "response.output_item.done"  # no event of its own
     assert cancelled.response["status"] == "cancelled"

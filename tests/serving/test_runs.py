@@ -78,9 +78,9 @@ async def test_a_run_closes_its_log_however_it_ends_and_lingers():
     assert runs.get("r1") is None
 
 
-@in_loop
-async def test_cancel_lets_the_work_write_its_ending():
-    runs = Runs()
+async def _started_slow_run(runs: Runs) -> Run:
+    """A run that waits until cancelled, then takes a moment to write (save) its ending:
+    `stopping` or `cancelled`."""
     started = asyncio.Event()
 
     async def slow(run: Run) -> None:
@@ -88,34 +88,30 @@ async def test_cancel_lets_the_work_write_its_ending():
             started.set()
             await asyncio.sleep(60)
         except asyncio.CancelledError:
-            run.log.write(b"cancelled" if not run.stopping else b"stopping")
+            await asyncio.sleep(0.01)
+            run.log.write(b"stopping" if run.stopping else b"cancelled")
             raise
 
     run = runs.start("r", slow)
     await started.wait()
-    assert run.cancel()
-    await asyncio.gather(run.task, return_exceptions=True)
+    return run
+
+
+@in_loop
+async def test_end_cancels_and_waits_for_the_ending():
+    runs = Runs()
+    run = await _started_slow_run(runs)
+    await run.end()
     assert run.log.events() == [(0, b"cancelled")] and run.log.closed
     assert not run.cancel()  # ended already
+    await run.end()  # and again: nothing to do
     await runs.stop()
 
 
 @in_loop
 async def test_stop_marks_runs_stopping_and_waits_for_them():
     runs = Runs()
-    started = asyncio.Event()
-
-    async def slow(run: Run) -> None:
-        try:
-            started.set()
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            await asyncio.sleep(0.01)  # saving its ending takes a moment
-            run.log.write(b"stopping" if run.stopping else b"cancelled")
-            raise
-
-    run = runs.start("r", slow)
-    await started.wait()
+    run = await _started_slow_run(runs)
     await runs.stop()
     assert run.log.events() == [(0, b"stopping")]
     assert runs.get("r") is None

@@ -31,8 +31,8 @@ from llmserve.api.state import AppState, app_state
 from llmserve.errors import InvalidRequest, LLMServeError
 from llmserve.serving.generation import Generation, TokenLogprob, Usage
 from llmserve.serving.runs import Run
-from llmserve.store import Store
 from llmserve.serving.tool_calls import ToolCallDelta
+from llmserve.store import Store
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -110,13 +110,17 @@ class _Saver:
         self._want_logprobs = want_logprobs
         self.choices = [CollectedChoice() for _ in range(body.n)]  # filled by a stream
 
+    @property
+    def id(self) -> str:
+        return self._head["id"]
+
     async def save(self, completion: dict | None = None, usage: Usage | None = None) -> None:
         if completion is None:
             assert usage is not None
             completion = _completion(self._head, self.choices, usage, self._want_logprobs)
         metadata = self._body.metadata or {}
         messages = [
-            {"id": f"{self._head['id']}-{i}", "role": m.role, "refusal": None,
+            {"id": f"{self.id}-{i}", "role": m.role, "refusal": None,
              "content": m.text(f"messages.{i}"), "name": (m.model_extra or {}).get("name"),
              "content_parts": m.content if isinstance(m.content, list) else None}
             for i, m in enumerate(self._body.messages)
@@ -136,14 +140,11 @@ def _keep_running(request: Request, state: AppState, gen: Generation,
                   chunks: AsyncIterator[bytes], saver: _Saver) -> Response:
     """A stored stream runs on its own: a client that hangs up leaves it running, and
     resumes it with GET /v1/chat/completions/{id}?stream=true and Last-Event-ID."""
-    id = saver._head["id"]
+    id = saver.id
 
     async def work(run: Run) -> None:
-        written: list[tuple[int, bytes]] = []
-
         def write(event: bytes) -> None:  # one entry per event: its id is its place
-            data = b"id: %d\n%s\n\n" % (len(run.log), event)
-            written.append((run.log.write(data), data))
+            run.log.write(b"id: %d\n%s\n\n" % (len(run.log), event))
 
         try:
             async with aclosing(chunks) as it:
@@ -155,7 +156,7 @@ def _keep_running(request: Request, state: AppState, gen: Generation,
         # Kept before [DONE] goes out: a client that reads it finds the completion.
         await saver.save(usage=gen.usage)
         write(sse.DONE[:-2])
-        await state.store.append_events(id, written)  # type: ignore[union-attr]
+        await state.store.append_events(id, run.log.events())  # type: ignore[union-attr]
 
     run = state.runs.start(id, work)
     return follow_run(request, run, -1)

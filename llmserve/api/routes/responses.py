@@ -26,7 +26,10 @@ from llmserve.api.requests import (
     cancel_on_disconnect,
     event_stream,
     follow_run,
+    json_response,
+    list_page,
     parse_body,
+    replay_events,
     request_id,
     start_generations,
 )
@@ -49,10 +52,6 @@ router = APIRouter()
 
 def _sse(event: dict[str, Any]) -> bytes:
     return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
-
-
-def _json(body: Any) -> Response:
-    return Response(orjson.dumps(body), media_type="application/json")
 
 
 @router.post("/v1/responses")
@@ -92,17 +91,14 @@ async def create_response(request: Request) -> Response:
     try:
         async with cancel_on_disconnect(request):
             stream.start()
-            finish = None
             async with aclosing(gen.deltas()) as deltas:
                 async for batch in deltas:
-                    for d in batch:
-                        stream.feed(d)
-                        finish = d.finish_reason or finish
-            stream.finish(finish, gen.usage)
+                    stream.feed(batch)
+            stream.finish(gen.usage)
     finally:
         gen.close()
     await saver.save(stream)
-    return _json(stream.response)
+    return json_response(stream.response)
 
 
 class _Saver:
@@ -126,16 +122,11 @@ async def _streamed(
 ) -> AsyncIterator[bytes]:
     for event in stream.start():
         yield _sse(event)
-    finish = None
     try:
         async with aclosing(gen.deltas()) as deltas:
             async for batch in deltas:
-                out = []
-                for d in batch:
-                    out += stream.feed(d)
-                    finish = d.finish_reason or finish
-                yield b"".join(_sse(e) for e in out)
-        final = stream.finish(finish, gen.usage)
+                yield b"".join(_sse(e) for e in stream.feed(batch))
+        final = stream.finish(gen.usage)
     except LLMServeError as exc:
         log.warning("response %s failed: %s", stream.response["id"], exc.message)
         final = stream.fail(exc.message, gen.usage)
@@ -161,23 +152,17 @@ async def _background(
         raise
 
     async def work(run: Run) -> None:
-        written: list[tuple[int, bytes]] = []
-
         def write(events: list[dict[str, Any]]) -> None:
             for e in events:
-                data = _sse(e)
-                written.append((run.log.write(data), data))
+                run.log.write(_sse(e))
 
         write(queued)
-        finish = None
         try:
             async with aclosing(gen.deltas()) as deltas:
                 async for batch in deltas:
                     write(stream.running())
-                    for d in batch:
-                        write(stream.feed(d))
-                        finish = d.finish_reason or finish
-            final = stream.finish(finish, gen.usage)
+                    write(stream.feed(batch))
+            final = stream.finish(gen.usage)
         except asyncio.CancelledError:
             final = (stream.fail("The server shut down before this response finished.", gen.usage)
                      if run.stopping else stream.cancel(gen.usage))
@@ -190,13 +175,13 @@ async def _background(
             gen.close()
         write(final)
         await saver.save(stream)
-        await saver.store.append_events(id, written)  # type: ignore[union-attr]
+        await saver.store.append_events(id, run.log.events())  # type: ignore[union-attr]
 
     run = state.runs.start(id, work)
     run.state = stream
     if follow:
         return follow_run(request, run, -1)
-    return _json(stream.response)
+    return json_response(stream.response)
 
 
 async def _stored(state: AppState, id: str, param: str | None = None):
@@ -222,26 +207,21 @@ async def retrieve_response(
             raise InvalidRequest("Only background responses can be streamed again.",
                                  param="stream")
         events = await state.store.events(response_id, after)  # type: ignore[union-attr]
-
-        async def replay() -> AsyncIterator[bytes]:
-            for _, data in events:
-                yield data
-
-        return event_stream(request, replay(), [])
+        return replay_events(request, events)
     if run is not None:
-        return _json(run.state.response)
-    return _json((await _stored(state, response_id)).response)
+        return json_response(run.state.response)
+    return json_response((await _stored(state, response_id)).response)
 
 
 @router.delete("/v1/responses/{response_id}")
 async def delete_response(request: Request, response_id: str) -> Response:
     state = app_state(request)
     run = state.runs.get(response_id)
-    if run is not None and run.cancel():
-        await asyncio.gather(run.task, return_exceptions=True)  # type: ignore[arg-type]
+    if run is not None:
+        await run.end()
     if state.store is None or not await state.store.delete_response(response_id):
         raise NotFound(f"No response found with id '{response_id}'.")
-    return _json({"id": response_id, "object": "response", "deleted": True})
+    return json_response({"id": response_id, "object": "response", "deleted": True})
 
 
 @router.post("/v1/responses/{response_id}/cancel")
@@ -249,13 +229,12 @@ async def cancel_response(request: Request, response_id: str) -> Response:
     state = app_state(request)
     run = state.runs.get(response_id)
     if run is not None:
-        if run.cancel():
-            await asyncio.gather(run.task, return_exceptions=True)  # type: ignore[arg-type]
-        return _json(run.state.response)
+        await run.end()
+        return json_response(run.state.response)
     found = await _stored(state, response_id)
     if not found.response.get("background"):
         raise InvalidRequest("Only background responses can be cancelled.")
-    return _json(found.response)
+    return json_response(found.response)
 
 
 @router.get("/v1/responses/{response_id}/input_items")
@@ -263,17 +242,6 @@ async def list_input_items(
     request: Request, response_id: str, limit: int = Query(20, ge=1, le=100),
     order: Literal["asc", "desc"] = "desc", after: str | None = None,
 ) -> Response:
-    items = list((await _stored(app_state(request), response_id)).input_items)
-    if order == "desc":
-        items.reverse()
-    if after is not None:
-        ids = [i["id"] for i in items]
-        if after not in ids:
-            raise InvalidRequest(f"No input item with id '{after}' in this response.",
-                                 param="after")
-        items = items[ids.index(after) + 1:]
-    page = items[:limit]
-    return _json({
-        "object": "list", "data": page, "has_more": len(items) > limit,
-        "first_id": page[0]["id"] if page else "", "last_id": page[-1]["id"] if page else "",
-    })
+    items = (await _stored(app_state(request), response_id)).input_items
+    return json_response(list_page(items, after=after, limit=limit, order=order,
+                                   what="input item in this response"))

@@ -5,27 +5,27 @@ from the store."""
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Literal
 
-import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
 
 from llmserve.api.protocol import Metadata
-from llmserve.api.requests import event_stream, follow_run, parse_body
+from llmserve.api.requests import (
+    follow_run,
+    json_response,
+    list_page,
+    page_body,
+    parse_body,
+    replay_events,
+)
 from llmserve.api.state import AppState, app_state
 from llmserve.errors import InvalidRequest, NotFound
 from llmserve.store import Store, StoredChat
 
 router = APIRouter()
-
-
-def _json(body: Any) -> Response:
-    return Response(orjson.dumps(body), media_type="application/json")
 
 
 def _store(state: AppState) -> Store:
@@ -41,11 +41,6 @@ async def _found(state: AppState, id: str) -> StoredChat:
     return found
 
 
-def _page(data: list[dict], has_more: bool) -> dict:
-    return {"object": "list", "data": data, "has_more": has_more,
-            "first_id": data[0]["id"] if data else "", "last_id": data[-1]["id"] if data else ""}
-
-
 _METADATA_KEY = re.compile(r"metadata\[(.+)\]")
 
 
@@ -59,7 +54,7 @@ async def list_chat_completions(
                 if (m := _METADATA_KEY.fullmatch(k))}
     chats, has_more = await _store(app_state(request)).list_chats(
         model=model, metadata=metadata or None, after=after, limit=limit, order=order)
-    return _json(_page([c.completion for c in chats], has_more))
+    return json_response(page_body([c.completion for c in chats], has_more))
 
 
 @router.get("/v1/chat/completions/{completion_id}")
@@ -68,7 +63,7 @@ async def retrieve_chat_completion(
 ) -> Response:
     state = app_state(request)
     if not stream:
-        return _json((await _found(state, completion_id)).completion)
+        return json_response((await _found(state, completion_id)).completion)
     raw = request.headers.get("last-event-id", "-1").strip() or "-1"
     try:
         after = int(raw)
@@ -83,12 +78,7 @@ async def retrieve_chat_completion(
     if not events and after < 0:
         raise InvalidRequest("Only completions that were streamed can be streamed again.",
                              param="stream")
-
-    async def replay() -> AsyncIterator[bytes]:
-        for _, data in events:
-            yield data
-
-    return event_stream(request, replay(), [])
+    return replay_events(request, events)
 
 
 class _MetadataUpdate(BaseModel):
@@ -103,18 +93,18 @@ async def update_chat_completion(request: Request, completion_id: str) -> Respon
         completion_id, body.metadata or {})
     if updated is None:
         raise NotFound(f"No chat completion found with id '{completion_id}'.")
-    return _json(updated.completion)
+    return json_response(updated.completion)
 
 
 @router.delete("/v1/chat/completions/{completion_id}")
 async def delete_chat_completion(request: Request, completion_id: str) -> Response:
     state = app_state(request)
     run = state.runs.get(completion_id)
-    if run is not None and run.cancel():
-        await asyncio.gather(run.task, return_exceptions=True)  # type: ignore[arg-type]
+    if run is not None:
+        await run.end()
     if not await _store(state).delete_chat(completion_id):
         raise NotFound(f"No chat completion found with id '{completion_id}'.")
-    return _json({"object": "chat.completion.deleted", "id": completion_id, "deleted": True})
+    return json_response({"object": "chat.completion.deleted", "id": completion_id, "deleted": True})
 
 
 @router.get("/v1/chat/completions/{completion_id}/messages")
@@ -122,13 +112,6 @@ async def list_chat_messages(
     request: Request, completion_id: str, after: str | None = None,
     limit: int = Query(20, ge=1, le=100), order: Literal["asc", "desc"] = "asc",
 ) -> Response:
-    messages = list((await _found(app_state(request), completion_id)).messages)
-    if order == "desc":
-        messages.reverse()
-    if after is not None:
-        ids = [m["id"] for m in messages]
-        if after not in ids:
-            raise InvalidRequest(f"No message with id '{after}' in this completion.",
-                                 param="after")
-        messages = messages[ids.index(after) + 1:]
-    return _json(_page(messages[:limit], len(messages) > limit))
+    messages = (await _found(app_state(request), completion_id)).messages
+    return json_response(list_page(messages, after=after, limit=limit, order=order,
+                                   what="message in this completion"))
