@@ -222,6 +222,69 @@ def test_sequences_join_while_others_are_mid_generation(run):
     assert together == alone
 
 
+def test_staggered_joins_and_leaves_equal_a_plain_forward(run, tiny_model):
+    # Five requests of different prompt lengths arrive one after another while the others
+    # run; three slots, so some wait for a row that another one leaves. Every answer is the
+    # plain model's greedy answer, computed without any cache.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, local_files_only=True).eval()
+    lengths = [20, 7, 26, 12, 15]
+    texts = [*QUESTIONS, "the quick brown fox " * 5]
+
+    async def fn(e):
+        prompts = [chat(e, q) for q in texts]
+        started = [asyncio.Event() for _ in texts]
+
+        async def one(i):
+            if i:
+                await started[i - 1].wait()
+            out = []
+            async for step in e.generate(prompts[i], [greedy(lengths[i], ignore_eos=True)]):
+                out.extend(t.token_id for t in step)
+                if len(out) >= 3:
+                    started[i].set()
+            started[i].set()
+            return out
+
+        return prompts, await asyncio.gather(*(one(i) for i in range(len(texts))))
+
+    prompts, got = run(fn, max_sequences=3)
+    with torch.inference_mode():
+        for prompt, n, answer in zip(prompts, lengths, got, strict=True):
+            ids = list(prompt)
+            for _ in range(n):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            assert answer == ids[len(prompt):]
+
+
+def test_seeded_draws_do_not_depend_on_the_batch(run):
+    chain = {"top_k": 40, "top_p": 0.9, "min_p": 0.02, "presence_penalty": 0.5,
+             "frequency_penalty": 0.3, "repetition_penalty": 1.2, "logit_bias": {5: 2.0}}
+
+    def sampled(seed, n=24):
+        return SamplingParams(max_tokens=n, temperature=0.9, seed=seed, ignore_eos=True, **chain)
+
+    async def fn(e):
+        p = chat(e, QUESTIONS[1])
+        alone = (await tokens(e, p, [sampled(11)]))[0]
+        # Others of different lengths already running, joining and leaving around it.
+        runner = e.generate(chat(e, QUESTIONS[3]), [sampled(3, 40), greedy(9, ignore_eos=True)])
+        it = runner.__aiter__()
+        await it.__anext__()
+        crowd = await asyncio.gather(
+            tokens(e, p, [sampled(11)]), tokens(e, chat(e, QUESTIONS[0]), [sampled(12, 5)]),
+            *(tokens(e, chat(e, q), [sampled(13)]) for q in QUESTIONS[2:]),
+        )
+        async for _ in it:
+            pass
+        return alone, crowd[0][0]
+
+    alone, in_crowd = run(fn, max_sequences=6)
+    assert len(alone) == 24
+    assert in_crowd == alone
+
+
 def test_long_prompt_is_read_in_pieces_while_others_keep_decoding(run):
     text = "the quick brown fox jumps over the lazy dog " * 8
 
