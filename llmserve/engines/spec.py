@@ -42,7 +42,7 @@ class EngineSpec:
             from llmserve.engines.llamacpp import LlamaCppVocab
 
             return LlamaCppVocab(self.path)
-        from llmserve.engines.transformers import HFTokenizer
+        from llmserve.engines.hf_loading import HFTokenizer
 
         if self.kind == "vllm":
             return HFTokenizer(self.path, trust_remote_code=self.options.get("trust_remote_code", False))

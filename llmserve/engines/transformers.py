@@ -1,22 +1,20 @@
 """Transformers engine: Hugging Face checkpoints (or GGUF files, dequantized) in PyTorch, with
-continuous batching over one left-padded KV cache.
+continuous batching over a KV cache of one slot per sequence (engines/hf_cache.py).
 
 One decode thread owns the model, as in the llama.cpp engine. Each step it takes new
 requests and cancellations from its inbox, runs ONE forward pass holding the next token of
-every running sequence, reads a piece of at most `prefill_chunk` prompt tokens (the whole
-prompt, up to `max_prefill`, when nothing else runs), samples every sequence with its own
-parameters, and hands all new tokens to the event loop with a single `call_soon_threadsafe`.
+every running sequence, then one holding pieces of the prompts being read (at most
+`prefill_chunk` tokens in all while others decode; up to `max_prefill` when nothing else
+runs), samples every sequence that has new logits in one batched draw
+(engines/hf_sampling.py), and hands all new tokens to the event loop with a single
+`call_soon_threadsafe`.
 
-The running sequences share one `DynamicCache` whose tensors are `[batch, heads, columns,
-dim]`. Every row is right-aligned: its `n_past` real tokens fill the last `n_past` columns and
-the columns before them are zero padding, masked out by a 2D attention mask rebuilt each step
-from the rows' lengths. Positions are passed explicitly (`n_past` per row), so a row's
-tokens see exactly the positions they would see alone. A decode step appends one column to
-every row, which keeps the alignment. A prompt is read into a cache of its own (batch 1, no
-padding, so it is read exactly as it would be alone); once read, its rows (one per choice:
-n > 1 shares the prompt's KV) join the batch: every part is left-padded to the longest row
-and the parts are stacked. A finished or cancelled sequence leaves at once: the remaining
-rows are selected, and leading columns that are padding in every row are dropped.
+A request is given its slots (one per choice) when it is admitted. Its prompt is read into
+the first of them, in pieces, several prompts side by side in one forward pass; once read,
+the other choices' slots get a copy of it. A slot's token at position p lives in column p,
+so a decode step writes one column per sequence and nothing ever moves: a sequence that
+joins or leaves touches only its own slot. Slots are taken lowest first, so the decode pass
+runs over slots `[0, highest in use]`; a free slot among them is computed and ignored.
 
 Rows with a grammar (`SamplingParams.grammar`, see engines/grammar.py) have their logits
 masked, all in one tensor op, before sampling; forced tokens are sampled one per step here.
@@ -24,28 +22,19 @@ masked, all in one tensor op, before sampling; forced tokens are sampled one per
 
 from __future__ import annotations
 
-import os
-
-# Nothing here may reach the Hugging Face hub: set before transformers (and huggingface_hub)
-# are imported, and every load also passes `local_files_only=True`.
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-
-import contextlib
+import heapq
 import inspect
-import json
 import logging
-import random
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from llmserve.engines import grammar
+from llmserve.engines import grammar, hf_loading
 from llmserve.engines.base import EngineError, SamplingParams, TokenOutput
+from llmserve.engines.hf_cache import Placement, SlotCache, attention_masks
+from llmserve.engines.hf_sampling import Sampler, draw_keys
 from llmserve.engines.stepping import (
     Delivery,
     EngineRequest,
@@ -58,8 +47,7 @@ log = logging.getLogger(__name__)
 
 # Chat end-of-turn tokens, when the tokenizer has them as special tokens.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|END_OF_TURN_TOKEN|>")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_ATTENTION = ("sdpa", "eager")  # implementations that take our 4D masks as they are
 
 
 @dataclass(eq=False)
@@ -67,24 +55,12 @@ class _Sequence:
     request: EngineRequest
     index: int
     params: SamplingParams
-    greedy: bool  # argmax with nothing to apply first: sampled for the whole batch at once
-    generator: torch.Generator | None = None
-    bias_ids: torch.Tensor | None = None
-    bias_values: torch.Tensor | None = None
-    seen: torch.Tensor | None = None  # [vocab] bool: prompt + generated (repetition penalty)
-    counts: torch.Tensor | None = None  # [vocab] float: generated (presence/frequency)
-    n_past: int = 0  # tokens held in the KV cache (its row's real columns)
+    slot: int  # its row of the KV cache and of the sampler's tables
+    keys: tuple[int, int]  # its sampling noise's keys (engines.hf_sampling)
+    n_past: int = 0  # tokens held in the KV cache: columns [0, n_past) of its slot
     generated: int = 0
     next_token: int = -1
     matcher: Any = None  # its grammar's llguidance matcher; None: unconstrained
-
-
-@dataclass(eq=False)
-class _Batch:
-    """The running sequences, row i of `cache` holding `seqs[i]` (right-aligned)."""
-
-    seqs: list[_Sequence] = field(default_factory=list)
-    cache: Any = None  # DynamicCache, or None when empty
 
 
 class TransformersEngine(StepLoopEngine):
@@ -114,28 +90,28 @@ class TransformersEngine(StepLoopEngine):
         self._max_sequences = max_sequences
         self._prefill_chunk = max(1, prefill_chunk)
         self._max_prefill = max(self._prefill_chunk, max_prefill)
-        self._device = _resolve_device(device)
-        self._dtype = _resolve_dtype(dtype, self._device)
+        self._device = hf_loading.resolve_device(device)
+        self._dtype = hf_loading.resolve_dtype(dtype, self._device)
 
-        path, gguf = _check_files(Path(model_path), gguf_file)
+        path, gguf = hf_loading.check_files(Path(model_path), gguf_file)
         self.model_path = path
         self.gguf_file = gguf
-        self._text = HFTokenizer(path, gguf_file=gguf, trust_remote_code=trust_remote_code)
+        self._text = hf_loading.HFTokenizer(path, gguf_file=gguf, trust_remote_code=trust_remote_code)
         self._tokenizer = self._text.tokenizer
-        self._model = _load_model(path, gguf, self._dtype, trust_remote_code)
+        self._model = hf_loading.load_model(path, gguf, self._dtype, trust_remote_code)
         self._model.to(self._device)
         self._model.eval()
 
         config = self._model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        kinds = set(getattr(text_config, "layer_types", None) or ())
-        if kinds - {"full_attention", "sliding_attention"}:
-            raise EngineError(
-                f"{path}: layer types {sorted(kinds)} are not supported (only attention layers whose "
-                "KV cache is a plain [batch, heads, tokens, dim] tensor)"
-            )
         self._text_config = text_config
-        trained = _max_positions(text_config, self._tokenizer)
+        self._layer_kinds, self._sliding_window = _attention_kinds(path, text_config)
+        attn = getattr(config, "_attn_implementation", None) or "eager"
+        if attn not in _ATTENTION:
+            raise EngineError(f"{path}: attention implementation {attn!r} is not supported "
+                              f"(one of {', '.join(_ATTENTION)})")
+        self._additive_mask = self._dtype if attn == "eager" else None
+        trained = hf_loading.max_positions(text_config, self._tokenizer)
         self._context_length = min(context_length or trained, trained)
         out_emb = self._model.get_output_embeddings()
         self._n_vocab = int(
@@ -149,35 +125,26 @@ class TransformersEngine(StepLoopEngine):
 
         tok = self._tokenizer
         self._bos_id: int | None = tok.bos_token_id
-        self._bos_token = _as_str(tok.bos_token)
-        self._eos_token = _as_str(tok.eos_token)
-        self._chat_template = _chat_template(tok)
+        self._bos_token = hf_loading.as_str(tok.bos_token)
+        self._eos_token = hf_loading.as_str(tok.eos_token)
+        self._chat_template = hf_loading.chat_template(tok)
         probe = tok("a", add_special_tokens=True)["input_ids"]
         self._add_bos = self._bos_id is not None and bool(probe) and probe[0] == self._bos_id
         self._end_tokens = self._find_end_tokens()
-        self._token_bytes = _token_bytes_table(tok, self._n_vocab)
+        self._token_bytes = hf_loading.token_bytes_table(tok, self._n_vocab)
         self._grammars = grammar.Grammars(
             lambda: grammar.hf_tokenizer(self._tokenizer, self._n_vocab, self._end_tokens),
             self._n_vocab, engine_threads=threads,
         )
 
+        self._cache = SlotCache(int(text_config.num_hidden_layers), max_sequences,
+                                self._context_length)
+        self._sampler = Sampler(max_sequences, self._n_vocab, self._device)
+        self._allocate_cache()
         self._init_loop()
         # decode-thread state
-        self._batch = _Batch()
-        self._pending: dict[EngineRequest, Any] = {}  # prompts being read: their own caches
-
-    # -- facts the serving core reads ----------------------------------------------------
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
-        return self._text.tokenize(text, add_bos=add_bos)
+        self._free: list[int] = list(range(max_sequences))  # a heap: lowest slot first
+        self._slots: list[_Sequence | None] = [None] * max_sequences  # decoding, by slot
 
     def _find_end_tokens(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -196,15 +163,39 @@ class TransformersEngine(StepLoopEngine):
                 ids.add(added[text])
         return frozenset(t for t in ids if 0 <= t < self._n_vocab)
 
+    def _allocate_cache(self) -> None:
+        """Every layer's slots, allocated now by one forward pass of one token (their shapes
+        are the model's own), so that a cache too big fails the load, not a request."""
+        where = _placement([0], [0], [0], [0], 1, self._device)
+        ids = torch.zeros(1, 1, dtype=torch.long, device=self._device)
+        positions = torch.zeros(1, 1, dtype=torch.long, device=self._device)
+        with torch.inference_mode():
+            self._run(ids, positions, where)
+        log.info("KV cache: %d slots x %d positions, %.0f MiB", self._max_sequences,
+                 self._context_length, self._cache.bytes() / 2**20)
+
+    # -- facts the serving core reads ----------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
+        return self._text.tokenize(text, add_bos=add_bos)
+
     # -- lifecycle -------------------------------------------------------------------------
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._batch = _Batch()
-        self._pending.clear()
+        self._reset()
         self._model = None
+        self._cache = None
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -217,237 +208,230 @@ class TransformersEngine(StepLoopEngine):
             super().serve(deliver)
 
     def _running(self) -> bool:
-        return bool(self._batch.seqs)
+        return any(s is not None for s in self._slots)
+
+    def _decoding(self) -> list[_Sequence]:
+        return [s for s in self._slots if s is not None]
 
     def _reset(self) -> None:
-        self._batch = _Batch()
-        self._pending.clear()
+        self._slots = [None] * self._max_sequences
+        self._free = list(range(self._max_sequences))
         self._prefilling.clear()
+
+    def _release(self, seq: _Sequence) -> None:
+        if self._slots[seq.slot] is seq:
+            self._slots[seq.slot] = None
+        heapq.heappush(self._free, seq.slot)
+
+    def _leave(self, seq: _Sequence, out: StepOutputs) -> None:
+        """A decoding sequence is done: its slot is free, its request ends with its last."""
+        self._release(seq)
+        req = seq.request
+        req.sequences.remove(seq)
+        if not req.sequences:
+            out.end(req)
 
     def _apply_cancels(self, out: StepOutputs) -> None:
         prefilling = self._prefilling
         for req in [r for r in prefilling if self._all_cancelled(r)]:
             prefilling.remove(req)
-            self._pending.pop(req, None)
+            for seq in req.sequences:
+                self._release(seq)
             req.sequences = []
             out.end(req)
-        seqs = self._batch.seqs
-        keep = []
-        for i, seq in enumerate(seqs):
+        for seq in self._decoding():
             req = seq.request
             if req.cancel_all or seq.index in req.cancelled:
-                req.sequences.remove(seq)
-                if not req.sequences:
-                    out.end(req)
-            else:
-                keep.append(i)
-        if len(keep) < len(seqs):
-            self._rebuild(keep, [])
+                self._leave(seq, out)
 
     def _admit(self) -> None:
         waiting, prefilling = self._waiting, self._prefilling
-        used = len(self._batch.seqs) + sum(len(r.sequences) for r in prefilling)
         # FIFO: a large request at the head waits for room rather than being overtaken forever.
-        while waiting and len(waiting[0].params) <= self._max_sequences - used:
+        while waiting and len(waiting[0].params) <= len(self._free):
             req = waiting.popleft()
             req.prefilled = 0
             req.sequences = [self._new_sequence(req, i, p) for i, p in enumerate(req.params)]
-            used += len(req.sequences)
             prefilling.append(req)
 
     def _new_sequence(self, req: EngineRequest, index: int, p: SamplingParams) -> _Sequence:
-        dev, n = self._device, self._n_vocab
-        bias = {t: b for t, b in p.logit_bias.items() if 0 <= t < n}
-        penalties = p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-        argmax = p.temperature <= 0.0 or p.top_k == 1
-        seq = _Sequence(req, index, p, greedy=argmax and not bias and not penalties,
-                        matcher=req.matchers[index])
-        if not argmax:
-            seq.generator = torch.Generator(device=dev)
-            seed = p.seed if p.seed is not None else random.getrandbits(63)
-            seq.generator.manual_seed(seed % (1 << 64))
-        if bias:
-            seq.bias_ids = torch.tensor(list(bias), dtype=torch.long, device=dev)
-            seq.bias_values = torch.tensor(list(bias.values()), dtype=torch.float32, device=dev)
-        if p.repetition_penalty != 1.0:
-            seq.seen = torch.zeros(n, dtype=torch.bool, device=dev)
-            ids = torch.tensor([t for t in req.prompt if 0 <= t < n], dtype=torch.long, device=dev)
-            seq.seen[ids] = True
-        if p.presence_penalty or p.frequency_penalty:
-            seq.counts = torch.zeros(n, dtype=torch.float32, device=dev)
-        return seq
+        slot = heapq.heappop(self._free)
+        self._sampler.admit(slot, p, req.prompt)
+        return _Sequence(req, index, p, slot, draw_keys(p.seed), matcher=req.matchers[index])
 
     def _step(self, out: StepOutputs) -> None:
-        prefilling = self._prefilling
-        batch = self._batch
-        keep = list(range(len(batch.seqs)))
-        # 1. The next token of every running sequence, in one forward pass.
-        if batch.seqs:
+        # 1. The next token of every decoding sequence, in one forward pass.
+        rows: list[_Sequence] = []
+        logits: list[torch.Tensor] = []
+        decoding = self._decoding()
+        if decoding:
             try:
-                logits = self._decode(batch)
+                logits.append(self._decode(decoding))
+                rows += decoding
             except Exception as exc:
                 log.exception("decode step failed")
                 err = EngineError(f"decode step failed: {exc}")
-                for req in dict.fromkeys(s.request for s in batch.seqs):
+                for seq in decoding:
+                    self._release(seq)
+                for req in dict.fromkeys(s.request for s in decoding):
                     req.sequences = []
                     out.end(req, err)
-                self._batch = batch = _Batch()
-                keep = []
-            else:
-                alive = self._sample(batch.seqs, logits, out)
-                keep = [i for i, a in enumerate(alive) if a]
+        # 2. Pieces of prompts, side by side: a piece per step while others decode, as fast
+        # as possible otherwise. Prompts read to the end join the draw below.
+        if self._prefilling:
+            budget = self._prefill_chunk if decoding else self._max_prefill
+            read, last = self._prefill(budget, out)
+            for req, row in zip(read, last, strict=True):
+                for seq in self._join(req, out):
+                    rows.append(seq)
+                    logits.append(row[None])
+        # 3. One draw for all of them.
+        if rows:
+            self._sample(rows, torch.cat(logits) if len(logits) > 1 else logits[0], out)
 
-        # 2. Prompts: a piece per step while others run, as fast as possible otherwise.
-        budget = self._prefill_chunk if keep else self._max_prefill
-        joins: list[tuple[Any, list[_Sequence]]] = []
-        for req in list(prefilling):
-            if budget <= 0:
-                break
-            take = min(budget, len(req.prompt) - req.prefilled)
-            try:
-                logits = self._prefill(req, take)
-            except Exception as exc:
-                log.exception("prefill failed")
-                prefilling.remove(req)
-                self._pending.pop(req, None)
-                req.sequences = []
-                out.end(req, EngineError(f"prefill failed: {exc}"))
-                continue
-            budget -= take
-            if req.prefilled < len(req.prompt):
-                continue
-            prefilling.remove(req)
-            cache = self._pending.pop(req)
-            req.sequences = [s for s in req.sequences if s.index not in req.cancelled]
-            seqs = list(req.sequences)
-            if not seqs:
-                out.end(req)
-                continue
-            for seq in seqs:
-                seq.n_past = len(req.prompt)
-            alive = self._sample(seqs, logits.expand(len(seqs), -1), out)
-            staying = [s for s, a in zip(seqs, alive, strict=True) if a]
-            if staying:
-                joins.append((cache, staying))
+    def _join(self, req: EngineRequest, out: StepOutputs) -> list[_Sequence]:
+        """A prompt is read: its choices' slots get a copy of it (read into the first), the
+        cancelled ones' slots are freed, and the others start decoding."""
+        home = req.sequences[0].slot
+        staying = [s for s in req.sequences if s.index not in req.cancelled]
+        n = len(req.prompt)
+        others = [s.slot for s in staying if s.slot != home]
+        if others:
+            self._cache.copy_prefix(home, others, n)
+        for seq in req.sequences:
+            if seq not in staying:
+                self._release(seq)
+        req.sequences = staying
+        if not staying:
+            out.end(req)
+        for seq in staying:
+            seq.n_past = n
+            self._slots[seq.slot] = seq
+        return staying
 
-        # 3. Finished sequences leave, read prompts join: one new cache for both.
-        self._rebuild(keep, joins)
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, where: Placement) -> torch.Tensor:
+        self._cache.place(where)
+        mask = attention_masks(positions, where.length, kinds=self._layer_kinds,
+                               sliding_window=self._sliding_window, additive=self._additive_mask)
+        return self._forward(ids, positions, mask, self._cache)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask, cache) -> torch.Tensor:
+        """The last position's logits of every row (float32)."""
         kwargs = {self._cache_kw: cache, "use_cache": True}
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
         out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
         return out.logits[:, -1, :].float()
 
-    def _decode(self, batch: _Batch) -> torch.Tensor:
+    def _decode(self, seqs: list[_Sequence]) -> torch.Tensor:
+        """Logits `[len(seqs), vocab]`. Rows are slots `[0, highest in use]`: a free slot
+        among them reads column 0 and writes nothing."""
         dev = self._device
-        seqs = batch.seqs
-        columns = _cache_length(batch.cache)
-        n_past = torch.tensor([s.n_past for s in seqs], dtype=torch.long, device=dev)
-        ids = torch.tensor([[s.next_token] for s in seqs], dtype=torch.long, device=dev)
-        # Row r's real tokens are its last n_past columns, then the one fed now.
-        cols = torch.arange(columns + 1, device=dev)
-        mask = (cols[None, :] >= (columns - n_past)[:, None]).long()
-        logits = self._forward(ids, n_past[:, None], mask, batch.cache)
-        for seq in seqs:
-            seq.n_past += 1
+        top = seqs[-1].slot + 1
+        ids = [0] * top
+        pos = [0] * top
+        for s in seqs:
+            ids[s.slot] = s.next_token
+            pos[s.slot] = s.n_past
+        slots = [s.slot for s in seqs]
+        columns = [s.n_past for s in seqs]
+        where = _placement(slots, [0] * len(seqs), slots, columns, max(columns) + 1, dev,
+                           in_place=True)
+        logits = self._run(torch.tensor(ids, device=dev)[:, None],
+                           torch.tensor(pos, device=dev)[:, None], where)
+        for s in seqs:
+            s.n_past += 1
+        if len(seqs) < top:
+            logits = logits.index_select(0, torch.tensor(slots, device=dev))
         return logits
 
-    def _prefill(self, req: EngineRequest, take: int) -> torch.Tensor:
+    def _prefill(self, budget: int, out: StepOutputs) -> tuple[list[EngineRequest], list[torch.Tensor]]:
+        """Read up to `budget` prompt tokens, first come first served, each prompt's piece a
+        row of one forward pass; returns the prompts read to the end and their last logits."""
+        pieces: list[tuple[EngineRequest, int, int]] = []
+        for req in self._prefilling:
+            if budget <= 0:
+                break
+            take = min(budget, len(req.prompt) - req.prefilled)
+            pieces.append((req, req.prefilled, take))
+            budget -= take
         dev = self._device
-        cache = self._pending.get(req)
-        if cache is None:
-            cache = self._pending[req] = DynamicCache()
-        start, end = req.prefilled, req.prefilled + take
-        ids = torch.tensor([req.prompt[start:end]], dtype=torch.long, device=dev)
-        positions = torch.arange(start, end, device=dev)[None, :]
-        mask = torch.ones(1, end, dtype=torch.long, device=dev)
-        logits = self._forward(ids, positions, mask, cache)
-        req.prefilled = end
-        return logits
-
-    def _rebuild(self, keep: list[int], joins: list[tuple[Any, list[_Sequence]]]) -> None:
-        """Keep rows `keep` of the batch and add the `joins` (a prompt's batch-1 cache and
-        the sequences that share it), left-padding every part to the longest row."""
-        batch = self._batch
-        if len(keep) == len(batch.seqs) and not joins:
-            return
-        kept = [batch.seqs[i] for i in keep]
-        seqs = kept + [s for _, group in joins for s in group]
-        if not seqs:
-            self._batch = _Batch()
-            return
-        if not kept and len(joins) == 1 and len(seqs) == 1:
-            self._batch = _Batch(seqs, joins[0][0])  # a lone prompt's cache is the batch
-            return
-        columns = max(s.n_past for s in seqs)
-        container = batch.cache if kept else joins[0][0]
-        old = _cache_tensors(batch.cache) if kept else None
-        parts = [_cache_tensors(cache) for cache, _ in joins]
-        index = torch.tensor(keep, dtype=torch.long, device=self._device)
-        layers = []
-        for li in range(len(parts[0] if parts else old)):
-            pair = []
-            for kv in range(2):
-                ref = old[li][kv] if old is not None else parts[0][li][kv]
-                t = ref.new_zeros(len(seqs), ref.shape[1], columns, ref.shape[3])
-                row = 0
-                if old is not None:
-                    src = old[li][kv]
-                    span = min(src.shape[2], columns)  # drop columns that are padding everywhere
-                    t[: len(kept), :, columns - span:] = src[:, :, src.shape[2] - span:].index_select(0, index)
-                    row = len(kept)
-                for part, (_, group) in zip(parts, joins, strict=True):
-                    src = part[li][kv]  # [1, heads, prompt, dim]: one copy per choice
-                    t[row: row + len(group), :, columns - src.shape[2]:] = src
-                    row += len(group)
-                pair.append(t)
-            layers.append(pair)
-        _set_cache_tensors(container, layers)
-        self._batch = _Batch(seqs, container)
+        width = max(take for _, _, take in pieces)
+        ids, pos = [], []
+        at_row, at_token, at_slot, at_column = [], [], [], []
+        for b, (req, start, take) in enumerate(pieces):
+            # Left padding: every row's last token is the last column, where logits are kept.
+            # A pad repeats the first token's position (it sees what that token sees) and is
+            # written nowhere.
+            pad = width - take
+            ids.append([0] * pad + req.prompt[start:start + take])
+            pos.append([start] * pad + list(range(start, start + take)))
+            slot = req.sequences[0].slot
+            at_row += [b] * take
+            at_token += range(pad, width)
+            at_slot += [slot] * take
+            at_column += range(start, start + take)
+        slots = [req.sequences[0].slot for req, _, _ in pieces]
+        where = _placement(at_row, at_token, at_slot, at_column,
+                           max(start + take for _, start, take in pieces), dev, slots=slots)
+        try:
+            logits = self._run(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), where)
+        except Exception as exc:
+            log.exception("prefill failed")
+            err = EngineError(f"prefill failed: {exc}")
+            for req, _, _ in pieces:
+                self._prefilling.remove(req)
+                for seq in req.sequences:
+                    self._release(seq)
+                req.sequences = []
+                out.end(req, err)
+            return [], []
+        read, last = [], []
+        for b, (req, start, take) in enumerate(pieces):
+            req.prefilled = start + take
+            if req.prefilled == len(req.prompt):
+                self._prefilling.remove(req)
+                read.append(req)
+                last.append(logits[b])
+        return read, last
 
     # -- sampling --------------------------------------------------------------------------
 
-    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor, out: StepOutputs) -> list[bool]:
-        """Sample the next token of each sequence from its row of raw `logits`; returns,
-        per sequence, whether it goes on."""
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor, out: StepOutputs) -> None:
+        """The next token of each sequence from its row of raw `logits`, all in one draw;
+        finished sequences leave."""
         constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
-        masks = {}
+        failed: set[int] = set()
         if constrained:
-            rows = self._grammars.fill([seqs[i].matcher for i in constrained])
-            masks = dict(zip(constrained, rows, strict=True))
-            logits = self._mask(logits, constrained, rows)
-        argmax = logits.argmax(dim=-1).tolist() if any(s.greedy for s in seqs) else None
-        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        logprobs = torch.log_softmax(logits[want], dim=-1) if want else None
-        alive = []
+            masks = self._grammars.fill([seqs[i].matcher for i in constrained])
+            for i, row in zip(constrained, masks, strict=True):
+                try:
+                    grammar.check(seqs[i].matcher, row)
+                except Exception as exc:  # noqa: BLE001 - this request's failure alone
+                    seqs[i].request.fail(exc)
+                    failed.add(i)
+            logits = self._mask(logits, constrained, masks)
         for i, seq in enumerate(seqs):
-            p = seq.params
-            complete = False
             try:
-                self.faults.before_sample(p.seed)
-                if seq.matcher is not None:
-                    grammar.check(seq.matcher, masks[i])
-                token = argmax[i] if seq.greedy else self._pick(seq, logits[i])
-                if seq.matcher is not None:
-                    complete = grammar.advance(seq.matcher, token)
-            except Exception as exc:  # noqa: BLE001 - this request's failure, not the engine's
+                self.faults.before_sample(seq.params.seed)
+            except Exception as exc:  # noqa: BLE001
                 log.exception("sampling failed")
                 seq.request.fail(exc)
-                alive.append(True)  # leaves with its request at the next step's cancels
-                continue
-            logprob = top = None
-            if logprobs is not None and i in want:
-                row = logprobs[want.index(i)]
-                logprob = float(row[token])
-                top = ()
-                k = min(p.logprobs, self._n_vocab)
-                if k > 0:
-                    values, ids = torch.topk(row, k)
-                    # a grammar's forbidden tokens (-inf) are no alternative
-                    top = tuple((t, v) for t, v in zip(ids.tolist(), values.tolist(), strict=True)
-                                if v > float("-inf"))
+                failed.add(i)
+        draw = self._sampler.sample(logits, [s.slot for s in seqs], [s.params for s in seqs],
+                                    [s.keys for s in seqs], [s.generated for s in seqs])
+        for i, seq in enumerate(seqs):
+            if i in failed:
+                continue  # leaves with its request at the next step's cancels
+            token = draw.tokens[i]
+            p = seq.params
+            complete = False
+            if seq.matcher is not None:
+                try:
+                    complete = grammar.advance(seq.matcher, token)
+                except Exception as exc:  # noqa: BLE001
+                    log.exception("sampling failed")
+                    seq.request.fail(exc)
+                    continue
             seq.generated += 1
             eog = token in self._end_tokens and not p.ignore_eos
             # The new token goes to position n_past next step: room is what is left after it.
@@ -455,23 +439,14 @@ class TransformersEngine(StepLoopEngine):
                 p, generated=seq.generated, end_of_generation=eog,
                 room_left=self._context_length - seq.n_past - 1,
             )
-            out.add(seq.request, TokenOutput(seq.index, token, logprob, top, eog, finish))
+            out.add(seq.request, TokenOutput(seq.index, token, draw.logprobs[i], draw.top[i],
+                                             eog, finish))
             seq.next_token = token
-            if seq.counts is not None:
-                seq.counts[token] += 1
-            if seq.seen is not None:
-                seq.seen[token] = True
             if finish is not None:
-                req = seq.request
-                req.sequences.remove(seq)
-                if not req.sequences:
-                    out.end(req)
-            alive.append(finish is None)
-        return alive
+                self._leave(seq, out)
 
     def _mask(self, logits: torch.Tensor, rows: list[int], masks) -> torch.Tensor:
-        """`logits` with the tokens each constrained row's grammar forbids at -inf (a new
-        tensor: `logits` may be one prompt's row expanded to its n choices)."""
+        """`logits` with the tokens each constrained row's grammar forbids at -inf."""
         n, dev = logits.shape[-1], logits.device
         if dev.type == "cpu":
             ok = torch.from_numpy(grammar.allowed(masks, n))
@@ -485,255 +460,27 @@ class TransformersEngine(StepLoopEngine):
             ok = full
         return torch.where(ok, logits, float("-inf"))
 
-    def _pick(self, seq: _Sequence, raw: torch.Tensor) -> int:
-        """The llama.cpp engine's chain: logit bias, penalties, then greedy, or temperature,
-        top-k, top-p, min-p and a draw from the sequence's own generator."""
-        p = seq.params
-        x = raw
-        if seq.bias_ids is not None:
-            x = x.index_add(0, seq.bias_ids, seq.bias_values)
-        if seq.seen is not None:
-            rp = p.repetition_penalty
-            x = torch.where(seq.seen, torch.where(x > 0, x / rp, x * rp), x)
-        if seq.counts is not None:
-            x = x - p.frequency_penalty * seq.counts - p.presence_penalty * (seq.counts > 0).float()
-        if p.temperature <= 0.0 or p.top_k == 1:
-            return int(torch.argmax(x))
-        x = x / p.temperature
-        if 0 < p.top_k < x.shape[0]:
-            kth = torch.topk(x, p.top_k).values[-1]
-            x = x.masked_fill(x < kth, float("-inf"))
-        probs = torch.softmax(x, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            before = torch.cumsum(sorted_probs, dim=0) - sorted_probs
-            probs[order[before >= p.top_p]] = 0.0  # keeps the token that reaches top_p
-        if p.min_p > 0.0:
-            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+def _placement(at_row: list[int], at_token: list[int], at_slot: list[int], at_column: list[int],
+               length: int, device: torch.device, *, slots: list[int] | None = None,
+               in_place: bool = False) -> Placement:
+    def t(values):
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return Placement(None if in_place or slots is None else t(slots), t(at_row), t(at_token),
+                     t(at_slot), t(at_column), length)
 
 
-# -- loading -------------------------------------------------------------------------------
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    resolved = getattr(torch, str(dtype), None)
-    if isinstance(resolved, torch.dtype):
-        return resolved
-    raise ValueError(f"unknown dtype {dtype!r}")
-
-
-def _check_files(path: Path, gguf_file: str | None) -> tuple[Path, str | None]:
-    """The model directory and GGUF file name; FileNotFoundError naming what is missing."""
-    if gguf_file is None and path.suffix == ".gguf" and not path.is_dir():
-        path, gguf_file = path.parent, path.name  # a GGUF file given directly
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory not found: {path}")
-    if gguf_file is not None:
-        if not (path / gguf_file).is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path / gguf_file}")
-        return path, gguf_file
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no config.json in model directory {path}")
-    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
-        raise FileNotFoundError(
-            f"no tokenizer in model directory {path} (looked for {', '.join(_TOKENIZER_FILES)})"
+def _attention_kinds(path: Path, config) -> tuple[frozenset[str], int | None]:
+    """The model's attention layer types, and its sliding window when some layer slides;
+    EngineError for layers whose cache is no `[batch, heads, tokens, dim]` tensor."""
+    kinds = frozenset(getattr(config, "layer_types", None) or ())
+    if kinds - {"full_attention", "sliding_attention"}:
+        raise EngineError(
+            f"{path}: layer types {sorted(kinds)} are not supported (only attention layers whose "
+            "KV cache is a plain [batch, heads, tokens, dim] tensor)"
         )
-    return path, None
-
-
-class HFTokenizer:
-    """A Hugging Face tokenizer as the serving core uses it; loads without the weights, so
-    the server process can tokenize while the engine runs in its own."""
-
-    def __init__(self, path: str | Path, *, gguf_file: str | None = None,
-                 trust_remote_code: bool = False) -> None:
-        path, gguf_file = _check_files(Path(path), gguf_file)
-        self.tokenizer = _load_tokenizer(path, gguf_file, trust_remote_code)
-        self._bos_id: int | None = self.tokenizer.bos_token_id
-
-    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
-        # Added special tokens written in the text (`<|im_start|>`) become those tokens.
-        ids = list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-        if add_bos and self._bos_id is not None:
-            ids.insert(0, self._bos_id)
-        return ids
-
-
-def _load_tokenizer(path: Path, gguf_file: str | None, trust_remote_code: bool):
-    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    try:
-        return AutoTokenizer.from_pretrained(path, **kwargs)
-    except OSError as exc:
-        raise FileNotFoundError(f"cannot load the tokenizer from {path}: {exc}") from exc
-
-
-def _load_model(path: Path, gguf_file: str | None, dtype: torch.dtype, trust_remote_code: bool):
-    if gguf_file:
-        return _load_gguf_model(path, gguf_file, dtype, trust_remote_code)
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
-        )
-    except OSError as exc:
-        raise FileNotFoundError(f"cannot load the model from {path}: {exc}") from exc
-
-
-def _load_gguf_model(path: Path, gguf_file: str, dtype: torch.dtype, trust_remote_code: bool):
-    """A GGUF file, dequantized into a model built from its config.
-
-    `from_pretrained(gguf_file=...)` wants `accelerate`; building the model from the GGUF's
-    config and loading the dequantized tensors needs only transformers and gguf.
-    """
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    file = path / gguf_file
-    config = AutoConfig.from_pretrained(
-        path, gguf_file=gguf_file, local_files_only=True, trust_remote_code=trust_remote_code
-    )
-    try:  # every weight is overwritten: skip the random init (135M weights: seconds)
-        from transformers.initialization import no_init_weights
-    except ImportError:
-        no_init_weights = contextlib.nullcontext
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, trust_remote_code=trust_remote_code
-        )
-    tensors = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=model)["tensors"]
-    result = model.load_state_dict(tensors, strict=False)
-    model.tie_weights()
-    loaded = {p.data_ptr() for name, p in model.named_parameters() if name in tensors}
-    missing = [k for k in result.missing_keys if model.get_parameter(k).data_ptr() not in loaded]
-    if missing:
-        raise EngineError(f"{file} has no weights for {', '.join(missing[:5])}")
-    return model
-
-
-def _max_positions(config, tokenizer) -> int:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    value = getattr(tokenizer, "model_max_length", None)
-    if isinstance(value, int) and 0 < value < 10**7:
-        return value
-    return 2048
-
-
-def _as_str(token: Any) -> str:
-    if token is None:
-        return ""
-    return str(getattr(token, "content", token))
-
-
-def _chat_template(tokenizer) -> str | None:
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):
-        template = template.get("default") or next(iter(template.values()), None)
-    return template or None
-
-
-# -- token bytes ---------------------------------------------------------------------------
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-to-unicode table, reversed: the character a byte-level BPE vocabulary
-    writes for each byte -> that byte."""
-    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = list(visible)
-    extra = 0
-    for b in range(256):
-        if b not in visible:
-            visible.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(visible, chars, strict=True)}
-
-
-def _vocab_kind(tokenizer, tokens: list[str | None]) -> str:
-    """'bytelevel' (GPT-2 style), 'sentencepiece' (▁ and <0xNN>) or 'plain'."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    decoder = getattr(backend, "decoder", None) if backend is not None else None
-    if decoder is not None:
-        try:
-            spec = json.dumps(json.loads(decoder.__getstate__()))
-        except Exception:  # noqa: BLE001 - fall back to looking at the vocabulary
-            spec = ""
-        if '"ByteLevel"' in spec:
-            return "bytelevel"
-        if "ByteFallback" in spec or "Metaspace" in spec or "\\u2581" in spec:
-            return "sentencepiece"
-    bytelevel = sum(1 for t in tokens if t and "Ġ" in t)
-    spm = sum(1 for t in tokens if t and "▁" in t)
-    if bytelevel > spm:
-        return "bytelevel"
-    return "sentencepiece" if spm else "plain"
-
-
-def _token_bytes_table(tokenizer, n_vocab: int) -> list[bytes]:
-    n_tok = min(len(tokenizer), n_vocab)
-    tokens = tokenizer.convert_ids_to_tokens(list(range(n_tok)))
-    special = set(tokenizer.all_special_ids)
-    added_text: dict[int, str] = {}
-    for tid, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
-        if getattr(added, "special", False):
-            special.add(tid)
-        else:
-            added_text[tid] = str(added)  # written as plain text, not byte-level characters
-    kind = _vocab_kind(tokenizer, tokens)
-    byte_decoder = _byte_decoder()
-    table: list[bytes] = []
-    for tid, tok in enumerate(tokens):
-        if tok is None or tid in special:
-            table.append(b"")
-        elif tid in added_text:
-            table.append(added_text[tid].encode())
-        elif kind == "bytelevel":
-            try:
-                table.append(bytes(byte_decoder[c] for c in tok))
-            except KeyError:
-                table.append(tok.encode())
-        elif kind == "sentencepiece":
-            m = _BYTE_FALLBACK.match(tok)
-            table.append(bytes([int(m.group(1), 16)]) if m else tok.replace("▁", " ").encode())
-        else:
-            table.append(tokenizer.convert_tokens_to_string([tok]).encode())
-    table.extend(b"" for _ in range(n_vocab - n_tok))  # model rows with no token
-    return table
-
-
-# -- DynamicCache tensors ------------------------------------------------------------------
-
-
-def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache, strict=True))  # transformers < 4.56
-
-
-def _set_cache_tensors(cache, tensors: list[list[torch.Tensor]]) -> None:
-    if hasattr(cache, "layers"):
-        for layer, (k, v) in zip(cache.layers, tensors, strict=True):
-            layer.keys, layer.values = k, v
-    else:
-        cache.key_cache = [k for k, _ in tensors]
-        cache.value_cache = [v for _, v in tensors]
-
-
-def _cache_length(cache) -> int:
-    return int(cache.get_seq_length()) if cache is not None else 0
-
+    window = getattr(config, "sliding_window", None)
+    if not kinds:  # no layer types (Mistral): every layer slides when there is a window
+        kinds = frozenset({"sliding_attention" if window else "full_attention"})
+    return kinds, (int(window) if "sliding_attention" in kinds else None)

@@ -85,8 +85,11 @@ class VllmEngine(EngineFacts):
                 f"convert it: python -m llmserve.engines.vllm convert {path} DIR"
             )
         # the same checks and tokenizer as the transformers engine (files on disk only)
-        from llmserve.engines.transformers import HFTokenizer, _as_str, _chat_template, \
-            _max_positions, _token_bytes_table
+        from llmserve.engines.hf_loading import HFTokenizer
+        from llmserve.engines.hf_loading import as_str as _as_str
+        from llmserve.engines.hf_loading import chat_template as _chat_template
+        from llmserve.engines.hf_loading import max_positions as _max_positions
+        from llmserve.engines.hf_loading import token_bytes_table as _token_bytes_table
 
         self._text = HFTokenizer(path, trust_remote_code=trust_remote_code)
         tok = self._text.tokenizer
@@ -396,7 +399,8 @@ def convert_gguf(gguf: str | Path, out: str | Path) -> Path:
     with its chat template) that vLLM loads: the transformers engine's GGUF loader, saved."""
     import torch
 
-    from llmserve.engines.transformers import _load_gguf_model, _load_tokenizer
+    from llmserve.engines.hf_loading import load_gguf_model as _load_gguf_model
+    from llmserve.engines.hf_loading import load_tokenizer as _load_tokenizer
 
     gguf, out = Path(gguf), Path(out)
     if not gguf.is_file():
