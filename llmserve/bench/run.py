@@ -1,7 +1,8 @@
 """`llmserve bench`: a concurrency sweep of streamed chat requests against llmserve, with
-two baselines measured in the same run, level by level so that machine drift cancels:
-the same engine in-process with no HTTP (the limit), and llama-cpp-python's own server
-on the same GGUF file."""
+baselines measured in the same run, level by level so that machine drift cancels: the same
+engine in-process with no HTTP (the limit), llama-cpp-python's own server on the same GGUF
+file (llama.cpp engine), and Hugging Face `model.generate` on static batches of the same
+prompts (transformers engine)."""
 
 from __future__ import annotations
 
@@ -233,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                         "requests, at least one per stream)")
     p.add_argument("--no-llama-cpp-python", action="store_true",
                    help="skip llama-cpp-python's server baseline")
+    p.add_argument("--no-hf-generate", action="store_true",
+                   help="skip Hugging Face model.generate's baseline (transformers engine)")
     p.add_argument("--json", default="benchmarks/results/bench.json", help="where to write JSON")
     p.add_argument("--logs", default="benchmarks/results", help="folder for server logs")
     soak = p.add_argument_group("soak (--soak): healthy and hostile clients for minutes")
@@ -298,6 +301,12 @@ async def _main(args: argparse.Namespace) -> int:
               "skipping that baseline", file=sys.stderr)
         want_lcp = False
 
+    hf = None
+    if engine_kind == "transformers" and not args.no_hf_generate:
+        from llmserve.bench.hf_generate import HFGenerate
+
+        hf = HFGenerate(model_path, threads=args.threads)
+        hf_prompts = _token_prompts(hf, prompts)
     engine = None
     results: list[LevelResult] = []
     with ExitStack() as stack:
@@ -324,18 +333,12 @@ async def _main(args: argparse.Namespace) -> int:
         if not args.no_limit:
             from llmserve.config import Settings
             from llmserve.models import load_engine
-            from llmserve.serving.chat_template import CHATML_TEMPLATE, ChatTemplate
 
             settings = Settings(engine=engine_kind, context_length=args.context_length,
                                 max_sequences=max_seq, threads=args.threads)
             engine = load_engine(settings, model_path, show_progress=False)
             await engine.start()
-            template = ChatTemplate(engine.chat_template or CHATML_TEMPLATE,
-                                    bos_token=engine.bos_token, eos_token=engine.eos_token)
-            token_prompts = [
-                engine.tokenize(template.render([{"role": "user", "content": q}]), add_bos=False)
-                for q in prompts
-            ]
+            token_prompts = _token_prompts(engine, prompts)
         # llama-cpp-python knows no ignore_eos: a -100 bias on end tokens keeps lengths equal.
         lcp_extra = (
             {"logit_bias": {str(t): -100 for t in _end_tokens(engine, model_path)}}
@@ -362,15 +365,22 @@ async def _main(args: argparse.Namespace) -> int:
                     results.append(await _measure_http(
                         LCP, lcp_proc.url, model, prompts, conc, n_req, args.max_tokens,
                         lcp_extra, lcp_proc))
-                shown = 1 + (not args.no_constrained) + (engine is not None) + (lcp_proc is not None)
+                if hf is not None:
+                    results.append(hf.measure(hf_prompts, conc, n_req, args.max_tokens))
+                shown = (1 + (not args.no_constrained) + (engine is not None)
+                         + (lcp_proc is not None) + (hf is not None))
                 print(table(results[-shown:]),
                       file=sys.stderr, flush=True)
         finally:
             if engine is not None:
                 await engine.stop()
 
-    baselines = [b for b in (LIMIT, LCP) if any(r.system == b for r in results)]
+    hf_name = [hf.system] if hf is not None else []
+    baselines = [b for b in (LIMIT, LCP, *hf_name) if any(r.system == b for r in results)]
     ratio_text, ratio_rows = ratios(results, LLMSERVE, baselines)
+    if hf is not None and engine is not None:  # the engine alone against plain generate
+        text, _ = ratios(results, LIMIT, hf_name)
+        ratio_text += "\n" + text
     constrained_rows: list[dict] = []
     if any(r.system == CONSTRAINED for r in results):
         text, constrained_rows = ratios(results, CONSTRAINED, [LLMSERVE])
@@ -391,6 +401,17 @@ async def _main(args: argparse.Namespace) -> int:
     }, indent=1))
     print(f"\nJSON: {out}")
     return 1 if any(r.errors for r in results if r.system == LLMSERVE) else 0
+
+
+def _token_prompts(model, prompts: list[str]) -> list[list[int]]:
+    """Each prompt as one user message in `model`'s chat template (an engine, or the
+    hf generate baseline), tokenized."""
+    from llmserve.serving.chat_template import CHATML_TEMPLATE, ChatTemplate
+
+    template = ChatTemplate(model.chat_template or CHATML_TEMPLATE,
+                            bos_token=model.bos_token, eos_token=model.eos_token)
+    return [model.tokenize(template.render([{"role": "user", "content": q}]), add_bos=False)
+            for q in prompts]
 
 
 def _end_tokens(engine, model_path: Path) -> list[int]:
