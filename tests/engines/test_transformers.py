@@ -285,6 +285,72 @@ def test_seeded_draws_do_not_depend_on_the_batch(run):
     assert in_crowd == alone
 
 
+def _variant(tiny_model, path, config) -> None:
+    """The tiny model's tokenizer with other (random) weights: `config`'s architecture."""
+    from transformers import AutoModelForCausalLM
+
+    path.mkdir()
+    for f in tiny_model.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            (path / f.name).write_bytes(f.read_bytes())
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+
+
+def _variant_configs(vocab: int) -> dict:
+    from transformers import Gemma2Config, MistralConfig, Qwen2Config
+
+    shape = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 max_position_embeddings=MAX_POSITIONS, initializer_range=0.2)
+    return {
+        # every layer slides over the last 5 positions (no layer types)
+        "mistral-sliding": MistralConfig(**shape, sliding_window=5),
+        # sliding and full layers mixed, and attention that adds its mask (eager)
+        # (untied: Gemma's scaled embeddings, tied, would only ever repeat the last token)
+        "gemma2-mixed-eager": Gemma2Config(**shape, sliding_window=6, query_pre_attn_scalar=16,
+                                           tie_word_embeddings=False,
+                                           layer_types=["sliding_attention", "full_attention",
+                                                        "sliding_attention"],
+                                           attn_implementation="eager"),
+        "qwen2-mixed": Qwen2Config(**shape, use_sliding_window=True, sliding_window=4,
+                                   max_window_layers=1, layer_types=["full_attention",
+                                                                     "sliding_attention",
+                                                                     "sliding_attention"]),
+    }
+
+
+@pytest.mark.parametrize("variant", ["mistral-sliding", "gemma2-mixed-eager", "qwen2-mixed"])
+def test_sliding_window_models_equal_a_plain_forward(tiny_model, tmp_path, variant):
+    # Windows far shorter than the prompts: the engine's masks must slide as the model's own.
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / variant
+    _variant(tiny_model, path, _variant_configs(512)[variant])
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    lengths = [14, 6, 10]
+
+    async def main():
+        engine = TransformersEngine(path, max_sequences=2, threads=2, prefill_chunk=8)
+        await engine.start()
+        try:
+            prompts = [chat(engine, q) for q in QUESTIONS[1:]]
+            got = await asyncio.gather(*(tokens(engine, p, [greedy(n, ignore_eos=True)])
+                                         for p, n in zip(prompts, lengths, strict=True)))
+            return prompts, [g[0] for g in got]
+        finally:
+            await engine.stop()
+
+    prompts, got = asyncio.run(main())
+    assert len({t for g in got for t in g}) > 6  # the model does not just repeat itself
+    with torch.inference_mode():
+        for prompt, n, answer in zip(prompts, lengths, got, strict=True):
+            ids = list(prompt)
+            for _ in range(n):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            assert answer == ids[len(prompt):]
+
+
 def test_long_prompt_is_read_in_pieces_while_others_keep_decoding(run):
     text = "the quick brown fox jumps over the lazy dog " * 8
 
