@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_runs_every_system(tmp_path):
     out = tmp_path / "bench.json"
@@ -32,6 +34,29 @@ def test_bench_runs_every_system(tmp_path):
     # The printed table names every system and the ratios.
     assert "llmserve/in-process" in proc.stdout and "llmserve/llama-cpp-python" in proc.stdout
     assert "llmserve json_schema/llmserve" in proc.stdout
+
+
+def test_bench_transformers_engine_measures_hf_generate_beside_it(tmp_path):
+    pytest.importorskip("transformers", reason="the hf extra is not installed")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmserve.cli", "bench", "--engine", "transformers",
+         "--levels", "1,2", "--max-tokens", "6", "--requests", "2", "--no-constrained",
+         "--context-length", "256", "--threads", "2", "--json", str(out), "--logs", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["engine"] == "transformers"
+    systems = {(r["system"], r["concurrency"]) for r in report["results"]}
+    assert systems == {(s, c) for s in ("llmserve", "in-process", "hf generate") for c in (1, 2)}
+    for r in report["results"]:
+        assert r["errors"] == 0, r
+        assert r["output_tokens"] == 2 * 6, r  # min_new_tokens = max_new_tokens for hf generate
+        assert r["tok_s"] > 0 and r["ttft_ms"][0] > 0
+    for row in report["ratios"]:
+        assert row["tok_s_vs_hf generate"] > 0 and row["tok_s_vs_in-process"] > 0
+    assert "llmserve/hf generate" in proc.stdout and "in-process/hf generate" in proc.stdout
 
 
 def test_soak_runs_with_hostile_clients_and_finds_no_leak(tmp_path):
