@@ -4,8 +4,8 @@ continuous batching over a KV cache of one slot per sequence (engines/hf_cache.p
 One decode thread owns the model, as in the llama.cpp engine. Each step it takes new
 requests and cancellations from its inbox, runs ONE forward pass holding the next token of
 every running sequence, then one holding pieces of the prompts being read (at most
-`prefill_chunk` tokens in all while others decode; up to `max_prefill` when nothing else
-runs), samples every sequence that has new logits in one batched draw
+`prefill_chunk` tokens in all while at least as many sequences decode as wait; up to
+`max_prefill` otherwise), samples every sequence that has new logits in one batched draw
 (engines/hf_sampling.py), and hands all new tokens to the event loop with a single
 `call_soon_threadsafe`.
 
@@ -275,10 +275,14 @@ class TransformersEngine(StepLoopEngine):
                 for req in dict.fromkeys(s.request for s in decoding):
                     req.sequences = []
                     out.end(req, err)
-        # 2. Pieces of prompts, side by side: a piece per step while others decode, as fast
-        # as possible otherwise. Prompts read to the end join the draw below.
+        # 2. Pieces of prompts, side by side: `prefill_chunk` tokens per step while at least
+        # as many sequences decode as wait for their prompt (their steps stay short), as fast
+        # as possible otherwise: while a batch fills up, a few sequences wait one longer step
+        # and every later step decodes all the others too. Prompts read to the end join the
+        # draw below.
         if self._prefilling:
-            budget = self._prefill_chunk if decoding else self._max_prefill
+            waiting = sum(len(r.sequences) for r in self._prefilling)
+            budget = self._prefill_chunk if len(decoding) >= waiting else self._max_prefill
             read, last = self._prefill(budget, out)
             for req, row in zip(read, last, strict=True):
                 for seq in self._join(req, out):
