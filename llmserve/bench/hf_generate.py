@@ -14,6 +14,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import llmserve.engines.hf_offline  # noqa: F401 - before transformers
+
+# isort: split
+
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 

@@ -30,7 +30,7 @@ def test_writes_stay_in_their_slot_and_nothing_moves():
     # a prompt of 5 tokens read into slot 2 (one input row, gathered)
     k = _states(1, 5, 100.0)
     cache.place(_where([0] * 5, range(5), [2] * 5, range(5), 5, gather=[2]))
-    keys, values = cache.update(k, k + 0.5, 0)
+    keys, _ = cache.update(k, k + 0.5, 0)
     assert keys.shape == (1, 2, 5, 3) and torch.equal(keys, k)
     layer = cache.layers[0]
     storage = layer.keys.data_ptr()
