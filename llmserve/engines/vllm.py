@@ -62,8 +62,6 @@ def _require_vllm():
 class VllmEngine(EngineFacts):
     """The `Engine` protocol over vLLM's `AsyncLLM` (started by `start`, on the serving loop)."""
 
-    supports_grammar = False  # the serving core refuses tools/response_format up front
-
     def __init__(
         self,
         model_path: str | Path,
@@ -85,8 +83,13 @@ class VllmEngine(EngineFacts):
                 f"convert it: python -m llmserve.engines.vllm convert {path} DIR"
             )
         # the same checks and tokenizer as the transformers engine (files on disk only)
-        from llmserve.engines.transformers import HFTokenizer, _as_str, _chat_template, \
-            _max_positions, _token_bytes_table
+        from llmserve.engines.transformers import (
+            HFTokenizer,
+            _as_str,
+            _chat_template,
+            _max_positions,
+            _token_bytes_table,
+        )
 
         self._text = HFTokenizer(path, trust_remote_code=trust_remote_code)
         tok = self._text.tokenizer
@@ -125,11 +128,13 @@ class VllmEngine(EngineFacts):
             # to start when one full sequence does not fit)
             kv_cache_bytes = int(_kv_bytes(text_config, dtype) * ctx * max_sequences * 1.25)
             kv_cache_bytes += 64 << 20
-        self._engine_kwargs: dict[str, Any] = dict(
-            model=str(path), max_model_len=ctx, max_num_seqs=max_sequences,
-            enforce_eager=enforce_eager, dtype=dtype, trust_remote_code=trust_remote_code,
-            max_logprobs=_MAX_LOGPROBS, kv_cache_memory_bytes=kv_cache_bytes,
-        )
+        self._engine_kwargs: dict[str, Any] = {
+            "model": str(path), "max_model_len": ctx, "max_num_seqs": max_sequences,
+            "enforce_eager": enforce_eager, "dtype": dtype, "trust_remote_code": trust_remote_code,
+            "max_logprobs": _MAX_LOGPROBS, "kv_cache_memory_bytes": kv_cache_bytes,
+            # llguidance, as the serving core builds grammars for
+            "structured_outputs_config": {"backend": "guidance"},
+        }
         self._llm: Any = None
         self._streams: weakref.WeakSet[VllmStream] = weakref.WeakSet()
         self._watchdog: asyncio.Task | None = None
@@ -348,10 +353,10 @@ class VllmStream:
 def to_vllm(p: SamplingParams, *, end_tokens: frozenset[int], room: int):
     """Our SamplingParams as vLLM's, field by field; ValueError for what cannot be mapped."""
     from vllm import SamplingParams as VSamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-    if p.grammar is not None:
-        raise ValueError("the vllm engine does not support grammars yet (tools, response_format)")
+    from llmserve.engines.grammar import as_lark
+
     if p.logprobs is not None and not 0 <= p.logprobs <= _MAX_LOGPROBS:
         raise ValueError(f"logprobs must be between 0 and {_MAX_LOGPROBS} on the vllm engine")
     if p.max_tokens < 1:
@@ -361,7 +366,7 @@ def to_vllm(p: SamplingParams, *, end_tokens: frozenset[int], room: int):
             n=1,
             temperature=p.temperature,
             top_p=p.top_p,
-            top_k=p.top_k if p.top_k > 0 else 0,
+            top_k=max(0, p.top_k),
             min_p=p.min_p,
             seed=p.seed,
             presence_penalty=p.presence_penalty,
@@ -376,6 +381,9 @@ def to_vllm(p: SamplingParams, *, end_tokens: frozenset[int], room: int):
             detokenize=False,
             skip_special_tokens=False,
             output_kind=RequestOutputKind.DELTA,
+            # vLLM's llguidance backend enforces our grammar (Lark, as it takes them)
+            structured_outputs=None if p.grammar is None
+            else StructuredOutputsParams(grammar=as_lark(p.grammar)),
         )
     except (ValueError, TypeError) as exc:  # vLLM's own checks
         raise ValueError(f"vllm engine: {exc}") from None

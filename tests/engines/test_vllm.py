@@ -254,11 +254,42 @@ def test_sampling_params_mapped(vllm_engine):
     assert len(outs) == 5
 
 
+def test_grammar_is_enforced_by_vllm(vllm_engine):
+    """Grammars as the serving core builds them (JSON schema, Lark) go down to vLLM's
+    llguidance backend: the output obeys them and ends with "stop"."""
+    import json
+
+    from llmserve.serving import constraints
+
+    engine, loop = vllm_engine
+    schema = {"type": "object", "properties": {"name": {"type": "string"},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    grammars = [constraints.json_schema(schema, strict=True, param="x"),
+                constraints.lark('%llguidance {}\nstart: "yes" | "no"', param="x")]
+
+    async def main(grammar: str):
+        got = []
+        async for batch in engine.generate(chat(engine, "Describe a person as JSON."),
+                                           [greedy(60, grammar=grammar)]):
+            got.extend(batch)
+        return got
+
+    person = loop.run(main(grammars[0]))
+    text = b"".join(engine.info.token_bytes[o.token_id] for o in person
+                    if not o.end_of_generation).decode()
+    assert set(json.loads(text)) == {"name", "age"}  # compact, as OpenAI writes it
+    assert ", " in text and person[-1].finish_reason == "stop"
+    answer = loop.run(main(grammars[1]))
+    assert b"".join(engine.info.token_bytes[o.token_id] for o in answer
+                    if not o.end_of_generation) in (b"yes", b"no")
+
+
 def test_refused(vllm_engine):
     engine, _ = vllm_engine
     prompt = chat(engine, "Hi")
-    with pytest.raises(ValueError, match="grammar"):
-        engine.generate(prompt, [greedy(4, grammar="{}")])
+    with pytest.raises(ValueError, match="grammar"):  # not one Lark grammar
+        engine.generate(prompt, [greedy(4, grammar='{"grammars": []}')])
     with pytest.raises(ValueError, match="logprobs"):
         engine.generate(prompt, [greedy(4, logprobs=50)])
     with pytest.raises(ValueError, match="at most 8"):
