@@ -41,6 +41,7 @@ from llmserve.engines.base import (
     TokenOutput,
     check_request,
 )
+from llmserve.engines.restarts import Crashes, RestartPolicy
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|en
                 "<|END_OF_TURN_TOKEN|>")
 _MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 _END = object()  # a choice's stream is over
+_DEAD = "vLLM's engine core died"
 
 
 def _require_vllm():
@@ -74,6 +76,7 @@ class VllmEngine(EngineFacts):
         kv_cache_bytes: int | None = None,
         enforce_eager: bool = True,
         warmup: bool = True,
+        restart_policy: RestartPolicy = RestartPolicy(),
     ) -> None:
         _require_vllm()
         path = Path(model_path)
@@ -138,6 +141,9 @@ class VllmEngine(EngineFacts):
         self._llm: Any = None
         self._streams: weakref.WeakSet[VllmStream] = weakref.WeakSet()
         self._watchdog: asyncio.Task | None = None
+        self._launching: asyncio.Future | None = None  # a restart's new AsyncLLM
+        self._crashes = Crashes(restart_policy)
+        self._restarts = 0
         self._state = "stopped"
         self._reason: str | None = None
         self._ids = itertools.count()
@@ -164,9 +170,10 @@ class VllmEngine(EngineFacts):
         return self._text.tokenize(text, add_bos=add_bos)
 
     def health(self) -> EngineHealth:
-        if self._llm is not None and self._state == "running" and self._llm.errored:
-            self._state, self._reason = "failed", "vLLM's engine core is dead"
-        return EngineHealth(self._state, self._reason)
+        if self._state == "running" and self._llm is not None and self._llm.errored:
+            # the watchdog has not looked yet
+            return EngineHealth("restarting", _DEAD, restarts=self._restarts)
+        return EngineHealth(self._state, self._reason, restarts=self._restarts)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -180,47 +187,89 @@ class VllmEngine(EngineFacts):
             return
         if self._threads and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{self._threads - 1}"
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         self._state = "starting"
         began = time.monotonic()
         try:
-            # AsyncLLM starts its engine core process and waits for it (seconds); nothing is
-            # served yet, so blocking the loop here costs nothing
-            self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self._engine_kwargs))
+            self._llm = await self._launch()
         except Exception as exc:
             self._state, self._reason = "failed", f"{type(exc).__name__}: {exc}"
             raise EngineError(f"vLLM did not start: {exc}") from exc
         self._state = "running"
         self._watchdog = asyncio.get_running_loop().create_task(self._watch())
-        if self._warmup:
-            # the first batch after start is slow (seconds): before reporting ready
-            prompt = self.tokenize("Hello, world.", add_bos=self.add_bos)
-            stream = self.generate(prompt, [SamplingParams(max_tokens=4, temperature=0.0)],
-                                   request_id="warmup")
-            async for _ in stream:
-                pass
         log.info("vLLM engine up in %.1f s", time.monotonic() - began)
 
+    async def _launch(self) -> Any:
+        """A new `AsyncLLM`: its engine core process started (seconds, in a thread: the loop
+        keeps serving /health meanwhile) and warmed up (the first batch is slow)."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args,
+                                      AsyncEngineArgs(**self._engine_kwargs))
+        if not self._warmup:
+            return llm
+        try:
+            prompt = self.tokenize("Hello, world.", add_bos=self.add_bos)
+            sp = to_vllm(SamplingParams(max_tokens=4, temperature=0.0),
+                         end_tokens=self.end_tokens, room=self.context_length - len(prompt))
+            async for _ in llm.generate(TokensPrompt(prompt_token_ids=prompt), sp,
+                                        request_id=f"warmup.{next(self._ids)}"):
+                pass
+        except BaseException:
+            await asyncio.to_thread(llm.shutdown)
+            raise
+        return llm
+
     async def _watch(self) -> None:
-        """Fail every stream once vLLM's engine core is dead: a request added while vLLM
-        noticed the death is never told (it would wait forever)."""
-        while self._llm is not None and not self._llm.errored:
-            await asyncio.sleep(0.5)
-        if self._llm is None:
-            return
-        self._state, self._reason = "failed", "vLLM's engine core is dead"
-        log.error("vLLM's engine core died: %d requests lost", len(self._streams))
-        for stream in list(self._streams):
-            stream.fail(EngineDown("The vLLM engine core died.", retry_after=30))
+        """Notice the engine core's death, fail every stream it was serving at once (a
+        request added while vLLM noticed the death would wait forever), and start a new one,
+        under the same restart policy as the other engines."""
+        while True:
+            while not self._llm.errored:
+                await asyncio.sleep(0.5)
+            reason = _DEAD
+            log.error("%s: %d requests lost", reason, len(self._streams))
+            for stream in list(self._streams):
+                stream.fail(EngineDown("The vLLM engine core died.", retry_after=30))
+            while True:
+                delay = self._crashes.record()
+                if delay is None:
+                    self._state, self._reason = "failed", self._crashes.given_up(reason)
+                    log.error("vLLM engine: %s", self._reason)
+                    return
+                self._state, self._reason = "restarting", reason
+                log.warning("vLLM engine: restarting in %g s", delay)
+                await asyncio.sleep(delay)
+                dead, self._llm = self._llm, None
+                if dead is not None:
+                    await asyncio.to_thread(dead.shutdown)
+                # shielded: a stop() meanwhile shuts down what it brings (see stop)
+                self._launching = asyncio.ensure_future(self._launch())
+                try:
+                    self._llm = await asyncio.shield(self._launching)
+                except Exception as exc:  # noqa: BLE001 - a failed restart is one more crash
+                    reason = f"restart failed: {type(exc).__name__}: {exc}"
+                    continue
+                finally:
+                    self._launching = None
+                self._restarts += 1
+                self._state, self._reason = "running", None
+                log.warning("vLLM engine is back (restart %d)", self._restarts)
+                break
 
     async def stop(self) -> None:
-        llm, self._llm = self._llm, None
         self._state = "stopped"
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        llm, self._llm = self._llm, None
+        launching, self._launching = self._launching, None
+        if launching is not None:  # a restart under way: wait for it, then shut it down
+            try:
+                llm = await launching
+            except Exception:  # noqa: BLE001 - nothing to shut down
+                pass
         if llm is not None:
             await asyncio.to_thread(llm.shutdown)
 
@@ -229,12 +278,13 @@ class VllmEngine(EngineFacts):
     def generate(
         self, prompt: list[int], params: list[SamplingParams], *, request_id: str | None = None
     ) -> VllmStream:
-        if self._llm is None or self._state != "running" or self._llm.errored:
-            if self._state in ("running", "failed"):
-                self._state, self._reason = "failed", "vLLM's engine core is dead"
-                raise EngineDown("The vLLM engine is down: its engine core died.",
-                                 retry_after=30)
-            raise EngineDown(f"The vLLM engine is {self._state}.")
+        if self._state == "restarting" or (self._state == "running" and self._llm.errored):
+            wait = self._crashes.wait() if self._state == "restarting" else 30
+            raise EngineDown(f"The vLLM engine is restarting after its engine core died. "
+                             f"Retry in {wait} s.", retry_after=wait)
+        if self._state != "running":
+            raise EngineDown(f"The vLLM engine is {self._state}"
+                             + (f": {self._reason}." if self._reason else "."))
         check_request(prompt, params, max_sequences=self.max_sequences,
                       context_length=self.context_length)
         room = self.context_length - len(prompt)

@@ -276,13 +276,10 @@ def test_grammar_is_enforced_by_vllm(vllm_engine):
         return got
 
     person = loop.run(main(grammars[0]))
-    text = b"".join(engine.info.token_bytes[o.token_id] for o in person
-                    if not o.end_of_generation).decode()
-    assert set(json.loads(text)) == {"name", "age"}  # compact, as OpenAI writes it
-    assert ", " in text and person[-1].finish_reason == "stop"
-    answer = loop.run(main(grammars[1]))
-    assert b"".join(engine.info.token_bytes[o.token_id] for o in answer
-                    if not o.end_of_generation) in (b"yes", b"no")
+    text = text_of(engine, person)
+    assert set(json.loads(text)) == {"name", "age"}
+    assert ", " in text and person[-1].finish_reason == "stop"  # compact, as OpenAI writes it
+    assert text_of(engine, loop.run(main(grammars[1]))) in ("yes", "no")
 
 
 def test_refused(vllm_engine):
@@ -298,44 +295,68 @@ def test_refused(vllm_engine):
         engine.generate([1] * 1024, [greedy(4)])
 
 
-def test_engine_core_death_is_reported(smollm2_dir):
-    """vLLM's engine core process killed: health says failed, generate raises EngineDown."""
+def test_engine_core_death_restarts_then_gives_up(smollm2_dir):
+    """vLLM's engine core process killed: the stream it was serving ends with EngineDown,
+    health says restarting and new requests get EngineDown with Retry-After, then a new
+    core serves again; past the policy's crash limit the engine stays down (failed)."""
     import signal
 
     import psutil
 
     from llmserve.engines.base import EngineDown
+    from llmserve.engines.restarts import RestartPolicy
     from llmserve.engines.vllm import VllmEngine
 
     me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
     engine = VllmEngine(smollm2_dir, context_length=256, max_sequences=2, threads=2,
-                        warmup=False)
+                        warmup=False, restart_policy=RestartPolicy(first_delay=0.5,
+                                                                   max_crashes=2))
     loop = Loop()
+
+    def kill_core() -> set[int]:
+        pids = {p.pid for p in me.children(recursive=True)}
+        for p in me.children(recursive=True):
+            p.send_signal(signal.SIGKILL)
+        return pids
+
+    async def until(state: str, seconds: float) -> None:
+        for _ in range(int(seconds * 10)):
+            if engine.health().state == state:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"still {engine.health()}")
+
+    async def crash_mid_stream() -> None:
+        prompt = chat(engine, "Tell me a long story.")
+        stream = engine.generate(prompt, [greedy(200, ignore_eos=True)])
+        with pytest.raises(EngineDown):
+            async for batch in stream:
+                if batch:
+                    kill_core()
+        assert engine.health().state in ("restarting", "failed")
+
     try:
         loop.run(engine.start(), timeout=300)
-        assert engine.health().ok
-        new = [p for p in me.children(recursive=True) if p.pid not in before]
-        assert new
-        for p in new:
-            p.send_signal(signal.SIGKILL)
+        first = {p.pid for p in me.children(recursive=True)}
+        loop.run(crash_mid_stream())
+        assert engine.health().state == "restarting" and "died" in engine.health().reason
+        with pytest.raises(EngineDown) as down:
+            engine.generate(chat(engine, "Hi"), [greedy(4)])
+        assert down.value.retry_after >= 1
+        loop.run(until("running", 240), timeout=300)
+        assert engine.health().restarts == 1
+        assert not first & {p.pid for p in me.children(recursive=True)}  # the old core is gone
 
-        async def main():
-            prompt = chat(engine, "Hi")
-            try:  # the request that finds the engine dead, or the next one
-                await collect(engine.generate(prompt, [greedy(4)]))
-            except EngineDown:
-                pass
-            for _ in range(100):
-                if not engine.health().ok:
-                    break
-                await asyncio.sleep(0.1)
-            with pytest.raises(EngineDown):
-                engine.generate(prompt, [greedy(4)])
-            return engine.health()
+        async def hi():
+            return await collect(engine.generate(chat(engine, "Hi"), [greedy(4)]))
 
-        health = loop.run(main())
-        assert health.state == "failed" and "dead" in health.reason
+        assert len(loop.run(hi())) == 4
+
+        loop.run(crash_mid_stream())  # the second crash within the window: given up
+        loop.run(until("failed", 30))
+        assert "not restarting" in engine.health().reason
+        with pytest.raises(EngineDown):
+            engine.generate(chat(engine, "Hi"), [greedy(4)])
     finally:
         loop.run(engine.stop())
         loop.close()
