@@ -74,7 +74,8 @@ class VllmEngine(EngineFacts):
         threads: int | None = None,
         trust_remote_code: bool = False,
         kv_cache_bytes: int | None = None,
-        enforce_eager: bool = True,
+        enforce_eager: bool | None = None,
+        vllm_args: dict[str, Any] | None = None,
         warmup: bool = True,
         restart_policy: RestartPolicy = RestartPolicy(),
     ) -> None:
@@ -120,23 +121,29 @@ class VllmEngine(EngineFacts):
             eos_token=_as_str(tok.eos_token),
             add_bos=bos_id is not None and bool(probe) and probe[0] == bos_id,
         )
-        if dtype == "auto":
-            from vllm.platforms import current_platform
+        from vllm.platforms import current_platform
 
+        on_cpu = current_platform.is_cpu()
+        if dtype == "auto":
             # as for the transformers engine: fp32 on CPU (vLLM's auto is bf16 there, whose
             # greedy output changes with the batch), the model's choice elsewhere
-            dtype = "float32" if current_platform.is_cpu() else "auto"
-        if kv_cache_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            dtype = "float32" if on_cpu else "auto"
+        if on_cpu and kv_cache_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             # every sequence's full context, plus room for vLLM's block rounding (it refuses
-            # to start when one full sequence does not fit)
+            # to start when one full sequence does not fit); on GPUs vLLM sizes it from
+            # --gpu-memory-utilization
             kv_cache_bytes = int(_kv_bytes(text_config, dtype) * ctx * max_sequences * 1.25)
             kv_cache_bytes += 64 << 20
         self._engine_kwargs: dict[str, Any] = {
             "model": str(path), "max_model_len": ctx, "max_num_seqs": max_sequences,
-            "enforce_eager": enforce_eager, "dtype": dtype, "trust_remote_code": trust_remote_code,
+            # eager on CPU: compiled mode needs a C++ compiler at run time; CUDA graphs on GPU
+            "enforce_eager": on_cpu if enforce_eager is None else enforce_eager,
+            "dtype": dtype, "trust_remote_code": trust_remote_code,
             "max_logprobs": _MAX_LOGPROBS, "kv_cache_memory_bytes": kv_cache_bytes,
             # llguidance, as the serving core builds grammars for
             "structured_outputs_config": {"backend": "guidance"},
+            # --tensor-parallel-size and the like, as given (None: vLLM's default)
+            **{k: v for k, v in (vllm_args or {}).items() if v is not None},
         }
         self._llm: Any = None
         self._streams: weakref.WeakSet[VllmStream] = weakref.WeakSet()
