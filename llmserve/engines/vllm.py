@@ -142,6 +142,7 @@ class VllmEngine(EngineFacts):
             "max_logprobs": _MAX_LOGPROBS, "kv_cache_memory_bytes": kv_cache_bytes,
             # llguidance, as the serving core builds grammars for
             "structured_outputs_config": {"backend": "guidance"},
+            "disable_log_stats": True,  # /metrics has ours
             # --tensor-parallel-size and the like, as given (None: vLLM's default)
             **{k: v for k, v in (vllm_args or {}).items() if v is not None},
         }
@@ -170,6 +171,11 @@ class VllmEngine(EngineFacts):
         added = tok.get_added_vocab()
         ids.update(added[t] for t in _END_OF_TURN if t in added)
         return frozenset(t for t in ids if 0 <= t < n_vocab)
+
+    @property
+    def engine_args(self) -> dict[str, Any]:
+        """vLLM's engine arguments for this engine (the bench gives `vllm serve` the same)."""
+        return dict(self._engine_kwargs)
 
     # -- facts -----------------------------------------------------------------------------
 
