@@ -360,3 +360,57 @@ def test_engine_core_death_restarts_then_gives_up(smollm2_dir):
     finally:
         loop.run(engine.stop())
         loop.close()
+
+
+def test_http_disconnect_aborts_the_vllm_request(smollm2_dir):
+    """The whole server in this process (so vLLM's own count can be read): a client that
+    hangs up mid-stream leaves vLLM holding no request."""
+    import socket
+
+    import httpx
+    import uvicorn
+
+    from llmserve.api.app import create_app
+    from llmserve.config import Settings
+    from llmserve.models import load_registry
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = Settings(engine="vllm", model=str(smollm2_dir), served_model_name="m",
+                        context_length=512, max_sequences=2, threads=2, port=port,
+                        embedding_model="none", store="none")
+    registry = load_registry(settings, show_progress=False)
+    engine = registry.get("m").engine
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, registry), port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        body = {"model": "m", "stream": True, "max_tokens": 400, "ignore_eos": True,
+                "messages": [{"role": "user", "content": "Tell me a long story."}]}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            chunks = 0
+            for line in r.iter_lines():
+                chunks += line.startswith("data: ")
+                if chunks == 5:
+                    held = engine.num_unfinished_requests
+                    break
+        assert held == 1
+        for _ in range(100):
+            if engine.num_unfinished_requests == 0:
+                break
+            time.sleep(0.05)
+        assert engine.num_unfinished_requests == 0
+    finally:
+        server.should_exit = True
+        thread.join(60)
