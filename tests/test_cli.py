@@ -17,6 +17,8 @@ SERVE_FLAGS = [
     "--host", "--port", "--model", "--served-model-name", "--api-key", "--max-request-bytes",
     "--allowed-hosts", "--cors-origins", "--context-length",
     "--max-sequences", "--threads", "--store", "--store-ttl", "--log-level",
+    "--tensor-parallel-size", "--pipeline-parallel-size", "--distributed-executor-backend",
+    "--gpu-memory-utilization", "--max-model-len", "--quantization", "--enable-prefix-caching",
 ]
 
 
@@ -97,6 +99,8 @@ def test_missing_model_file_fails_clearly(tmp_path):
     (["--context-length", "4"], "context_length"),
     (["--bogus-flag"], "--bogus-flag"),
     (["--store-ttl", "soon"], "store_ttl"),
+    (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization"),
+    (["--distributed-executor-backend", "slurm"], "--distributed-executor-backend"),
 ])
 def test_bad_flags_are_usage_errors(tmp_path, args, word):
     r = cli("serve", *args, cwd=tmp_path)
@@ -121,6 +125,32 @@ def test_store_flags_over_environment(tmp_path, monkeypatch):
     assert cli_module.main(["serve"]) == 0
     assert cli_module.main(["serve", "--store", "none", "--store-ttl", "12h"]) == 0
     assert [(s.store, s.store_ttl) for s in got] == [("env.db", 60), ("none", 43200)]
+
+
+def test_vllm_flags_reach_settings(tmp_path, monkeypatch):
+    """vLLM's own flags under vLLM's names; --max-model-len is --context-length."""
+    from llmserve import cli as cli_module
+
+    monkeypatch.chdir(tmp_path)
+    got = []
+    monkeypatch.setattr(cli_module, "serve", lambda settings: got.append(settings) or 0)
+    assert cli_module.main([
+        "serve", "--engine", "vllm", "--tensor-parallel-size", "4", "--pipeline-parallel-size",
+        "2", "--distributed-executor-backend", "ray", "--gpu-memory-utilization", "0.8",
+        "--max-model-len", "8192", "--quantization", "awq", "--no-enable-prefix-caching",
+    ]) == 0
+    s = got[0]
+    assert (s.tensor_parallel_size, s.pipeline_parallel_size, s.distributed_executor_backend,
+            s.gpu_memory_utilization, s.context_length, s.quantization,
+            s.enable_prefix_caching) == (4, 2, "ray", 0.8, 8192, "awq", False)
+
+
+def test_vllm_flags_on_another_engine_fail_clearly(tmp_path):
+    r = cli("serve", "--tensor-parallel-size", "2", "--port", str(_free_port()), cwd=tmp_path,
+            timeout=60)
+    assert r.returncode == 2
+    assert "--tensor-parallel-size: for --engine vllm only" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_served_model_name_and_no_key(tmp_path):

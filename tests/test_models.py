@@ -78,5 +78,33 @@ def test_vllm_engine_spec(tmp_path, monkeypatch):
     spec = engine_spec(Settings(engine="vllm", max_sequences=4, threads=2), tmp_path)
     assert spec.kind == "vllm" and spec.path == tmp_path
     assert spec.options["max_sequences"] == 4 and spec.options["threads"] == 2
-    # auto is unchanged: a directory goes to transformers
-    assert Settings().engine == "auto"
+    spec = engine_spec(Settings(engine="vllm", tensor_parallel_size=2,
+                                enable_prefix_caching=False), tmp_path)
+    assert spec.options["vllm_args"]["tensor_parallel_size"] == 2
+    assert spec.options["vllm_args"]["enable_prefix_caching"] is False
+    assert spec.options["vllm_args"]["quantization"] is None  # vLLM's default
+
+
+def test_auto_engine_picks_vllm_for_a_directory_only_on_a_gpu(tmp_path, monkeypatch):
+    import importlib.util
+
+    from llmserve import models
+    from llmserve.config import Settings
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(models, "_vllm_on_gpu", lambda: True)
+    assert models.engine_spec(Settings(), tmp_path).kind == "vllm"
+    assert models.engine_spec(Settings(), models.bundled_model_path()).kind == "llamacpp"
+    monkeypatch.setattr(models, "_vllm_on_gpu", lambda: False)
+    assert models.engine_spec(Settings(), tmp_path).kind == "transformers"
+
+
+def test_vllm_flags_are_refused_on_other_engines():
+    from llmserve.config import Settings
+    from llmserve.models import bundled_model_path, engine_spec
+
+    with pytest.raises(ValueError, match="--quantization, --enable-prefix-caching: for --engine"):
+        engine_spec(Settings(quantization="awq", enable_prefix_caching=True),
+                    bundled_model_path())

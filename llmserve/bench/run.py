@@ -1,8 +1,8 @@
 """`llmserve bench`: a concurrency sweep of streamed chat requests against llmserve, with
 baselines measured in the same run, level by level so that machine drift cancels: the same
-engine in-process with no HTTP (the limit), llama-cpp-python's own server on the same GGUF
-file (llama.cpp engine), and Hugging Face `model.generate` on static batches of the same
-prompts (transformers engine)."""
+engine in-process with no HTTP (the limit), the engine's own OpenAI server on the same model
+(llama-cpp-python's for llama.cpp, `vllm serve` for vLLM), and for the transformers engine
+Hugging Face `model.generate` on static batches of the same prompts."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from llmserve.bench.report import LevelResult, ratios, summarize, table
 LLMSERVE = "llmserve"
 LIMIT = "in-process"
 LCP = "llama-cpp-python"
+VLLM = "vllm serve"
 CONSTRAINED = "llmserve json_schema"
 # Free text inside a structure, never complete within the bench's answers: every stream
 # runs to max_tokens under its grammar, as the unconstrained ones do.
@@ -39,6 +40,7 @@ NOTES_SCHEMA = {
     "required": ["notes"],
     "additionalProperties": False,
 }
+NOTES_FORMAT = {"type": "json_schema", "json_schema": {"name": "notes", "schema": NOTES_SCHEMA}}
 
 
 def shipped_prompts() -> list[str]:
@@ -103,11 +105,12 @@ class Proc:
 
 
 @contextmanager
-def start_process(args: list[str], ready_path: str, log_path: Path) -> Iterator[Proc]:
+def start_process(args: list[str], ready_path: str, log_path: Path,
+                  env: dict[str, str] | None = None) -> Iterator[Proc]:
     port = _free_port()
     args = [a.replace("{port}", str(port)) for a in args]
     with open(log_path, "wb") as log:
-        popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -172,31 +175,31 @@ def _result(name: str, conc: int, runs: list[_Run]) -> LevelResult:
     return result
 
 
-async def _measure_http(
-    name: str, url: str, model: str, prompts: list[str], conc: int, requests: int,
-    max_tokens: int, extra: dict, proc: Proc | None,
-) -> LevelResult:
-    run = await _run_http(url, model, prompts, conc, requests, max_tokens, extra, proc)
-    return _result(name, conc, [run])
+@dataclass
+class _Http:
+    """A system measured over HTTP: a row's name, its server, the body fields it gets."""
+
+    name: str
+    url: str
+    extra: dict
+    proc: Proc | None
 
 
-async def _measure_constrained(
-    url: str, model: str, prompts: list[str], conc: int, requests: int, max_tokens: int,
-    extra: dict, proc: Proc | None,
+async def _measure_interleaved(
+    systems: list[_Http], model: str, prompts: list[str], conc: int, requests: int,
+    max_tokens: int,
 ) -> list[LevelResult]:
-    """llmserve free and with every stream under a JSON schema, `requests` each, in two
-    blocks each in the order free, schema, schema, free, after one unmeasured block. The
-    machine's speed drifts by a third within a minute here, and runs just after a quiet spell
-    (the server's start) are faster: the warm-up block and this order keep both out of the
-    ratio of the two."""
-    fmt = {"type": "json_schema", "json_schema": {"name": "notes", "schema": NOTES_SCHEMA}}
+    """Every system in two blocks of half the requests (at least one per stream), in the
+    order A, B, ..., ..., B, A, after one unmeasured block of the first. The machine's speed
+    drifts by a third within a minute here, and runs just after a quiet spell (a server's
+    start) are faster: the warm-up block and this order keep both out of the ratios."""
     block = max(conc, -(-requests // 2))
-    await _run_http(url, model, prompts, conc, conc, max_tokens, extra, proc)
-    runs: dict[str, list[_Run]] = {LLMSERVE: [], CONSTRAINED: []}
-    for name in (LLMSERVE, CONSTRAINED, CONSTRAINED, LLMSERVE):
-        body = extra if name == LLMSERVE else {**extra, "response_format": fmt}
-        runs[name].append(await _run_http(url, model, prompts, conc, block, max_tokens,
-                                          body, proc))
+    first = systems[0]
+    await _run_http(first.url, model, prompts, conc, conc, max_tokens, first.extra, first.proc)
+    runs: dict[str, list[_Run]] = {s.name: [] for s in systems}
+    for s in systems + systems[::-1]:
+        runs[s.name].append(await _run_http(s.url, model, prompts, conc, block, max_tokens,
+                                            s.extra, s.proc))
     return [_result(name, conc, blocks) for name, blocks in runs.items()]
 
 
@@ -217,8 +220,10 @@ async def _measure_engine(engine, prompts: list[list[int]], conc: int, requests:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="llmserve bench", description=__doc__)
     p.add_argument("--model", help="GGUF file or model directory (default: the bundled model)")
-    p.add_argument("--engine", default="auto", choices=["auto", "llamacpp", "transformers"],
-                   help="llmserve's engine, also used for the in-process limit")
+    p.add_argument("--engine", default="auto",
+                   choices=["auto", "llamacpp", "transformers", "vllm"],
+                   help="llmserve's engine, also used for the in-process limit (vllm: --model "
+                        "is a Hugging Face directory; `vllm serve` on it is a baseline)")
     p.add_argument("--url", help="measure a running llmserve at this URL instead of starting one")
     p.add_argument("--served-model-name", help="model name to send with --url")
     p.add_argument("--levels", default="1,4,16,64", help="concurrency sweep (default 1,4,16,64)")
@@ -229,11 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context-length", type=int, default=1024)
     p.add_argument("--no-limit", action="store_true", help="skip the in-process baseline")
     p.add_argument("--no-constrained", action="store_true",
-                   help="skip the case of llmserve with every stream under a JSON schema "
-                        "(measured in blocks free, schema, schema, free, each of half the "
-                        "requests, at least one per stream)")
+                   help="skip the case of llmserve with every stream under a JSON schema")
     p.add_argument("--no-llama-cpp-python", action="store_true",
                    help="skip llama-cpp-python's server baseline")
+    p.add_argument("--no-vllm-serve", action="store_true",
+                   help="skip vLLM's own server baseline (--engine vllm)")
     p.add_argument("--no-hf-generate", action="store_true",
                    help="skip Hugging Face model.generate's baseline (transformers engine)")
     p.add_argument("--json", default="benchmarks/results/bench.json", help="where to write JSON")
@@ -322,6 +327,15 @@ async def _main(args: argparse.Namespace) -> int:
                  "--log-level", "warning"],
                 "/health", logs / "llmserve.log"))
             ours_url, model = ours_proc.url, served_name_for(model_path)
+        vllm_proc = None
+        if engine_kind == "vllm" and not args.no_vllm_serve:
+            from llmserve.bench.vllm_serve import serve_command
+
+            command, env = serve_command(model_path, name=model,
+                                         context_length=args.context_length,
+                                         max_sequences=max_seq, threads=args.threads)
+            vllm_proc = stack.enter_context(start_process(
+                command, "/v1/models", logs / "vllm-serve.log", env=env))
         lcp_proc = None
         if want_lcp:
             lcp_proc = stack.enter_context(start_process(
@@ -344,31 +358,29 @@ async def _main(args: argparse.Namespace) -> int:
             {"logit_bias": {str(t): -100 for t in _end_tokens(engine, model_path)}}
             if lcp_proc is not None else {}
         )
+        ours_extra = {"ignore_eos": True, "stream_options": {"include_usage": True}}
         try:
             for conc in levels:
                 n_req = args.requests or max(4, conc)
                 print(f"-- concurrency {conc}: {n_req} requests x {args.max_tokens} tokens",
                       file=sys.stderr, flush=True)
-                ours_extra = {"ignore_eos": True, "stream_options": {"include_usage": True}}
-                if args.no_constrained:
-                    results.append(await _measure_http(
-                        LLMSERVE, ours_url, model, prompts, conc, n_req, args.max_tokens,
-                        ours_extra, ours_proc))
-                else:
-                    results += await _measure_constrained(
-                        ours_url, model, prompts, conc, n_req, args.max_tokens, ours_extra,
-                        ours_proc)
+                systems = [_Http(LLMSERVE, ours_url, ours_extra, ours_proc)]
+                if not args.no_constrained:
+                    systems.append(_Http(CONSTRAINED, ours_url,
+                                         {**ours_extra, "response_format": NOTES_FORMAT},
+                                         ours_proc))
+                if vllm_proc is not None:  # it takes ignore_eos too: the same bodies
+                    systems.append(_Http(VLLM, vllm_proc.url, ours_extra, vllm_proc))
+                if lcp_proc is not None:
+                    systems.append(_Http(LCP, lcp_proc.url, lcp_extra, lcp_proc))
+                results += await _measure_interleaved(systems, model, prompts, conc, n_req,
+                                                      args.max_tokens)
                 if engine is not None:
                     results.append(await _measure_engine(engine, token_prompts, conc, n_req,
                                                          args.max_tokens))
-                if lcp_proc is not None:
-                    results.append(await _measure_http(
-                        LCP, lcp_proc.url, model, prompts, conc, n_req, args.max_tokens,
-                        lcp_extra, lcp_proc))
                 if hf is not None:
                     results.append(hf.measure(hf_prompts, conc, n_req, args.max_tokens))
-                shown = (1 + (not args.no_constrained) + (engine is not None)
-                         + (lcp_proc is not None) + (hf is not None))
+                shown = len(systems) + (engine is not None) + (hf is not None)
                 print(table(results[-shown:]),
                       file=sys.stderr, flush=True)
         finally:
@@ -376,7 +388,7 @@ async def _main(args: argparse.Namespace) -> int:
                 await engine.stop()
 
     hf_name = [hf.system] if hf is not None else []
-    baselines = [b for b in (LIMIT, LCP, *hf_name) if any(r.system == b for r in results)]
+    baselines = [b for b in (LIMIT, LCP, VLLM, *hf_name) if any(r.system == b for r in results)]
     ratio_text, ratio_rows = ratios(results, LLMSERVE, baselines)
     if hf is not None and engine is not None:  # the engine alone against plain generate
         text, _ = ratios(results, LIMIT, hf_name)

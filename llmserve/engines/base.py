@@ -84,7 +84,6 @@ class EngineFacts:
     one implementation for engines in this process and in a child process."""
 
     info: EngineInfo
-    supports_grammar: bool = True  # SamplingParams.grammar honoured (vllm: not yet)
 
     @property
     def context_length(self) -> int:
@@ -198,11 +197,6 @@ class Engine(Protocol):
     @property
     def end_tokens(self) -> frozenset[int]:
         """Tokens that end generation (EOS, end of turn)."""
-
-    @property
-    def supports_grammar(self) -> bool:
-        """Whether `SamplingParams.grammar` is honoured: else the serving core refuses
-        constrained output (tools, response_format) before generating."""
 
     async def start(self) -> None:
         """Start the decode loop; called once from the event loop that will consume streams."""

@@ -13,6 +13,7 @@ grammar is complete (the sequence then finishes with "stop").
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -26,6 +27,20 @@ from llmserve.engines.base import SamplingParams
 
 class GrammarError(ValueError):
     """A grammar that cannot be used, or a sequence its grammar cannot continue."""
+
+
+def as_lark(grammar: str) -> str:
+    """`grammar` (serialized as serving/constraints builds them) as Lark source: the form an
+    engine with an llguidance backend of its own (vLLM's `grammar`) takes."""
+    if not grammar.lstrip().startswith("{"):
+        return grammar  # Lark already
+    parts = json.loads(grammar).get("grammars") or []
+    if len(parts) == 1 and parts[0].get("lark_grammar"):
+        return parts[0]["lark_grammar"]
+    if len(parts) == 1 and parts[0].get("json_schema") is not None:
+        # the schema carries its JSON style in "x-guidance", which %json honours
+        return "start: %json " + json.dumps(parts[0]["json_schema"])
+    raise GrammarError("this grammar has no single Lark form")
 
 
 class Grammars:

@@ -13,14 +13,11 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
-import math
 import multiprocessing
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 from typing import Any
 
 from llmserve.engines.base import (
@@ -32,6 +29,7 @@ from llmserve.engines.base import (
     SamplingParams,
     check_request,
 )
+from llmserve.engines.restarts import Crashes, RestartPolicy
 from llmserve.engines.spec import EmbedderSpec, EngineSpec
 from llmserve.engines.stepping import QueueStream, route
 from llmserve.engines.worker import decode, embedder_main, engine_main
@@ -41,15 +39,6 @@ log = logging.getLogger(__name__)
 # A fresh interpreter: forking a process that runs threads (the event loop's, the
 # readers') can copy a held lock into the child.
 _MP = multiprocessing.get_context("spawn")
-
-
-@dataclass(frozen=True)
-class RestartPolicy:
-    first_delay: float = 1.0  # seconds before the first restart, doubling after each crash
-    max_delay: float = 30.0
-    max_crashes: int = 5  # this many crashes within `window` seconds: stay down
-    window: float = 300.0
-    load_timeout: float = 900.0
 
 
 def describe_exit(code: int | None) -> str:
@@ -94,8 +83,7 @@ class ChildProcess:
         self._reason: str | None = None
         self._starts = 0
         self._generation = 0  # which process the reader thread's reports are about
-        self._crashes: deque[float] = deque()
-        self._next_try = 0.0
+        self._crashes = Crashes(policy)
         self._restarter: asyncio.Task[None] | None = None
 
     # -- starting ---------------------------------------------------------------------------
@@ -161,7 +149,7 @@ class ChildProcess:
 
     def down_error(self) -> EngineDown:
         if self._state == "restarting":
-            wait = max(1, math.ceil(self._next_try - time.monotonic()) + 1)
+            wait = self._crashes.wait()
             return EngineDown(f"The {self.name} is restarting after a crash ({self._reason}). "
                               f"Retry in {wait} s.", retry_after=wait)
         return EngineDown(f"The {self.name} is {self._state}"
@@ -208,20 +196,12 @@ class ChildProcess:
         self._crashed(reason, fatal)
 
     def _crashed(self, reason: str, detail: str | None = None) -> None:
-        now = time.monotonic()
-        self._crashes.append(now)
-        while self._crashes and self._crashes[0] < now - self.policy.window:
-            self._crashes.popleft()
-        n = len(self._crashes)
-        if n >= self.policy.max_crashes:
-            self._state = "failed"
-            self._reason = (f"{reason}; {n} crashes within {self.policy.window:g} s, "
-                            "not restarting")
+        delay = self._crashes.record()
+        if delay is None:
+            self._state, self._reason = "failed", self._crashes.given_up(reason)
             next_step = "it stays down"
         else:
-            delay = min(self.policy.max_delay, self.policy.first_delay * 2 ** (n - 1))
             self._state, self._reason = "restarting", reason
-            self._next_try = now + delay
             self._restarter = asyncio.get_running_loop().create_task(self._restart(delay))
             next_step = f"restarting in {delay:g} s"
         lost = self._on_lost(reason)

@@ -41,6 +41,7 @@ from llmserve.engines.base import (
     TokenOutput,
     check_request,
 )
+from llmserve.engines.restarts import Crashes, RestartPolicy
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|en
                 "<|END_OF_TURN_TOKEN|>")
 _MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 _END = object()  # a choice's stream is over
+_DEAD = "vLLM's engine core died"
 
 
 def _require_vllm():
@@ -62,8 +64,6 @@ def _require_vllm():
 class VllmEngine(EngineFacts):
     """The `Engine` protocol over vLLM's `AsyncLLM` (started by `start`, on the serving loop)."""
 
-    supports_grammar = False  # the serving core refuses tools/response_format up front
-
     def __init__(
         self,
         model_path: str | Path,
@@ -74,8 +74,10 @@ class VllmEngine(EngineFacts):
         threads: int | None = None,
         trust_remote_code: bool = False,
         kv_cache_bytes: int | None = None,
-        enforce_eager: bool = True,
+        enforce_eager: bool | None = None,
+        vllm_args: dict[str, Any] | None = None,
         warmup: bool = True,
+        restart_policy: RestartPolicy = RestartPolicy(),
     ) -> None:
         _require_vllm()
         path = Path(model_path)
@@ -117,25 +119,37 @@ class VllmEngine(EngineFacts):
             eos_token=_as_str(tok.eos_token),
             add_bos=bos_id is not None and bool(probe) and probe[0] == bos_id,
         )
-        if dtype == "auto":
-            from vllm.platforms import current_platform
+        from vllm.platforms import current_platform
 
+        on_cpu = current_platform.is_cpu()
+        if dtype == "auto":
             # as for the transformers engine: fp32 on CPU (vLLM's auto is bf16 there, whose
             # greedy output changes with the batch), the model's choice elsewhere
-            dtype = "float32" if current_platform.is_cpu() else "auto"
-        if kv_cache_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            dtype = "float32" if on_cpu else "auto"
+        if on_cpu and kv_cache_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             # every sequence's full context, plus room for vLLM's block rounding (it refuses
-            # to start when one full sequence does not fit)
+            # to start when one full sequence does not fit); on GPUs vLLM sizes it from
+            # --gpu-memory-utilization
             kv_cache_bytes = int(_kv_bytes(text_config, dtype) * ctx * max_sequences * 1.25)
             kv_cache_bytes += 64 << 20
-        self._engine_kwargs: dict[str, Any] = dict(
-            model=str(path), max_model_len=ctx, max_num_seqs=max_sequences,
-            enforce_eager=enforce_eager, dtype=dtype, trust_remote_code=trust_remote_code,
-            max_logprobs=_MAX_LOGPROBS, kv_cache_memory_bytes=kv_cache_bytes,
-        )
+        self._engine_kwargs: dict[str, Any] = {
+            "model": str(path), "max_model_len": ctx, "max_num_seqs": max_sequences,
+            # eager on CPU: compiled mode needs a C++ compiler at run time; CUDA graphs on GPU
+            "enforce_eager": on_cpu if enforce_eager is None else enforce_eager,
+            "dtype": dtype, "trust_remote_code": trust_remote_code,
+            "max_logprobs": _MAX_LOGPROBS, "kv_cache_memory_bytes": kv_cache_bytes,
+            # llguidance, as the serving core builds grammars for
+            "structured_outputs_config": {"backend": "guidance"},
+            "disable_log_stats": True,  # /metrics has ours
+            # --tensor-parallel-size and the like, as given (None: vLLM's default)
+            **{k: v for k, v in (vllm_args or {}).items() if v is not None},
+        }
         self._llm: Any = None
         self._streams: weakref.WeakSet[VllmStream] = weakref.WeakSet()
         self._watchdog: asyncio.Task | None = None
+        self._launching: asyncio.Future | None = None  # a restart's new AsyncLLM
+        self._crashes = Crashes(restart_policy)
+        self._restarts = 0
         self._state = "stopped"
         self._reason: str | None = None
         self._ids = itertools.count()
@@ -156,15 +170,21 @@ class VllmEngine(EngineFacts):
         ids.update(added[t] for t in _END_OF_TURN if t in added)
         return frozenset(t for t in ids if 0 <= t < n_vocab)
 
+    @property
+    def engine_args(self) -> dict[str, Any]:
+        """vLLM's engine arguments for this engine (the bench gives `vllm serve` the same)."""
+        return dict(self._engine_kwargs)
+
     # -- facts -----------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
         return self._text.tokenize(text, add_bos=add_bos)
 
     def health(self) -> EngineHealth:
-        if self._llm is not None and self._state == "running" and self._llm.errored:
-            self._state, self._reason = "failed", "vLLM's engine core is dead"
-        return EngineHealth(self._state, self._reason)
+        if self._state == "running" and self._llm is not None and self._llm.errored:
+            # the watchdog has not looked yet
+            return EngineHealth("restarting", _DEAD, restarts=self._restarts)
+        return EngineHealth(self._state, self._reason, restarts=self._restarts)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -178,47 +198,89 @@ class VllmEngine(EngineFacts):
             return
         if self._threads and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{self._threads - 1}"
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         self._state = "starting"
         began = time.monotonic()
         try:
-            # AsyncLLM starts its engine core process and waits for it (seconds); nothing is
-            # served yet, so blocking the loop here costs nothing
-            self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self._engine_kwargs))
+            self._llm = await self._launch()
         except Exception as exc:
             self._state, self._reason = "failed", f"{type(exc).__name__}: {exc}"
             raise EngineError(f"vLLM did not start: {exc}") from exc
         self._state = "running"
         self._watchdog = asyncio.get_running_loop().create_task(self._watch())
-        if self._warmup:
-            # the first batch after start is slow (seconds): before reporting ready
-            prompt = self.tokenize("Hello, world.", add_bos=self.add_bos)
-            stream = self.generate(prompt, [SamplingParams(max_tokens=4, temperature=0.0)],
-                                   request_id="warmup")
-            async for _ in stream:
-                pass
         log.info("vLLM engine up in %.1f s", time.monotonic() - began)
 
+    async def _launch(self) -> Any:
+        """A new `AsyncLLM`: its engine core process started (seconds, in a thread: the loop
+        keeps serving /health meanwhile) and warmed up (the first batch is slow)."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args,
+                                      AsyncEngineArgs(**self._engine_kwargs))
+        if not self._warmup:
+            return llm
+        try:
+            prompt = self.tokenize("Hello, world.", add_bos=self.add_bos)
+            sp = to_vllm(SamplingParams(max_tokens=4, temperature=0.0),
+                         end_tokens=self.end_tokens, room=self.context_length - len(prompt))
+            async for _ in llm.generate(TokensPrompt(prompt_token_ids=prompt), sp,
+                                        request_id=f"warmup.{next(self._ids)}"):
+                pass
+        except BaseException:
+            await asyncio.to_thread(llm.shutdown)
+            raise
+        return llm
+
     async def _watch(self) -> None:
-        """Fail every stream once vLLM's engine core is dead: a request added while vLLM
-        noticed the death is never told (it would wait forever)."""
-        while self._llm is not None and not self._llm.errored:
-            await asyncio.sleep(0.5)
-        if self._llm is None:
-            return
-        self._state, self._reason = "failed", "vLLM's engine core is dead"
-        log.error("vLLM's engine core died: %d requests lost", len(self._streams))
-        for stream in list(self._streams):
-            stream.fail(EngineDown("The vLLM engine core died.", retry_after=30))
+        """Notice the engine core's death, fail every stream it was serving at once (a
+        request added while vLLM noticed the death would wait forever), and start a new one,
+        under the same restart policy as the other engines."""
+        while True:
+            while not self._llm.errored:
+                await asyncio.sleep(0.5)
+            reason = _DEAD
+            log.error("%s: %d requests lost", reason, len(self._streams))
+            for stream in list(self._streams):
+                stream.fail(EngineDown("The vLLM engine core died.", retry_after=30))
+            while True:
+                delay = self._crashes.record()
+                if delay is None:
+                    self._state, self._reason = "failed", self._crashes.given_up(reason)
+                    log.error("vLLM engine: %s", self._reason)
+                    return
+                self._state, self._reason = "restarting", reason
+                log.warning("vLLM engine: restarting in %g s", delay)
+                await asyncio.sleep(delay)
+                dead, self._llm = self._llm, None
+                if dead is not None:
+                    await asyncio.to_thread(dead.shutdown)
+                # shielded: a stop() meanwhile shuts down what it brings (see stop)
+                self._launching = asyncio.ensure_future(self._launch())
+                try:
+                    self._llm = await asyncio.shield(self._launching)
+                except Exception as exc:  # noqa: BLE001 - a failed restart is one more crash
+                    reason = f"restart failed: {type(exc).__name__}: {exc}"
+                    continue
+                finally:
+                    self._launching = None
+                self._restarts += 1
+                self._state, self._reason = "running", None
+                log.warning("vLLM engine is back (restart %d)", self._restarts)
+                break
 
     async def stop(self) -> None:
-        llm, self._llm = self._llm, None
         self._state = "stopped"
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        llm, self._llm = self._llm, None
+        launching, self._launching = self._launching, None
+        if launching is not None:  # a restart under way: wait for it, then shut it down
+            try:
+                llm = await launching
+            except Exception:  # noqa: BLE001 - nothing to shut down
+                pass
         if llm is not None:
             await asyncio.to_thread(llm.shutdown)
 
@@ -227,12 +289,13 @@ class VllmEngine(EngineFacts):
     def generate(
         self, prompt: list[int], params: list[SamplingParams], *, request_id: str | None = None
     ) -> VllmStream:
-        if self._llm is None or self._state != "running" or self._llm.errored:
-            if self._state in ("running", "failed"):
-                self._state, self._reason = "failed", "vLLM's engine core is dead"
-                raise EngineDown("The vLLM engine is down: its engine core died.",
-                                 retry_after=30)
-            raise EngineDown(f"The vLLM engine is {self._state}.")
+        if self._state == "restarting" or (self._state == "running" and self._llm.errored):
+            wait = self._crashes.wait() if self._state == "restarting" else 30
+            raise EngineDown(f"The vLLM engine is restarting after its engine core died. "
+                             f"Retry in {wait} s.", retry_after=wait)
+        if self._state != "running":
+            raise EngineDown(f"The vLLM engine is {self._state}"
+                             + (f": {self._reason}." if self._reason else "."))
         check_request(prompt, params, max_sequences=self.max_sequences,
                       context_length=self.context_length)
         room = self.context_length - len(prompt)
@@ -351,10 +414,10 @@ class VllmStream:
 def to_vllm(p: SamplingParams, *, end_tokens: frozenset[int], room: int):
     """Our SamplingParams as vLLM's, field by field; ValueError for what cannot be mapped."""
     from vllm import SamplingParams as VSamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-    if p.grammar is not None:
-        raise ValueError("the vllm engine does not support grammars yet (tools, response_format)")
+    from llmserve.engines.grammar import as_lark
+
     if p.logprobs is not None and not 0 <= p.logprobs <= _MAX_LOGPROBS:
         raise ValueError(f"logprobs must be between 0 and {_MAX_LOGPROBS} on the vllm engine")
     if p.max_tokens < 1:
@@ -364,7 +427,7 @@ def to_vllm(p: SamplingParams, *, end_tokens: frozenset[int], room: int):
             n=1,
             temperature=p.temperature,
             top_p=p.top_p,
-            top_k=p.top_k if p.top_k > 0 else 0,
+            top_k=max(0, p.top_k),
             min_p=p.min_p,
             seed=p.seed,
             presence_penalty=p.presence_penalty,
@@ -379,6 +442,9 @@ def to_vllm(p: SamplingParams, *, end_tokens: frozenset[int], room: int):
             detokenize=False,
             skip_special_tokens=False,
             output_kind=RequestOutputKind.DELTA,
+            # vLLM's llguidance backend enforces our grammar (Lark, as it takes them)
+            structured_outputs=None if p.grammar is None
+            else StructuredOutputsParams(grammar=as_lark(p.grammar)),
         )
     except (ValueError, TypeError) as exc:  # vLLM's own checks
         raise ValueError(f"vllm engine: {exc}") from None

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import anyio.to_thread
 
 from llmserve.engines.base import Engine, SamplingParams
-from llmserve.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParameter
+from llmserve.errors import ContextLengthExceeded, InvalidRequest
 from llmserve.serving.chat_template import ChatTemplate, TemplateError
 from llmserve.serving.sampling import SamplingRequest, build_params
 from llmserve.serving.tool_calls import (
@@ -79,13 +79,6 @@ class Preparer:
         plan, tokens = await anyio.to_thread.run_sync(
             self._chat_tokens, messages, output or OutputRequest()
         )
-        if plan.grammar is not None and not self._engine.supports_grammar:
-            # refused here, before a stream has begun (vllm engine, for now)
-            raise UnsupportedParameter(
-                "This model's engine does not support constrained output yet: tools and "
-                "response_format json_schema/json_object are not available.",
-                param="tools" if (output and output.tools) else "response_format",
-            )
         sampling = dataclasses.replace(sampling, grammar=plan.grammar)
         return dataclasses.replace(self._prepared([tokens], sampling, stop), parser=plan.parser,
                                    calls_finish=plan.calls_finish)

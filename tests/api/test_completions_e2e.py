@@ -1,4 +1,5 @@
-"""End-to-end: POST /v1/completions against the real server (bundled SmolLM2 model).
+"""End-to-end: POST /v1/completions against the real server (bundled SmolLM2 model), on
+each engine (see engine_fixtures).
 
 Every response body and every stream chunk is validated against OpenAI's schema."""
 
@@ -11,6 +12,7 @@ import httpx
 import openai
 import pytest
 from conftest import MODEL
+from engine_fixtures import *  # engine, server, client, async_client, http
 from openai_schema import validate
 from sse import EventStream, stream_post
 

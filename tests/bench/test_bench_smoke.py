@@ -21,9 +21,9 @@ def test_bench_runs_every_system(tmp_path):
     names = ("llmserve", "llmserve json_schema", "in-process", "llama-cpp-python")
     assert systems == {(s, c) for s in names for c in (1, 2)}
     for r in report["results"]:
-        # llmserve free and constrained run in two blocks each (free, schema, schema, free)
-        # of half the requests, at least one per stream: here 2 x 1 and 2 x 2
-        blocks = (2 if r["concurrency"] == 2 else 1) if r["system"].startswith("llmserve") else 1
+        # the systems over HTTP run in two blocks each (A, B, C, C, B, A) of half the
+        # requests, at least one per stream: here 2 x 1 and 2 x 2
+        blocks = 1 if r["system"] == "in-process" else 2 if r["concurrency"] == 2 else 1
         assert r["errors"] == 0, r
         assert r["requests"] == 2 * blocks
         assert r["output_tokens"] == 2 * blocks * 8, r  # equal lengths: ignore_eos / EOS banned

@@ -302,3 +302,28 @@ def test_child_process_engine_carries_the_grammar():
 
     engine, outs = asyncio.run(main())
     assert_person(engine, outs)
+
+
+def test_as_lark_keeps_what_each_grammar_allows(llama):
+    """The Lark form (what vLLM takes) of a JSON-schema grammar accepts what the original
+    does, in the same compact style; a Lark grammar stays as it is."""
+    from llmserve.engines.grammar import as_lark
+    from llmserve.serving import constraints
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+              "additionalProperties": False}
+    original = constraints.json_schema(schema, strict=True, param="x")
+    lark = as_lark(original)
+    assert lark.startswith("start: %json ")
+
+    def accepts(grammar: str, text: str) -> bool:
+        (m,) = llama._grammars.matchers([greedy(grammar=grammar)])
+        return m.consume_tokens(llama.tokenize(text, add_bos=False)) and m.is_accepting()
+
+    for text, valid in (('{"a": 1}', True), ('{"a":1}', False), ('{"a": "x"}', False),
+                        ('{"a": 1, "b": 2}', False)):
+        assert accepts(original, text) is valid and accepts(lark, text) is valid, text
+    source = '%llguidance {}\nstart: "yes" | "no"'
+    assert as_lark(constraints.lark(source, param="x")) == source
+    with pytest.raises(GrammarError):
+        as_lark('{"grammars": []}')

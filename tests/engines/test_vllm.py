@@ -254,11 +254,39 @@ def test_sampling_params_mapped(vllm_engine):
     assert len(outs) == 5
 
 
+def test_grammar_is_enforced_by_vllm(vllm_engine):
+    """Grammars as the serving core builds them (JSON schema, Lark) go down to vLLM's
+    llguidance backend: the output obeys them and ends with "stop"."""
+    import json
+
+    from llmserve.serving import constraints
+
+    engine, loop = vllm_engine
+    schema = {"type": "object", "properties": {"name": {"type": "string"},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    grammars = [constraints.json_schema(schema, strict=True, param="x"),
+                constraints.lark('%llguidance {}\nstart: "yes" | "no"', param="x")]
+
+    async def main(grammar: str):
+        got = []
+        async for batch in engine.generate(chat(engine, "Describe a person as JSON."),
+                                           [greedy(60, grammar=grammar)]):
+            got.extend(batch)
+        return got
+
+    person = loop.run(main(grammars[0]))
+    text = text_of(engine, person)
+    assert set(json.loads(text)) == {"name", "age"}
+    assert ", " in text and person[-1].finish_reason == "stop"  # compact, as OpenAI writes it
+    assert text_of(engine, loop.run(main(grammars[1]))) in ("yes", "no")
+
+
 def test_refused(vllm_engine):
     engine, _ = vllm_engine
     prompt = chat(engine, "Hi")
-    with pytest.raises(ValueError, match="grammar"):
-        engine.generate(prompt, [greedy(4, grammar="{}")])
+    with pytest.raises(ValueError, match="grammar"):  # not one Lark grammar
+        engine.generate(prompt, [greedy(4, grammar='{"grammars": []}')])
     with pytest.raises(ValueError, match="logprobs"):
         engine.generate(prompt, [greedy(4, logprobs=50)])
     with pytest.raises(ValueError, match="at most 8"):
@@ -267,44 +295,122 @@ def test_refused(vllm_engine):
         engine.generate([1] * 1024, [greedy(4)])
 
 
-def test_engine_core_death_is_reported(smollm2_dir):
-    """vLLM's engine core process killed: health says failed, generate raises EngineDown."""
+def test_engine_core_death_restarts_then_gives_up(smollm2_dir):
+    """vLLM's engine core process killed: the stream it was serving ends with EngineDown,
+    health says restarting and new requests get EngineDown with Retry-After, then a new
+    core serves again; past the policy's crash limit the engine stays down (failed)."""
     import signal
 
     import psutil
 
     from llmserve.engines.base import EngineDown
+    from llmserve.engines.restarts import RestartPolicy
     from llmserve.engines.vllm import VllmEngine
 
     me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
     engine = VllmEngine(smollm2_dir, context_length=256, max_sequences=2, threads=2,
-                        warmup=False)
+                        warmup=False, restart_policy=RestartPolicy(first_delay=0.5,
+                                                                   max_crashes=2))
     loop = Loop()
+
+    def kill_core() -> set[int]:
+        pids = {p.pid for p in me.children(recursive=True)}
+        for p in me.children(recursive=True):
+            p.send_signal(signal.SIGKILL)
+        return pids
+
+    async def until(state: str, seconds: float) -> None:
+        for _ in range(int(seconds * 10)):
+            if engine.health().state == state:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"still {engine.health()}")
+
+    async def crash_mid_stream() -> None:
+        prompt = chat(engine, "Tell me a long story.")
+        stream = engine.generate(prompt, [greedy(200, ignore_eos=True)])
+        with pytest.raises(EngineDown):
+            async for batch in stream:
+                if batch:
+                    kill_core()
+        assert engine.health().state in ("restarting", "failed")
+
     try:
         loop.run(engine.start(), timeout=300)
-        assert engine.health().ok
-        new = [p for p in me.children(recursive=True) if p.pid not in before]
-        assert new
-        for p in new:
-            p.send_signal(signal.SIGKILL)
+        first = {p.pid for p in me.children(recursive=True)}
+        loop.run(crash_mid_stream())
+        assert engine.health().state == "restarting" and "died" in engine.health().reason
+        with pytest.raises(EngineDown) as down:
+            engine.generate(chat(engine, "Hi"), [greedy(4)])
+        assert down.value.retry_after >= 1
+        loop.run(until("running", 240), timeout=300)
+        assert engine.health().restarts == 1
+        assert not first & {p.pid for p in me.children(recursive=True)}  # the old core is gone
 
-        async def main():
-            prompt = chat(engine, "Hi")
-            try:  # the request that finds the engine dead, or the next one
-                await collect(engine.generate(prompt, [greedy(4)]))
-            except EngineDown:
-                pass
-            for _ in range(100):
-                if not engine.health().ok:
-                    break
-                await asyncio.sleep(0.1)
-            with pytest.raises(EngineDown):
-                engine.generate(prompt, [greedy(4)])
-            return engine.health()
+        async def hi():
+            return await collect(engine.generate(chat(engine, "Hi"), [greedy(4)]))
 
-        health = loop.run(main())
-        assert health.state == "failed" and "dead" in health.reason
+        assert len(loop.run(hi())) == 4
+
+        loop.run(crash_mid_stream())  # the second crash within the window: given up
+        loop.run(until("failed", 30))
+        assert "not restarting" in engine.health().reason
+        with pytest.raises(EngineDown):
+            engine.generate(chat(engine, "Hi"), [greedy(4)])
     finally:
         loop.run(engine.stop())
         loop.close()
+
+
+def test_http_disconnect_aborts_the_vllm_request(smollm2_dir):
+    """The whole server in this process (so vLLM's own count can be read): a client that
+    hangs up mid-stream leaves vLLM holding no request."""
+    import socket
+
+    import httpx
+    import uvicorn
+
+    from llmserve.api.app import create_app
+    from llmserve.config import Settings
+    from llmserve.models import load_registry
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = Settings(engine="vllm", model=str(smollm2_dir), served_model_name="m",
+                        context_length=512, max_sequences=2, threads=2, port=port,
+                        embedding_model="none", store="none")
+    registry = load_registry(settings, show_progress=False)
+    engine = registry.get("m").engine
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, registry), port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        body = {"model": "m", "stream": True, "max_tokens": 400, "ignore_eos": True,
+                "messages": [{"role": "user", "content": "Tell me a long story."}]}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            chunks = 0
+            for line in r.iter_lines():
+                chunks += line.startswith("data: ")
+                if chunks == 5:
+                    held = engine.num_unfinished_requests
+                    break
+        assert held == 1
+        for _ in range(100):
+            if engine.num_unfinished_requests == 0:
+                break
+            time.sleep(0.05)
+        assert engine.num_unfinished_requests == 0
+    finally:
+        server.should_exit = True
+        thread.join(60)

@@ -132,20 +132,3 @@ def test_templating_runs_off_the_event_loop(engine, preparer, monkeypatch):
     assert run(main()) >= 20
     assert threads and threads[0] is not threading.main_thread()
 
-
-def test_constrained_output_refused_up_front_by_an_engine_without_grammars(engine, monkeypatch):
-    """The vllm engine (for now): response_format and tools are a 400 before any stream."""
-    from llmserve.errors import UnsupportedParameter
-    from llmserve.serving.tool_calls import OutputRequest
-
-    template = ChatTemplate(engine.chat_template, bos_token=engine.bos_token,
-                            eos_token=engine.eos_token)
-    monkeypatch.setattr(type(engine), "supports_grammar", False, raising=False)
-    preparer = Preparer(engine, template)
-    messages = [{"role": "user", "content": "Hi"}]
-    with pytest.raises(UnsupportedParameter, match="constrained output") as err:
-        run(preparer.chat(messages, SamplingRequest(max_tokens=8), [],
-                          OutputRequest(response_format={"type": "json_object"})))
-    assert err.value.param == "response_format"
-    got = run(preparer.chat(messages, SamplingRequest(max_tokens=8), []))  # plain: fine
-    assert got.prompts[0].params[0].grammar is None
