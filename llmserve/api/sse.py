@@ -61,6 +61,63 @@ class _Aborted:
         self.error = error
 
 
+class _Watchdog:
+    """One timer per stream for both of its clocks: a keep-alive into `queue` after
+    `keepalive` seconds without a write, and `task` cancelled (`stalled`) once one write
+    has waited `write_timeout` seconds. Per token it only notes the time: arming a timer
+    per write cost more than the rest of a token's trip through this module."""
+
+    __slots__ = ("_task", "_queue", "_keepalive", "_write_timeout", "_loop", "_handle",
+                 "_idle_since", "_sending_since", "stalled")
+
+    def __init__(self, task: asyncio.Task, queue: asyncio.Queue[object], *,
+                 keepalive: float | None, write_timeout: float | None) -> None:
+        self._task = task
+        self._queue = queue
+        self._keepalive = keepalive
+        self._write_timeout = write_timeout
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.TimerHandle | None = None
+        self._idle_since = self._loop.time()
+        self._sending_since: float | None = None
+        self.stalled = False
+        self._fire()
+
+    def sending(self) -> None:
+        self._sending_since = self._loop.time()
+
+    def sent(self) -> None:
+        self._sending_since = None
+        self._idle_since = self._loop.time()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        # The timer is never late for either clock: it is armed for the current clock's
+        # deadline, or for the earliest the other clock could run out, whichever comes first.
+        now = self._loop.time() + 0.001  # the loop may fire a timer this early
+        keepalive, write_timeout = self._keepalive, self._write_timeout
+        if self._sending_since is not None:
+            if write_timeout is not None and now >= self._sending_since + write_timeout:
+                self.stalled = True
+                self._handle = None
+                self._task.cancel()
+                return
+            due = [self._sending_since + write_timeout if write_timeout else None,
+                   now + keepalive if keepalive else None]
+        else:
+            if keepalive is not None and now >= self._idle_since + keepalive:
+                self._queue.put_nowait(KEEPALIVE)
+                self._idle_since = now
+            due = [self._idle_since + keepalive if keepalive else None,
+                   now + write_timeout if write_timeout else None]
+        at = min((t for t in due if t is not None), default=None)
+        self._handle = self._loop.call_at(at, self._fire) if at is not None else None
+
+
 class EventStreamResponse(StreamingResponse):
     """A stream of SSE events that no client can stall.
 
@@ -113,29 +170,31 @@ class EventStreamResponse(StreamingResponse):
         self._queue.put_nowait(_Aborted(exc))
 
     async def _forward(self, queue: asyncio.Queue[object], send: Send) -> None:
-        while True:
-            if not queue.empty():  # the usual case while tokens flow: no timer needed
-                item = queue.get_nowait()
-            else:
-                try:
-                    async with asyncio.timeout(self._keepalive):
-                        item = await queue.get()
-                except TimeoutError:
-                    item = KEEPALIVE
-            if item is _END:
-                break
-            if isinstance(item, _Aborted):
-                item = error_event(item.error) + DONE
-                queue.put_nowait(_END)
-            elif isinstance(item, BaseException):
-                raise item
-            try:
-                async with asyncio.timeout(self._write_timeout):
-                    await send({"type": "http.response.body", "body": item, "more_body": True})
-            except TimeoutError:
-                log.info("stream dropped: the client accepted no bytes for %g s",
-                         self._write_timeout)
-                return  # the server closes the connection; the caller cancels generation
+        task = asyncio.current_task()
+        assert task is not None
+        watch = _Watchdog(task, queue, keepalive=self._keepalive, write_timeout=self._write_timeout)
+        try:
+            while True:
+                item = queue.get_nowait() if not queue.empty() else await queue.get()
+                if item is _END:
+                    break
+                if isinstance(item, _Aborted):
+                    watch.stop()  # nothing after [DONE], not even a comment
+                    item = error_event(item.error) + DONE
+                    queue.put_nowait(_END)
+                elif isinstance(item, BaseException):
+                    raise item
+                watch.sending()
+                await send({"type": "http.response.body", "body": item, "more_body": True})
+                watch.sent()
+        except asyncio.CancelledError:
+            if not watch.stalled or task.uncancel() > 0:
+                raise
+            log.info("stream dropped: the client accepted no bytes for %g s",
+                     self._write_timeout)
+            return  # the server closes the connection; the caller cancels generation
+        finally:
+            watch.stop()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _produce(self, queue: asyncio.Queue[object]) -> None:

@@ -32,6 +32,7 @@ class LevelResult:
     max_gap_ms: float | None
     e2e_s: tuple[float | None, float | None]
     cpu_s: float | None = None
+    api_cpu_s: float | None = None  # the server's own process (the API layer), not its children
     peak_rss_mb: float | None = None
     first_error: str | None = None
 
@@ -73,7 +74,7 @@ def table(results: list[LevelResult]) -> str:
     head = (
         f"{'system':<20} {'conc':>4} {'req':>4} {'err':>3} {'tok/s':>7} {'req/s':>6} "
         f"{'TTFT p50/p95/p99 ms':>21} {'ITL p50/p95/p99 ms':>19} {'gap ms':>7} "
-        f"{'e2e p50 s':>9} {'cpu s':>6} {'rss MB':>7}"
+        f"{'e2e p50 s':>9} {'cpu s':>6} {'api s':>6} {'rss MB':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
@@ -82,7 +83,8 @@ def table(results: list[LevelResult]) -> str:
         lines.append(
             f"{r.system:<20} {r.concurrency:>4} {r.requests:>4} {r.errors:>3} {r.tok_s:>7.1f} "
             f"{r.req_s:>6.2f} {ttft:>21} {itl:>19} {_f(r.max_gap_ms):>7} "
-            f"{_f(r.e2e_s[0], 2):>9} {_f(r.cpu_s, 1):>6} {_f(r.peak_rss_mb):>7}"
+            f"{_f(r.e2e_s[0], 2):>9} {_f(r.cpu_s, 1):>6} {_f(r.api_cpu_s, 2):>6} "
+            f"{_f(r.peak_rss_mb):>7}"
         )
     return "\n".join(lines)
 
@@ -105,6 +107,16 @@ def ratios(results: list[LevelResult], subject: str, baselines: list[str]) -> tu
             if s.ttft_ms[0] is not None and b.ttft_ms[0] is not None:
                 row[f"ttft_p50_minus_{base}_ms"] = s.ttft_ms[0] - b.ttft_ms[0]
                 parts.append(f"TTFT p50 {s.ttft_ms[0] - b.ttft_ms[0]:+.0f} ms vs {base}")
+            per_token = _api_cpu_per_token(s), _api_cpu_per_token(b)
+            if None not in per_token and per_token[1]:
+                row[f"api_cpu_vs_{base}"] = per_token[0] / per_token[1]
+                parts.append(f"API CPU/token {per_token[0] / per_token[1]:.2f}x")
         rows.append(row)
         out.append("  ".join(parts))
     return "\n".join(out), rows
+
+
+def _api_cpu_per_token(r: LevelResult) -> float | None:
+    if r.api_cpu_s is None or not r.output_tokens:
+        return None
+    return r.api_cpu_s / r.output_tokens

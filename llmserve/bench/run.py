@@ -72,9 +72,11 @@ class Proc:
             i += 1
         return pids
 
-    def cpu_s(self) -> float | None:
+    def cpu_s(self, *, tree: bool = True) -> float | None:
+        """CPU seconds of the whole tree, or (`tree=False`) of the server's own process only:
+        the API layer, where the engine runs in children (llmserve's engines, vLLM's core)."""
         total = 0
-        for pid in self._pids():
+        for pid in self._pids() if tree else [self.popen.pid]:
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                 total += int(fields[11]) + int(fields[12])
@@ -142,6 +144,7 @@ class _Run:
     timings: list[Timing]
     wall: float
     cpu_s: float | None
+    api_cpu_s: float | None
     peak_rss_mb: float | None
 
 
@@ -154,6 +157,7 @@ async def _run_http(
         # One short request first: connections and caches warm, nothing measured.
         await http_stream(client, chat_body(model, prompts[0], 4, extra))
         cpu0 = proc.cpu_s() if proc else None
+        api0 = proc.cpu_s(tree=False) if proc else None
 
         async def one(i: int):
             return await http_stream(
@@ -162,7 +166,9 @@ async def _run_http(
 
         timings, wall = await run_level(one, conc, requests)
     cpu1 = proc.cpu_s() if proc else None
+    api1 = proc.cpu_s(tree=False) if proc else None
     return _Run(timings, wall, cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None,
+                api1 - api0 if api0 is not None and api1 is not None else None,
                 proc.peak_rss_mb() if proc else None)
 
 
@@ -171,6 +177,8 @@ def _result(name: str, conc: int, runs: list[_Run]) -> LevelResult:
     result = summarize(name, conc, [t for r in runs for t in r.timings], sum(r.wall for r in runs))
     cpus = [r.cpu_s for r in runs]
     result.cpu_s = None if None in cpus else sum(cpus)  # type: ignore[arg-type]
+    api = [r.api_cpu_s for r in runs]
+    result.api_cpu_s = None if None in api else sum(api)  # type: ignore[arg-type]
     result.peak_rss_mb = max((r.peak_rss_mb for r in runs if r.peak_rss_mb is not None), default=None)
     return result
 
@@ -183,24 +191,30 @@ class _Http:
     url: str
     extra: dict
     proc: Proc | None
+    engine_apart: bool = True  # the engine runs in child processes: the top one is the API
 
 
 async def _measure_interleaved(
     systems: list[_Http], model: str, prompts: list[str], conc: int, requests: int,
-    max_tokens: int,
+    max_tokens: int, rounds: int = 1,
 ) -> list[LevelResult]:
-    """Every system in two blocks of half the requests (at least one per stream), in the
-    order A, B, ..., ..., B, A, after one unmeasured block of the first. The machine's speed
-    drifts by a third within a minute here, and runs just after a quiet spell (a server's
-    start) are faster: the warm-up block and this order keep both out of the ratios."""
-    block = max(conc, -(-requests // 2))
+    """Every system in `2 * rounds` blocks (the requests split evenly, at least one per
+    stream), in the order A, B, ..., ..., B, A (`rounds` times), after one unmeasured block
+    of the first. The machine's speed drifts by a third within a minute here, and runs just
+    after a quiet spell (a server's start) are faster: the warm-up block and this order keep
+    both out of the ratios; more rounds average out what drifts faster than a block."""
+    block = max(conc, -(-requests // (2 * rounds)))
     first = systems[0]
     await _run_http(first.url, model, prompts, conc, conc, max_tokens, first.extra, first.proc)
     runs: dict[str, list[_Run]] = {s.name: [] for s in systems}
-    for s in systems + systems[::-1]:
+    for s in (systems + systems[::-1]) * rounds:
         runs[s.name].append(await _run_http(s.url, model, prompts, conc, block, max_tokens,
                                             s.extra, s.proc))
-    return [_result(name, conc, blocks) for name, blocks in runs.items()]
+    results = [_result(s.name, conc, runs[s.name]) for s in systems]
+    for s, result in zip(systems, results, strict=True):
+        if not s.engine_apart:
+            result.api_cpu_s = None
+    return results
 
 
 async def _measure_engine(engine, prompts: list[list[int]], conc: int, requests: int,
@@ -228,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--served-model-name", help="model name to send with --url")
     p.add_argument("--levels", default="1,4,16,64", help="concurrency sweep (default 1,4,16,64)")
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="A,B,..,B,A rounds of the HTTP systems; the requests split among them")
     p.add_argument("--requests", type=int, default=0,
                    help="requests per level (default: max(4, concurrency))")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -372,9 +388,9 @@ async def _main(args: argparse.Namespace) -> int:
                 if vllm_proc is not None:  # it takes ignore_eos too: the same bodies
                     systems.append(_Http(VLLM, vllm_proc.url, ours_extra, vllm_proc))
                 if lcp_proc is not None:
-                    systems.append(_Http(LCP, lcp_proc.url, lcp_extra, lcp_proc))
+                    systems.append(_Http(LCP, lcp_proc.url, lcp_extra, lcp_proc, engine_apart=False))
                 results += await _measure_interleaved(systems, model, prompts, conc, n_req,
-                                                      args.max_tokens)
+                                                      args.max_tokens, args.rounds)
                 if engine is not None:
                     results.append(await _measure_engine(engine, token_prompts, conc, n_req,
                                                          args.max_tokens))

@@ -28,6 +28,7 @@ import os
 import time
 import weakref
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -307,8 +308,9 @@ class VllmEngine(EngineFacts):
 
 
 class VllmStream:
-    """One request's choices, each a vLLM request pumped into one queue; each iteration
-    hands out what has arrived (a step's tokens of every choice, usually)."""
+    """One request's choices. A single choice is read straight from vLLM's stream in the
+    consumer's own task; with n > 1 each choice is a vLLM request pumped into one queue, and
+    each iteration hands out what has arrived (a step's tokens of every choice, usually)."""
 
     def __init__(self, llm, prompt: list[int], params: list[SamplingParams], mapped: list,
                  base_id: str, end_tokens: frozenset[int]) -> None:
@@ -319,30 +321,88 @@ class VllmStream:
         self._loop = asyncio.get_running_loop()
         self._params = params
         self._end_tokens = end_tokens
+        self._prompt = TokensPrompt(prompt_token_ids=prompt)
+        self._mapped = mapped
         self._ids = [f"{base_id}-{i}" for i in range(len(params))]
         self._done: set[int] = set()
         self._aborted: set[int] = set()
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._pumps = [
-            self._loop.create_task(self._pump(i, TokensPrompt(prompt_token_ids=prompt), sp))
-            for i, sp in enumerate(mapped)
-        ]
-        for i, pump in enumerate(self._pumps):  # however it ends (even cancelled unstarted)
-            pump.add_done_callback(lambda _, i=i: self._queue.put_nowait((_END, i)))
         self._aborts: set[asyncio.Task] = set()
+        self._failure: BaseException | None = None
+        self._reader: asyncio.Task | None = None  # a single choice's task, while it waits on vLLM
+        self._woken = False
+        self._queue: asyncio.Queue[Any] | None = None
+        self._pumps: list[asyncio.Task] = []
+        if len(params) > 1:
+            self._queue = asyncio.Queue()
+            self._pumps = [self._loop.create_task(self._pump(i, sp))
+                           for i, sp in enumerate(mapped)]
+            for i, pump in enumerate(self._pumps):  # however it ends (even cancelled unstarted)
+                pump.add_done_callback(lambda _, i=i: self._queue.put_nowait((_END, i)))
 
-    async def _pump(self, index: int, prompt, sp) -> None:
+    def __aiter__(self) -> AsyncIterator[list[TokenOutput]]:
+        return self._read_one() if self._queue is None else self._read_many()
+
+    async def _read_one(self) -> AsyncIterator[list[TokenOutput]]:
+        # No task and queue between vLLM and the consumer: that hop cost more per token
+        # than everything else here.
+        task = asyncio.current_task()
+        assert task is not None
+        outs = self._llm.generate(self._prompt, self._mapped[0], request_id=self._ids[0])
         try:
-            async for out in self._llm.generate(prompt, sp, request_id=self._ids[index]):
+            async with aclosing(outs):
+                while self._failure is None:
+                    self._reader = task
+                    try:
+                        out = await anext(outs)
+                    except StopAsyncIteration:
+                        self._done.add(0)
+                        break
+                    finally:
+                        self._reader = None
+                    tokens = self._outputs(0, out.outputs[0])
+                    if tokens:
+                        yield tokens
+        except asyncio.CancelledError:
+            if not self._woken or task.uncancel() > 0:
+                raise
+        except Exception as exc:
+            if not self._woken:
+                raise _engine_error(exc) from exc
+            task.uncancel()  # vLLM's abort of the dead request failed instead
+        finally:
+            self.cancel()
+        if self._failure is not None:
+            raise self._failure
+
+    async def _read_many(self) -> AsyncIterator[list[TokenOutput]]:
+        assert self._queue is not None
+        try:
+            while len(self._done) < len(self._ids):
+                items = [await self._queue.get()]
+                while not self._queue.empty():
+                    items.append(self._queue.get_nowait())
+                batch: list[TokenOutput] = []
+                for item in items:
+                    if isinstance(item, tuple) and item and item[0] is _END:
+                        self._done.add(item[1])
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        batch.extend(item)
+                if batch:
+                    yield batch
+        finally:
+            self.cancel()
+
+    async def _pump(self, index: int, sp) -> None:
+        assert self._queue is not None
+        try:
+            async for out in self._llm.generate(self._prompt, sp, request_id=self._ids[index]):
                 tokens = self._outputs(index, out.outputs[0])
                 if tokens:
                     self._queue.put_nowait(tokens)
         except Exception as exc:  # noqa: BLE001 - handed to the consumer
-            if type(exc).__name__ == "EngineDeadError":
-                err: Exception = EngineDown(f"The vLLM engine core died: {exc}", retry_after=30)
-            else:
-                err = EngineError(f"{type(exc).__name__}: {exc}")
-            self._queue.put_nowait(err)
+            self._queue.put_nowait(_engine_error(exc))
 
     def _outputs(self, index: int, completion) -> list[TokenOutput]:
         ids = list(completion.token_ids)
@@ -369,7 +429,13 @@ class VllmStream:
 
     def fail(self, exc: BaseException) -> None:
         """End the stream with `exc` (the engine died)."""
-        self._queue.put_nowait(exc)
+        if self._queue is not None:
+            self._queue.put_nowait(exc)
+            return
+        self._failure = exc
+        if self._reader is not None:  # waiting on vLLM, which may never answer: wake it
+            self._woken = True
+            self._reader.cancel()
 
     def cancel(self, index: int | None = None) -> None:
         indices = range(len(self._ids)) if index is None else [index]
@@ -386,29 +452,17 @@ class VllmStream:
         # Cancelling a pump makes vLLM's generate() abort its request; an explicit abort
         # too, for a request cancelled while it was being added (a no-op otherwise).
         for i in indices:
-            self._pumps[i].cancel()
+            if i < len(self._pumps):
+                self._pumps[i].cancel()
         task = self._loop.create_task(self._llm.abort([self._ids[i] for i in indices]))
         self._aborts.add(task)
         task.add_done_callback(self._aborts.discard)
 
-    async def __aiter__(self) -> AsyncIterator[list[TokenOutput]]:
-        try:
-            while len(self._done) < len(self._ids):
-                items = [await self._queue.get()]
-                while not self._queue.empty():
-                    items.append(self._queue.get_nowait())
-                batch: list[TokenOutput] = []
-                for item in items:
-                    if isinstance(item, tuple) and item and item[0] is _END:
-                        self._done.add(item[1])
-                    elif isinstance(item, BaseException):
-                        raise item
-                    else:
-                        batch.extend(item)
-                if batch:
-                    yield batch
-        finally:
-            self.cancel()
+
+def _engine_error(exc: Exception) -> EngineError:
+    if type(exc).__name__ == "EngineDeadError":
+        return EngineDown(f"The vLLM engine core died: {exc}", retry_after=30)
+    return EngineError(f"{type(exc).__name__}: {exc}")
 
 
 def to_vllm(p: SamplingParams, *, end_tokens: frozenset[int], room: int):

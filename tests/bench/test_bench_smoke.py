@@ -28,8 +28,15 @@ def test_bench_runs_every_system(tmp_path):
         assert r["requests"] == 2 * blocks
         assert r["output_tokens"] == 2 * blocks * 8, r  # equal lengths: ignore_eos / EOS banned
         assert r["tok_s"] > 0 and r["ttft_ms"][0] > 0
+        # the API layer's own CPU: llmserve's top process (its engine runs in a child);
+        # none for llama-cpp-python (one process) nor in-process (no server)
+        if r["system"].startswith("llmserve"):
+            assert r["api_cpu_s"] is not None and 0 <= r["api_cpu_s"] <= r["cpu_s"], r
+        else:
+            assert r["api_cpu_s"] is None, r
     for row in report["ratios"]:
         assert row["tok_s_vs_in-process"] > 0 and row["tok_s_vs_llama-cpp-python"] > 0
+        assert "api_cpu_vs_llama-cpp-python" not in row
     assert [row["tok_s_vs_llmserve"] > 0 for row in report["constrained_ratios"]] == [True] * 2
     # The printed table names every system and the ratios.
     assert "llmserve/in-process" in proc.stdout and "llmserve/llama-cpp-python" in proc.stdout
@@ -38,9 +45,12 @@ def test_bench_runs_every_system(tmp_path):
 
 def test_bench_transformers_engine_measures_hf_generate_beside_it(tmp_path):
     pytest.importorskip("transformers", reason="the hf extra is not installed")
+    from conftest import hf_model_dir
+
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "llmserve.cli", "bench", "--engine", "transformers",
+         "--model", str(hf_model_dir()),
          "--levels", "1,2", "--max-tokens", "6", "--requests", "2", "--no-constrained",
          "--context-length", "256", "--threads", "2", "--json", str(out), "--logs", str(tmp_path)],
         capture_output=True, text=True, timeout=600,

@@ -112,6 +112,16 @@ async def outputs(engine, prompt, params) -> list:
     return outs
 
 
+def plain_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """The reference: `n` greedy tokens after `prompt` by plain forwards over the whole text,
+    no cache."""
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
 @pytest.fixture
 def run(tiny_model):
     """Run `fn(engine)` on a fresh engine over the tiny model, inside one event loop."""
@@ -183,12 +193,9 @@ def test_greedy_matches_a_plain_forward_without_cache(run, tiny_model):
         return prompt, first[0], ref[0]
 
     prompt, first, got = run(fn)
-    ids = list(prompt)
+    assert got == plain_greedy(model, prompt, 12)
     with torch.inference_mode():
-        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
-        for _ in range(12):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    assert got == ids[len(prompt):]
+        logprobs = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1].float(), -1)
     assert first.logprob == pytest.approx(float(logprobs[first.token_id]), abs=1e-4)
     top = torch.topk(logprobs, 3)
     assert [t for t, _ in first.top_logprobs] == top.indices.tolist()
@@ -250,12 +257,8 @@ def test_staggered_joins_and_leaves_equal_a_plain_forward(run, tiny_model):
         return prompts, await asyncio.gather(*(one(i) for i in range(len(texts))))
 
     prompts, got = run(fn, max_sequences=3)
-    with torch.inference_mode():
-        for prompt, n, answer in zip(prompts, lengths, got, strict=True):
-            ids = list(prompt)
-            for _ in range(n):
-                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-            assert answer == ids[len(prompt):]
+    for prompt, n, answer in zip(prompts, lengths, got, strict=True):
+        assert answer == plain_greedy(model, prompt, n)
 
 
 def test_seeded_draws_do_not_depend_on_the_batch(run):
@@ -343,12 +346,8 @@ def test_sliding_window_models_equal_a_plain_forward(tiny_model, tmp_path, varia
 
     prompts, got = asyncio.run(main())
     assert len({t for g in got for t in g}) > 6  # the model does not just repeat itself
-    with torch.inference_mode():
-        for prompt, n, answer in zip(prompts, lengths, got, strict=True):
-            ids = list(prompt)
-            for _ in range(n):
-                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-            assert answer == ids[len(prompt):]
+    for prompt, n, answer in zip(prompts, lengths, got, strict=True):
+        assert answer == plain_greedy(model, prompt, n)
 
 
 def test_long_prompt_is_read_in_pieces_while_others_keep_decoding(run):

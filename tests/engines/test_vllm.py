@@ -25,15 +25,16 @@ def greedy(n: int, **kw) -> SamplingParams:
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory: pytest.TempPathFactory):
-    """The bundled GGUF, dequantized into a Hugging Face directory (once per session)."""
-    from llmserve.engines.vllm import convert_gguf
+def smollm2_dir():
+    """The bundled GGUF, dequantized into a Hugging Face directory (once per machine, shared
+    with the end-to-end suites' vLLM server)."""
+    from conftest import hf_model_dir
 
     try:
-        gguf = bundled_model_path()
+        bundled_model_path()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-    return convert_gguf(gguf, tmp_path_factory.mktemp("vllm-model") / "SmolLM2-135M-Instruct")
+    return hf_model_dir()
 
 
 class Loop:
@@ -172,12 +173,13 @@ def test_cancel_aborts_the_vllm_request(vllm_engine):
     assert all(o.finish_reason is None for o in got)
 
 
-def test_leaving_the_stream_aborts(vllm_engine):
+@pytest.mark.parametrize("n", [1, 2])
+def test_leaving_the_stream_aborts(vllm_engine, n):
     engine, loop = vllm_engine
     prompt = chat(engine, "Count to one hundred.")
 
     async def main():
-        stream = engine.generate(prompt, [greedy(400, ignore_eos=True)] * 2)
+        stream = engine.generate(prompt, [greedy(400, ignore_eos=True)] * n)
         async for _ in stream:
             break  # the consumer leaves: aclose -> cancel
         for _ in range(50):
@@ -187,6 +189,39 @@ def test_leaving_the_stream_aborts(vllm_engine):
         return False
 
     assert loop.run(main())
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("when", ["waiting on vLLM", "between steps"])
+def test_fail_ends_the_stream_and_aborts(vllm_engine, n, when):
+    """The watchdog's `fail` (it saw the engine core die) ends a stream at once, even one
+    waiting on vLLM (which might never answer), and leaves its task uncancelled."""
+    from llmserve.engines.base import EngineDown
+
+    engine, loop = vllm_engine
+    prompt = chat(engine, "Tell me a very long story about the sea.")
+
+    async def main():
+        stream = engine.generate(prompt, [greedy(400, ignore_eos=True)] * n)
+        got = []
+        with pytest.raises(EngineDown, match="gone"):
+            async for step in stream:
+                got.extend(step)
+                if len(got) >= 3 and when == "between steps":
+                    stream.fail(EngineDown("gone"))
+                elif len(got) >= 3:  # runs once this task waits on vLLM again
+                    asyncio.get_running_loop().call_soon(stream.fail, EngineDown("gone"))
+        assert asyncio.current_task().cancelling() == 0
+        await asyncio.sleep(0)  # not cancelled on its next wait either
+        for _ in range(50):
+            if engine.num_unfinished_requests == 0:
+                break
+            await asyncio.sleep(0.05)
+        return got, engine.num_unfinished_requests
+
+    got, after = loop.run(main())
+    assert 3 <= len(got) < 400 * n
+    assert after == 0
 
 
 def test_two_choices(vllm_engine):
