@@ -343,8 +343,7 @@ class VllmStream:
         return self._read_one() if self._queue is None else self._read_many()
 
     async def _read_one(self) -> AsyncIterator[list[TokenOutput]]:
-        # No task and queue between vLLM and the consumer: that hop cost more per token
-        # than everything else here.
+        # No task and queue between vLLM and the consumer: one task switch less per token.
         task = asyncio.current_task()
         assert task is not None
         outs = self._llm.generate(self._prompt, self._mapped[0], request_id=self._ids[0])
@@ -365,12 +364,14 @@ class VllmStream:
         except asyncio.CancelledError:
             if not self._woken or task.uncancel() > 0:
                 raise
+            self._woken = False
         except Exception as exc:
             if not self._woken:
                 raise _engine_error(exc) from exc
-            task.uncancel()  # vLLM's abort of the dead request failed instead
         finally:
             self.cancel()
+        if self._woken:  # vLLM's stream ended otherwise (its abort of the dead request failed)
+            task.uncancel()
         if self._failure is not None:
             raise self._failure
 
