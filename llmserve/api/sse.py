@@ -179,6 +179,7 @@ class EventStreamResponse(StreamingResponse):
         watch = _Watchdog(task, queue, keepalive=self._keepalive, write_timeout=self._write_timeout)
         try:
             while True:
+                # while tokens flow the queue is rarely empty: no coroutine made per token
                 item = queue.get_nowait() if not queue.empty() else await queue.get()
                 if item is _END:
                     break
