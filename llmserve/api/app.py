@@ -15,7 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from llmserve import __version__
 from llmserve.api import errors
-from llmserve.api.guards import Guards
+from llmserve.api.guards import Guards, require_json
 from llmserve.api.routes import (
     chat,
     completions,
@@ -79,7 +79,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(metrics.router)  # no key, like /health: scrapers send none
-    v1 = [Depends(_require_api_key)]
+    v1 = [Depends(_require_api_key), Depends(require_json)]
     app.include_router(models.router, dependencies=v1)
     app.include_router(chat.router, dependencies=v1)
     app.include_router(stored_chat.router, dependencies=v1)

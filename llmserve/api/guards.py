@@ -1,12 +1,13 @@
 """Refuse what must not be served, before any route acts on it: a Host a loopback server does
 not answer to (421, DNS rebinding), a body over --max-request-bytes (413, before it is read in
-full), a POST body under /v1 that is not JSON (415: a browser cannot send JSON cross-origin
-without a CORS preflight)."""
+full), a POST under /v1 not sent as JSON (415: a browser cannot send JSON cross-origin without a
+CORS preflight, so a page cannot post to the API, not even a bodiless cancel)."""
 
 from __future__ import annotations
 
 import ipaddress
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmserve.api.errors import error_response
@@ -57,7 +58,7 @@ class Guards:
         refusal = self._host_refusal(headers) or self._length_refusal(headers)
         if refusal is not None:
             return await error_response(refusal)(scope, receive, send)
-        await self.app(scope, self._guarded(receive, self._media_refusal(scope, headers)), send)
+        await self.app(scope, self._guarded(receive), send)
 
     def _host_refusal(self, headers: dict[bytes, bytes]) -> LLMServeError | None:
         # A missing Host cannot come from a browser, so it is no rebinding attempt.
@@ -73,30 +74,15 @@ class Guards:
         length = headers.get(b"content-length", b"")
         return self._too_large() if length.isdigit() and int(length) > self.limit else None
 
-    @staticmethod
-    def _media_refusal(scope: Scope, headers: dict[bytes, bytes]) -> LLMServeError | None:
-        if scope["method"] != "POST" or not scope["path"].startswith("/v1/"):
-            return None
-        media = headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
-        if media == b"application/json":
-            return None
-        return UnsupportedMediaType(
-            "The request body must be JSON, sent with 'Content-Type: application/json'."
-        )
-
-    def _guarded(self, receive: Receive, media_refusal: LLMServeError | None) -> Receive:
-        """`receive` that raises `media_refusal` when the body is first read, and a 413 once
-        the body (chunked or not) passes the limit; the app's error handler answers, and
-        nothing reads further. Refusing the media type only at the read leaves an unknown
-        route its 404 and a wrong method its 405."""
+    def _guarded(self, receive: Receive) -> Receive:
+        """`receive` that raises a 413 once the body (chunked or not) passes the limit; the
+        app's error handler answers, and nothing reads further."""
         seen = 0
 
         async def guarded() -> Message:
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
-                if media_refusal is not None:
-                    raise media_refusal
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     raise self._too_large()
@@ -109,4 +95,17 @@ class Guards:
             f"The request body is larger than the {self.limit} bytes this server accepts "
             "(--max-request-bytes).",
             headers={"Connection": "close"},  # the server stops reading the rest
+        )
+
+
+async def require_json(request: Request) -> None:
+    """A dependency of every /v1 route: a POST must be sent as JSON, whether the route reads a
+    body or not (a cancel has none). As a dependency it runs once a route matched, so an
+    unknown path stays a 404 and a wrong method a 405."""
+    if request.method != "POST":
+        return
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media != "application/json":
+        raise UnsupportedMediaType(
+            "The request body must be JSON, sent with 'Content-Type: application/json'."
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmserve.errors import InvalidRequest, UnsupportedParameter
 from llmserve.serving.sampling import SamplingRequest
@@ -29,6 +29,8 @@ MAX_TOP_LOGPROBS = 20  # OpenAI: 20 (chat), 5 (completions)
 MAX_METADATA = 16  # OpenAI: 16 pairs, keys of 64 characters, values of 512
 MAX_NAME_CHARS = 256  # model, user, and other identifiers
 MAX_TOOLS = 128  # OpenAI: 128 (also the calls of one assistant message)
+# service_tier values that ask for no particular processing (flex, scale, priority do).
+SERVICE_TIERS = ("auto", "default")
 
 Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
@@ -43,16 +45,21 @@ class _Request(BaseModel):
     # a 400 naming the field ("Input should be a finite number"), never a value for an engine.
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    # OpenAI fields we know but do not serve yet: refused by name when set.
+    # OpenAI fields we know but do not serve yet: refused by name when set, unless to a value
+    # that asks for nothing beyond what is served (`harmless_values`, OpenAI's defaults).
     unsupported_fields: ClassVar[tuple[str, ...]] = ()
+    harmless_values: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     @model_validator(mode="after")
     def _refuse_unknown(self) -> _Request:
         for name, value in (self.model_extra or {}).items():
             if name in self.unsupported_fields:
-                if value is not None:
+                harmless = self.harmless_values.get(name, ())
+                if value is not None and value not in harmless:
                     raise UnsupportedParameter(
-                        f"'{name}' is not supported by this server yet.", param=name
+                        f"'{name}' is not supported by this server yet"
+                        + (f" (accepted: {', '.join(map(repr, harmless))})." if harmless else "."),
+                        param=name,
                     )
             else:
                 raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name)
@@ -104,7 +111,7 @@ class _SamplingFields(_Request):
 
 class _Sampling(_SamplingFields):
     model: Name
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1  # null: 1, as the spec's default
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     logit_bias: Annotated[
         dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=MAX_LOGIT_BIAS)
@@ -112,6 +119,11 @@ class _Sampling(_SamplingFields):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: Name | None = None
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _default_n(cls, value: Any) -> Any:
+        return 1 if value is None else value
 
     @model_validator(mode="after")
     def _check_stream_options(self) -> _Sampling:
@@ -269,8 +281,11 @@ ResponseFormat = Annotated[
 class ChatCompletionRequest(_Sampling):
     unsupported_fields: ClassVar[tuple[str, ...]] = (
         "functions", "function_call", "modalities", "audio", "prediction", "reasoning_effort",
-        "web_search_options", "verbosity", "suffix",
+        "web_search_options", "verbosity", "suffix", "service_tier", "moderation",
     )
+    harmless_values: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "modalities": (["text"],), "verbosity": ("medium",), "service_tier": SERVICE_TIERS,
+    }
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     tools: Annotated[list[FunctionTool], Field(max_length=MAX_TOOLS)] | None = None
@@ -284,8 +299,8 @@ class ChatCompletionRequest(_Sampling):
     store: bool | None = None  # kept, listed and resumable (routes/stored_chat.py)
     metadata: Metadata | None = None
     # Accepted and harmless: they change nothing about the text.
-    service_tier: Name | None = None
     prompt_cache_key: Name | None = None
+    prompt_cache_retention: Name | None = None
     safety_identifier: Annotated[str, Field(max_length=64)] | None = None
 
     @model_validator(mode="after")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from llmserve.api.protocol import (
     MAX_MESSAGES,
     MAX_TOOLS,
+    SERVICE_TIERS,
     FunctionDefinition,
     FunctionName,
     JsonObjectFormat,
@@ -57,7 +58,18 @@ ResponseTextFormat = Annotated[
 class ResponseText(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: ResponseTextFormat | None = None
-    verbosity: Literal["low", "medium", "high"] | None = None  # accepted: one way to answer
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+    @field_validator("verbosity")
+    @classmethod
+    def _one_verbosity(cls, value: str | None) -> str | None:
+        # Medium is OpenAI's default, and the only way this server answers.
+        if value not in (None, "medium"):
+            raise UnsupportedParameter(
+                "'text.verbosity' is not supported by this server yet (accepted: 'medium').",
+                param="text.verbosity",
+            )
+        return value
 
 
 class StreamOptions(BaseModel):
@@ -68,7 +80,9 @@ class StreamOptions(BaseModel):
 class CreateResponseRequest(_SamplingFields):
     unsupported_fields: ClassVar[tuple[str, ...]] = (
         "conversation", "prompt", "max_tool_calls", "top_logprobs", "context_management",
+        "service_tier",
     )
+    harmless_values: ClassVar[dict[str, tuple[Any, ...]]] = {"service_tier": SERVICE_TIERS}
 
     model: Name
     input: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)]
@@ -89,7 +103,6 @@ class CreateResponseRequest(_SamplingFields):
     truncation: Literal["disabled", "auto"] | None = None
     # Accepted and harmless: they change nothing about the text.
     user: Name | None = None
-    service_tier: Name | None = None
     prompt_cache_key: Name | None = None
     prompt_cache_retention: Name | None = None
     safety_identifier: Annotated[str, Field(max_length=64)] | None = None

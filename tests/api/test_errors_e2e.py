@@ -270,6 +270,18 @@ def test_unsupported_chat_field_named(http, field):
     assert_error(r, 400, param=field)
 
 
+def test_fields_a_client_sends_with_default_values_served(client):
+    """What SDKs and frameworks send as they stand: nullable fields null, unsupported fields
+    set to values that ask for nothing more (text only, default verbosity and tier)."""
+    reply = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=2, n=None, modalities=["text"],
+        verbosity="medium", service_tier="auto")
+    assert len(reply.choices) == 1
+    chunks = list(client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, n=None,
+                                            stream=True))
+    assert {c.choices[0].index for c in chunks if c.choices} == {0}
+
+
 def test_unsupported_field_via_openai_client(client):
     with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(

@@ -172,7 +172,28 @@ def test_non_json_content_type_is_415(server, path, content_type):
     assert_error(r, 415, "unsupported_media_type")
 
 
-def test_content_type_refused_only_where_a_body_is_read(server):
+@pytest.mark.parametrize("content_type", ["text/plain", None])
+def test_bodiless_post_must_be_json_too(server, http, content_type):
+    """A cancel reads no body, yet a page must not be able to post it without a preflight:
+    refused, and the background response goes on."""
+    r = http.post("/v1/responses", json={"model": MODEL, "input": "Write a long essay.",
+                                         "background": True, "max_output_tokens": 200})
+    assert r.status_code == 200, r.text
+    id = r.json()["id"]
+    headers = server.headers()
+    if content_type:
+        headers["content-type"] = content_type
+    try:
+        for path in (f"/v1/responses/{id}/cancel", "/v1/chat/completions/chatcmpl-x"):
+            assert_error(httpx.post(server.url + path, headers=headers, timeout=30),
+                         415, "unsupported_media_type")
+        assert http.get(f"/v1/responses/{id}").json()["status"] in ("queued", "in_progress",
+                                                                   "completed", "incomplete")
+    finally:
+        http.post(f"/v1/responses/{id}/cancel", headers={"content-type": "application/json"})
+
+
+def test_content_type_refused_only_on_served_routes(server):
     """An unknown route stays a 404 and a wrong method a 405, whatever the content type."""
     headers = {**server.headers(), "content-type": "text/plain"}
     r = httpx.post(server.url + "/v1/audio/speech", content=b"hi", headers=headers)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pydantic
 import pytest
+from openai_schema import SCHEMAS_PATH
 
 from llmserve.api.errors import validation_error
 from llmserve.api.protocol import ChatCompletionRequest, CompletionRequest
+from llmserve.api.responses_protocol import CreateResponseRequest
 from llmserve.errors import InvalidRequest, UnsupportedParameter
 from llmserve.serving.sampling import FLOAT_RANGES
 
@@ -55,6 +58,7 @@ CHAT_UNSUPPORTED = {
     "web_search_options": {},
     "verbosity": "low",
     "suffix": "x",
+    "moderation": {"model": "omni-moderation-latest"},
 }
 
 
@@ -74,6 +78,68 @@ def test_chat_unsupported_field_set_to_null_is_accepted(name):
     chat(**{name: None})
 
 
+# Values of unsupported fields that ask for nothing beyond what is served: accepted.
+CHAT_HARMLESS = {"modalities": ["text"], "verbosity": "medium", "service_tier": "auto"}
+
+
+@pytest.mark.parametrize("name", sorted(CHAT_HARMLESS))
+def test_chat_harmless_value_of_unsupported_field_accepted(name):
+    chat(**{name: CHAT_HARMLESS[name]})
+
+
+@pytest.mark.parametrize("name,value", [
+    ("modalities", ["audio"]), ("modalities", ["text", "audio"]), ("verbosity", "high"),
+    ("service_tier", "flex"), ("service_tier", "priority"), ("service_tier", "scale"),
+])
+def test_chat_value_asking_for_more_refused_by_name(name, value):
+    with pytest.raises(UnsupportedParameter) as info:
+        chat(**{name: value})
+    assert info.value.param == name
+    assert name in info.value.message
+
+
+def test_responses_default_verbosity_and_tier_accepted_others_refused_by_name():
+    def response(**fields) -> CreateResponseRequest:
+        return CreateResponseRequest.model_validate({"model": "m", "input": "Hi", **fields})
+
+    response(text={"verbosity": "medium"}, service_tier="default")
+    response(text={"verbosity": None}, service_tier=None)
+    for fields, param in [({"text": {"verbosity": "low"}}, "text.verbosity"),
+                          ({"service_tier": "flex"}, "service_tier")]:
+        with pytest.raises(UnsupportedParameter) as info:
+            response(**fields)
+        assert info.value.param == param
+
+
+@pytest.mark.parametrize("make", [chat, completion], ids=["chat", "completion"])
+def test_n_null_is_the_default(make):
+    assert make(n=None).n == 1
+
+
+def test_every_nullable_chat_field_of_the_spec_takes_null():
+    """A client may send any field the spec makes nullable as null (the SDK does, for a
+    field set to None): none is refused, not even one this server does not serve."""
+    spec = json.loads(SCHEMAS_PATH.read_text())["components"]["schemas"]
+
+    def properties(schema: dict) -> dict:
+        if "$ref" in schema:
+            return properties(spec[schema["$ref"].rsplit("/", 1)[-1]])
+        found = dict(schema.get("properties", {}))
+        for part in schema.get("allOf", []):
+            found.update(properties(part))
+        return found
+
+    def takes_null(s: dict) -> bool:
+        kinds = s.get("type")
+        return (kinds == "null" or isinstance(kinds, list) and "null" in kinds
+                or any(takes_null(alt) for alt in s.get("anyOf", [])))
+
+    fields = properties(spec["CreateChatCompletionRequest"])
+    nullable = [k for k, v in fields.items() if takes_null(v)]
+    assert {"n", "moderation", "prompt_cache_retention", "temperature"} <= set(nullable)
+    chat(**dict.fromkeys(nullable))
+
+
 def test_completion_suffix_unsupported():
     with pytest.raises(UnsupportedParameter) as info:
         completion(suffix="end")
@@ -89,7 +155,7 @@ def test_chat_only_fields_are_unknown_on_completions():
 
 
 def test_harmless_fields_accepted():
-    r = chat(store=False, metadata={"k": "v"}, service_tier="auto", user="u",
+    r = chat(store=False, metadata={"k": "v"}, service_tier="default", user="u",
              prompt_cache_key="k", safety_identifier="s")
     assert r.metadata == {"k": "v"}
 
