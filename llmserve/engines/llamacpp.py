@@ -122,7 +122,7 @@ class LlamaCppEngine(StepLoopEngine):
         self._batch = lc.llama_batch_init(batch_size, 0, 1)
         self._slot_tokens: list[list[int]] = [[] for _ in range(max_sequences)]  # KV contents
         self._seqs: list[_Sequence] = []  # running
-        self._free_ids = list(range(max_sequences))  # least recently used first
+        self._free_ids = list(range(max_sequences))
 
         template = lc.llama_model_chat_template(self._model, None)
         self._chat_template = template.decode() if template else None
@@ -199,7 +199,7 @@ class LlamaCppEngine(StepLoopEngine):
         while waiting and len(waiting[0].params) <= len(free_ids):
             req = waiting.popleft()
             first, reused = self._reuse_slot(free_ids, req.prompt)
-            ids = [first] + [free_ids.pop(0) for _ in req.params[1:]]
+            ids = [first] + [self._take_lowest(free_ids) for _ in req.params[1:]]
             for sid in ids[1:]:  # overwritten by a copy of the first once the prompt is read
                 self._clear_slot(sid)
             req.prefilled = reused
@@ -210,11 +210,19 @@ class LlamaCppEngine(StepLoopEngine):
             ]
             self._prefilling.append(req)
 
+    @staticmethod
+    def _take_lowest(free_ids: list[int]) -> int:
+        sid = min(free_ids)
+        free_ids.remove(sid)
+        return sid
+
     def _reuse_slot(self, free_ids: list[int], prompt: list[int]) -> tuple[int, int]:
         """The free slot whose cached tokens share the longest prefix with `prompt`, trimmed
-        to that prefix; returns it and how many prompt tokens need not be read again."""
+        to that prefix; returns it and how many prompt tokens need not be read again. Of
+        equal ones, the lowest id: running sequences on consecutive ids decode in one pass
+        (see `_step`)."""
         best, best_len = free_ids[0], -1
-        for sid in free_ids:
+        for sid in sorted(free_ids):
             n = len(commonprefix([self._slot_tokens[sid], prompt]))
             if n > best_len:
                 best, best_len = sid, n
@@ -242,15 +250,15 @@ class LlamaCppEngine(StepLoopEngine):
             batch.logits[n] = logits
             n += 1
 
-        for seq in running:
-            last = len(seq.pending) - 1
-            for j, token in enumerate(seq.pending):
-                add(token, seq.n_past + j, seq.seq_id, j == last)
-            seq.logits_at = n - 1
-
+        # Each sequence's tokens: (seq_id, first position, tokens, whose logits the last gives).
+        rows: list[tuple[int, int, list[int], _Sequence | None]] = [
+            (seq.seq_id, seq.n_past, seq.pending, seq) for seq in running
+        ]
         # While streams are running, a small piece of prompt per step keeps them flowing; with
         # none running, prompts are read as fast as the batch allows.
-        budget = self._batch_size - n if not running else min(self._prefill_chunk, self._batch_size - n)
+        used = sum(len(seq.pending) for seq in running)
+        budget = (self._batch_size - used if not running
+                  else min(self._prefill_chunk, self._batch_size - used))
         completed: list[EngineRequest] = []
         touched: list[EngineRequest] = []
         for req in prefilling:
@@ -259,15 +267,24 @@ class LlamaCppEngine(StepLoopEngine):
             touched.append(req)
             first = req.sequences[0]
             take = min(budget, len(req.prompt) - req.prefilled)
-            for j in range(req.prefilled, req.prefilled + take):
-                last = j == len(req.prompt) - 1
-                if last:
-                    first.logits_at = n
-                add(req.prompt[j], j, first.seq_id, last)
+            done = req.prefilled + take == len(req.prompt)
+            rows.append((first.seq_id, req.prefilled,
+                         req.prompt[req.prefilled:req.prefilled + take], first if done else None))
             req.prefilled += take
             budget -= take
-            if req.prefilled == len(req.prompt):
+            if done:
                 completed.append(req)
+
+        # In ascending seq_id order: with a KV stream per sequence, llama.cpp decodes a batch in
+        # one pass only over consecutive seq ids in batch order, and splits it at every break
+        # (16 sequences in shuffled order took 1.8x as long as in order).
+        rows.sort(key=lambda row: row[0])
+        for seq_id, pos, tokens, reader in rows:
+            last = len(tokens) - 1
+            for j, token in enumerate(tokens):
+                add(token, pos + j, seq_id, j == last and reader is not None)
+            if reader is not None:
+                reader.logits_at = n - 1
 
         batch.n_tokens = n
         rc = lc.llama_decode(self._ctx, batch)

@@ -91,6 +91,39 @@ def test_reused_prefix_gives_the_same_tokens_as_a_fresh_slot(run):
     assert same_a[0] == same_a[1]
 
 
+def test_reused_slots_decode_in_seq_id_order(run, monkeypatch):
+    """Prompts that find their cached slots in another order than they arrive still reach
+    llama.cpp in ascending seq id order, and their running ids are consecutive: with a KV
+    stream per sequence, llama.cpp decodes a batch in one pass only over consecutive seq ids
+    in batch order, and splits it at every break (a 40% slower step after reuse)."""
+    import llama_cpp as lc
+
+    orders: list[list[int]] = []
+    decode = lc.llama_decode
+
+    def recording(ctx, batch):
+        orders.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
+        return decode(ctx, batch)
+
+    questions = ["Name a river.", "Name a mountain in Europe.", "Name a city in Asia.",
+                 "Name a sea."]
+
+    async def fn(e):
+        first = await asyncio.gather(*(tokens(e, chat(e, q), [greedy(8)]) for q in questions))
+        monkeypatch.setattr(lc, "llama_decode", recording)
+        again = await asyncio.gather(*(tokens(e, chat(e, q), [greedy(8)])
+                                       for q in reversed(questions)))
+        return first, again[::-1]
+
+    first, again = run(fn)
+    assert again == first
+    full = [o for o in orders if len(set(o)) == len(questions)]
+    assert full, orders  # the four decoded together
+    for order in full:
+        ids = list(dict.fromkeys(order))
+        assert ids == sorted(ids) == list(range(ids[0], ids[0] + len(ids))), order
+
+
 def test_long_prompt_is_read_in_pieces_while_others_keep_decoding(run):
     text = "Summarize: " + "The quick brown fox jumps over the lazy dog. " * 30
 
