@@ -12,9 +12,10 @@ sampling, and decoded together in its next step's share of the batch.
 
 Each sequence owns a KV stream of `context_length` cells (`kv_unified=False`): a request
 admitted never runs out of cache, and attention reads only its own cells. A finished
-sequence's cells are kept: a new prompt goes to the free slot holding the longest common
+sequence's cells are kept: a new prompt starts from the free slot holding the longest common
 prefix (the chat template's system preamble, an earlier turn of the same conversation) and
-only the rest of it is read.
+only the rest of it is read. Running sequences are kept on consecutive slots, in order in
+the batch: llama.cpp decodes such a batch in one pass (engines/slots.py).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 import llama_cpp as lc
 import numpy as np
 
-from llmserve.engines import grammar
+from llmserve.engines import grammar, slots
 from llmserve.engines.base import EngineError, FinishReason, SamplingParams, TokenOutput
 from llmserve.engines.stepping import EngineRequest, StepLoopEngine, StepOutputs, finish_reason
 
@@ -195,13 +196,19 @@ class LlamaCppEngine(StepLoopEngine):
 
     def _admit(self) -> None:
         waiting, free_ids = self._waiting, self._free_ids
+        busy = {seq.seq_id for seq in self._seqs}
+        busy.update(seq.seq_id for req in self._prefilling for seq in req.sequences)
         # FIFO: a large request at the head waits for room rather than being overtaken forever.
         while waiting and len(waiting[0].params) <= len(free_ids):
             req = waiting.popleft()
-            first, reused = self._reuse_slot(free_ids, req.prompt)
-            ids = [first] + [self._take_lowest(free_ids) for _ in req.params[1:]]
-            for sid in ids[1:]:  # overwritten by a copy of the first once the prompt is read
+            first, reused = self._place(req.prompt, busy)
+            ids = [first]
+            for _ in req.params[1:]:  # overwritten by a copy of the first once it is read
+                sid = slots.compact_slot(free_ids, busy)
+                free_ids.remove(sid)
+                busy.add(sid)
                 self._clear_slot(sid)
+                ids.append(sid)
             req.prefilled = reused
             req.sequences = [
                 _Sequence(req, i, sid, p, self._make_sampler(p, req.prompt),
@@ -210,31 +217,29 @@ class LlamaCppEngine(StepLoopEngine):
             ]
             self._prefilling.append(req)
 
-    @staticmethod
-    def _take_lowest(free_ids: list[int]) -> int:
-        sid = min(free_ids)
-        free_ids.remove(sid)
-        return sid
-
-    def _reuse_slot(self, free_ids: list[int], prompt: list[int]) -> tuple[int, int]:
-        """The free slot whose cached tokens share the longest prefix with `prompt`, trimmed
-        to that prefix; returns it and how many prompt tokens need not be read again. Of
-        equal ones, the lowest id: running sequences on consecutive ids decode in one pass
-        (see `_step`)."""
-        best, best_len = free_ids[0], -1
-        for sid in sorted(free_ids):
-            n = len(commonprefix([self._slot_tokens[sid], prompt]))
-            if n > best_len:
-                best, best_len = sid, n
-        free_ids.remove(best)
-        keep = min(best_len, len(prompt) - 1)  # the last prompt token is decoded for its logits
-        cached = self._slot_tokens[best]
+    def _place(self, prompt: list[int], busy: set[int]) -> tuple[int, int]:
+        """A free slot for `prompt` (see engines/slots.py), holding the longest cached prefix
+        that is worth keeping there, trimmed to it; returns the slot and how many prompt
+        tokens need not be read again."""
+        # The last prompt token is decoded again, for its logits.
+        shared = {sid: min(len(commonprefix([self._slot_tokens[sid], prompt])), len(prompt) - 1)
+                  for sid in self._free_ids}
+        choice = slots.choose_slot(self._free_ids, shared, busy)
+        sid, keep = choice.slot, choice.reused
+        self._free_ids.remove(sid)
+        busy.add(sid)
+        if choice.source != sid:
+            # Across KV streams llama.cpp copies the whole stream, at the next decode (before
+            # the batch is written); the source keeps its cache.
+            lc.llama_memory_seq_cp(self._mem, choice.source, sid, -1, -1)
+            self._slot_tokens[sid] = list(self._slot_tokens[choice.source])
+        cached = self._slot_tokens[sid]
         if keep < len(cached):
-            if keep == 0 or not lc.llama_memory_seq_rm(self._mem, best, keep, -1):
-                self._clear_slot(best)
-                return best, 0
+            if keep == 0 or not lc.llama_memory_seq_rm(self._mem, sid, keep, -1):
+                self._clear_slot(sid)
+                return sid, 0
             del cached[keep:]
-        return best, keep
+        return sid, keep
 
     def _step(self, out: StepOutputs) -> None:
         prefilling, running = self._prefilling, self._seqs

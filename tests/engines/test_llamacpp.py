@@ -124,6 +124,49 @@ def test_reused_slots_decode_in_seq_id_order(run, monkeypatch):
         assert ids == sorted(ids) == list(range(ids[0], ids[0] + len(ids))), order
 
 
+def test_cached_prefix_is_copied_next_to_the_running_sequence(run, monkeypatch):
+    """A prompt whose cache lies in a slot away from the running sequences is copied next to
+    them (one pass per step) and answers exactly as it did from a fresh slot."""
+    import llama_cpp as lc
+
+    long = ("Here is a list of things to pack for a week of hiking in the mountains in autumn: "
+            "boots, socks, a warm jacket, a rain shell, gloves, a hat, a map, a compass. "
+            "What did I forget?")
+    questions = ["Name a river.", "Name a mountain.", "Name a city.", long]
+    orders: list[list[int]] = []
+    decode = lc.llama_decode
+
+    def recording(ctx, batch):
+        orders.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
+        return decode(ctx, batch)
+
+    copies: list[tuple[int, int]] = []
+    copy = lc.llama_memory_seq_cp
+
+    def recording_copy(mem, src, dst, p0, p1):
+        copies.append((src, dst))
+        return copy(mem, src, dst, p0, p1)
+
+    async def fn(e):
+        first = await asyncio.gather(*(tokens(e, chat(e, q), [greedy(8)]) for q in questions))
+        monkeypatch.setattr(lc, "llama_memory_seq_cp", recording_copy)
+        prompt = chat(e, long)
+        assert e._slot_tokens[3][: len(prompt)] == prompt  # its cache, away from slot 0
+        monkeypatch.setattr(lc, "llama_decode", recording)
+        busy = asyncio.create_task(tokens(e, chat(e, "Count to fifty."), [greedy(60)]))
+        while not e._seqs:
+            await asyncio.sleep(0.01)
+        again = await tokens(e, prompt, [greedy(8)])
+        await busy
+        return first[3], again
+
+    first, again = run(fn)
+    assert again == first
+    assert copies == [(3, 1)]
+    together = [o for o in orders if len(set(o)) == 2]
+    assert together and all(set(o) == {0, 1} for o in together), orders
+
+
 def test_long_prompt_is_read_in_pieces_while_others_keep_decoding(run):
     text = "Summarize: " + "The quick brown fox jumps over the lazy dog. " * 30
 

@@ -1,0 +1,48 @@
+"""Slot choice for the llama.cpp engine: the longest cached prefix, without splitting the
+running sequences into more runs of consecutive ids than needed."""
+
+from __future__ import annotations
+
+from llmserve.engines.slots import SlotChoice, choose_slot, compact_slot, runs
+
+
+def test_runs_counts_breaks_between_consecutive_ids():
+    assert runs([]) == 0
+    assert runs([3]) == 1
+    assert runs([2, 0, 1]) == 1
+    assert runs([0, 1, 3, 4, 9]) == 3
+
+
+def test_idle_engine_takes_the_longest_prefix_in_place():
+    free = range(8)
+    shared = {s: 0 for s in free} | {5: 40}
+    assert choose_slot(free, shared, busy=[]) == SlotChoice(5, 5, 40)
+
+
+def test_equal_prefixes_go_to_the_slot_that_adds_no_run():
+    free = [0, 4, 6]
+    shared = {0: 20, 4: 20, 6: 20}
+    assert choose_slot(free, shared, busy=[2, 3]) == SlotChoice(4, 4, 20)
+
+
+def test_a_long_prefix_in_a_distant_slot_is_copied_next_to_the_running_ones():
+    free = [0, 3, 7]
+    shared = {0: 20, 3: 20, 7: 90}
+    assert choose_slot(free, shared, busy=[1, 2]) == SlotChoice(0, 7, 90)
+
+
+def test_a_prefix_too_short_to_copy_is_read_again_in_the_compact_slot():
+    free = [3, 7]
+    shared = {3: 20, 7: 30}
+    assert choose_slot(free, shared, busy=[1, 2], min_copy=16) == SlotChoice(3, 3, 20)
+
+
+def test_a_distant_slot_that_fills_a_gap_is_taken_in_place():
+    free = [2, 9]
+    shared = {2: 50, 9: 0}
+    assert choose_slot(free, shared, busy=[0, 1, 3]) == SlotChoice(2, 2, 50)
+
+
+def test_compact_slot_joins_the_run():
+    assert compact_slot([0, 5, 9], busy=[6, 7]) == 5
+    assert compact_slot([0, 5, 9], busy=[]) == 0
