@@ -218,7 +218,10 @@ class ChildProcess:
             reason = f"its decode loop raised {fatal.strip().splitlines()[-1]}"
         else:
             reason = f"its process (pid {proc.pid}) {describe_exit(proc.exitcode)}"
-        loop.call_soon_threadsafe(self._died, generation, reason, fatal)
+        try:
+            loop.call_soon_threadsafe(self._died, generation, reason, fatal)
+        except RuntimeError:  # the loop is closed: the server stopped, nobody to tell
+            pass
 
     def _died(self, generation: int, reason: str, fatal: str | None) -> None:
         if generation != self._generation or self._state in ("stopped", "failed"):

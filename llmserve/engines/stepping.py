@@ -231,8 +231,10 @@ class StepLoopEngine(EngineFacts):
                         self._live.pop(req.key, None)
                     deliver(out.items())
         finally:
-            if self._compiler is not None:
-                self._compiler.shutdown(wait=False, cancel_futures=True)
+            with self._compiling_lock:
+                compiler, self._compiler = self._compiler, None
+            if compiler is not None:
+                compiler.shutdown(wait=False, cancel_futures=True)
             self._reset()
 
     def _drain_inbox(self, block: bool) -> bool:
