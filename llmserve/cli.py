@@ -67,6 +67,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shutdown-timeout", type=float,
                    help="on SIGTERM or SIGINT, seconds in-flight requests get to finish before "
                         "they are ended with an error (default 30)")
+    p.add_argument("--engine-stall-timeout", type=float,
+                   help="seconds an engine or embedder process may make no progress (finish "
+                        "no decode step, answer no ping) before it is killed and restarted as "
+                        "after a crash; must exceed the slowest step (default 60; 0: never)")
     p.add_argument("--sse-keepalive", type=float,
                    help="seconds of silence in a stream before a `: keep-alive` comment "
                         "(default 15; 0: never)")

@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(
         30.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM/SIGINT"
     )
+    engine_stall_timeout: float = Field(
+        60.0, ge=0, description="seconds an engine process may make no progress (a decode "
+        "step, or an idle engine's answer to a ping) before it is killed and restarted; 0: never"
+    )
     sse_keepalive: float = Field(
         15.0, ge=0, description="seconds of silence in a stream before a keep-alive comment; 0: none"
     )

@@ -14,6 +14,7 @@ from llmserve.config import Settings
 from llmserve.engines.base import Engine, EngineHealth
 from llmserve.engines.cpu import weight_repack_enabled
 from llmserve.engines.process import EmbedderProcess, EngineProcess
+from llmserve.engines.restarts import RestartPolicy
 from llmserve.engines.spec import EmbedderSpec, EngineSpec
 from llmserve.engines.stepping import StepLoopEngine
 from llmserve.errors import InvalidRequest, ModelNotFound
@@ -261,7 +262,8 @@ def load_registry(settings: Settings, *, show_progress: bool = True) -> ModelReg
         # in this process: vLLM runs its engine core in a process of its own already
         engine: Engine = spec.build()
     else:
-        engine = EngineProcess(spec, name=name, fault=settings.test_fault)
+        engine = EngineProcess(spec, name=name, fault=settings.test_fault,
+                               policy=restart_policy(settings))
     return ModelRegistry([serve_engine(engine, name, settings)], load_embedders(settings))
 
 
@@ -289,5 +291,10 @@ def load_embedders(settings: Settings) -> list[ServedEmbedder]:
         raise FileNotFoundError(
             f"embeddings need the hf extra (pip install -e '.[hf]'): {exc}"
         ) from None
-    embedder = EmbedderProcess(EmbedderSpec(path), name=name)
-    return [ServedEmbedder(name=name, batcher=EmbeddingBatcher(embedder))]
+    embedder = EmbedderProcess(EmbedderSpec(path), name=name, policy=restart_policy(settings))
+    batcher = EmbeddingBatcher(embedder, max_queue=settings.max_queue)
+    return [ServedEmbedder(name=name, batcher=batcher)]
+
+
+def restart_policy(settings: Settings) -> RestartPolicy:
+    return RestartPolicy(stall_timeout=settings.engine_stall_timeout)

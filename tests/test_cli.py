@@ -16,7 +16,8 @@ from conftest import MODEL, run_server
 SERVE_FLAGS = [
     "--host", "--port", "--model", "--served-model-name", "--api-key", "--max-request-bytes",
     "--allowed-hosts", "--cors-origins", "--context-length",
-    "--max-sequences", "--threads", "--store", "--store-ttl", "--log-level",
+    "--max-sequences", "--threads", "--store", "--store-ttl", "--engine-stall-timeout",
+    "--log-level",
     "--tensor-parallel-size", "--pipeline-parallel-size", "--distributed-executor-backend",
     "--gpu-memory-utilization", "--max-model-len", "--quantization", "--enable-prefix-caching",
 ]
@@ -99,6 +100,7 @@ def test_missing_model_file_fails_clearly(tmp_path):
     (["--context-length", "4"], "context_length"),
     (["--bogus-flag"], "--bogus-flag"),
     (["--store-ttl", "soon"], "store_ttl"),
+    (["--engine-stall-timeout", "-1"], "engine_stall_timeout"),
     (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization"),
     (["--distributed-executor-backend", "slurm"], "--distributed-executor-backend"),
 ])
@@ -125,6 +127,22 @@ def test_store_flags_over_environment(tmp_path, monkeypatch):
     assert cli_module.main(["serve"]) == 0
     assert cli_module.main(["serve", "--store", "none", "--store-ttl", "12h"]) == 0
     assert [(s.store, s.store_ttl) for s in got] == [("env.db", 60), ("none", 43200)]
+
+
+def test_engine_stall_timeout_flag_over_environment(tmp_path, monkeypatch):
+    from llmserve import cli as cli_module
+
+    for name in list(os.environ):
+        if name.startswith("LLMSERVE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    got = []
+    monkeypatch.setattr(cli_module, "serve", lambda settings: got.append(settings) or 0)
+    assert cli_module.main(["serve"]) == 0
+    monkeypatch.setenv("LLMSERVE_ENGINE_STALL_TIMEOUT", "5")
+    assert cli_module.main(["serve"]) == 0
+    assert cli_module.main(["serve", "--engine-stall-timeout", "0"]) == 0
+    assert [s.engine_stall_timeout for s in got] == [60.0, 5.0, 0.0]
 
 
 def test_vllm_flags_reach_settings(tmp_path, monkeypatch):

@@ -124,7 +124,8 @@ class EngineFacts:
 
 @dataclass(frozen=True, slots=True)
 class EngineHealth:
-    """`running`, `starting`, `restarting`, `failed` (down for good) or `stopped`."""
+    """`running`, `starting`, `stalled` (no progress: being killed, then `restarting`),
+    `restarting`, `failed` (down for good) or `stopped`."""
 
     state: str
     reason: str | None = None

@@ -2,9 +2,11 @@
 model in a process of its own so that a native crash costs the requests it was serving,
 never the server.
 
-`ChildProcess` starts a worker (see `engines.worker`), reads its messages on a thread
-that hands each one to the event loop, notices its death (the pipe closes), and restarts
-it with backoff; `EngineProcess` and `EmbedderProcess` speak their worker's messages.
+`ChildProcess` starts a worker (see `engines.worker`), writes to it on a thread of its own
+(engines.outbox) and reads its messages on another that hands each one to the event loop,
+notices its death (the pipe closes) or its stall (a ping its decode loop leaves unanswered),
+and restarts it with backoff; `EngineProcess` and `EmbedderProcess` speak their worker's
+messages.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from llmserve.engines.base import (
     SamplingParams,
     check_request,
 )
+from llmserve.engines.outbox import Outbox, OutboxClosed, OutboxFull
 from llmserve.engines.restarts import Crashes, RestartPolicy
 from llmserve.engines.spec import EmbedderSpec, EngineSpec
 from llmserve.engines.stepping import QueueStream, route
@@ -39,6 +42,11 @@ log = logging.getLogger(__name__)
 # A fresh interpreter: forking a process that runs threads (the event loop's, the
 # readers') can copy a held lock into the child.
 _MP = multiprocessing.get_context("spawn")
+
+# Bytes of requests a child may leave unread before new ones are refused (503): far more
+# than a full batch of requests takes; a child this far behind is stuck, and its stall is
+# noticed (the watchdog) soon after.
+OUTBOX_LIMIT = 64 * 1024 * 1024
 
 
 def describe_exit(code: int | None) -> str:
@@ -57,6 +65,11 @@ class ChildProcess:
 
     `on_message(msg)` and `on_lost(reason)` run on the event loop; `on_lost` is called once
     per death, before any restart.
+
+    The watchdog pings the child every second or so; its decode loop answers between two
+    steps (at once when idle). A ping unanswered for `policy.stall_timeout` seconds means
+    the child is stopped, hung, or stuck in one step: it is `stalled`, killed (SIGKILL: a
+    stopped process holds any other signal), and restarted as after a crash.
     """
 
     def __init__(
@@ -77,7 +90,7 @@ class ChildProcess:
         self.policy = policy
         self._proc: Any = None
         self._conn: Any = None
-        self._send_lock = threading.Lock()
+        self._outbox: Outbox | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = "starting"
         self._reason: str | None = None
@@ -85,6 +98,11 @@ class ChildProcess:
         self._generation = 0  # which process the reader thread's reports are about
         self._crashes = Crashes(policy)
         self._restarter: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        # pings of the current process: the latest sent (its time) and the latest answered
+        self._asked = 0
+        self._asked_at = 0.0
+        self._answered = 0
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -99,6 +117,8 @@ class ChildProcess:
         self._loop = asyncio.get_running_loop()
         self._state = "running"
         self._watch()
+        if self.policy.stall_timeout > 0:
+            self._watchdog = self._loop.create_task(self._watch_progress())
 
     def _spawn(self) -> tuple[Any, Any, Any]:
         ours, theirs = _MP.Pipe()
@@ -134,6 +154,8 @@ class ChildProcess:
         # the pipe non-blocking, and a message larger than the pipe's buffer would then fail
         # to send or arrive in pieces.
         self._generation += 1
+        self._asked, self._asked_at, self._answered = 0, time.monotonic(), 0
+        self._outbox = Outbox(self._conn, name=self.name, limit=OUTBOX_LIMIT)
         threading.Thread(target=self._read, args=(self._proc, self._conn, self._generation),
                          name=f"{self.name}-reader", daemon=True).start()
 
@@ -145,10 +167,11 @@ class ChildProcess:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self.up else None
+        alive = self._state in ("running", "stalled")
+        return self._proc.pid if self._proc is not None and alive else None
 
     def down_error(self) -> EngineDown:
-        if self._state == "restarting":
+        if self._state in ("restarting", "stalled"):
             wait = self._crashes.wait()
             return EngineDown(f"The {self.name} is restarting after a crash ({self._reason}). "
                               f"Retry in {wait} s.", retry_after=wait)
@@ -156,14 +179,19 @@ class ChildProcess:
                           + (f": {self._reason}." if self._reason else "."),
                           retry_after=self.policy.max_delay)
 
-    def send(self, msg: tuple) -> None:
+    def send(self, msg: tuple, *, bounded: bool = True) -> None:
+        """Queue `msg` for the child, never waiting on it: EngineDown when it is not up, or
+        (when `bounded`) when it has left too much unread."""
         if not self.up:
             raise self.down_error()
+        assert self._outbox is not None
         try:
-            with self._send_lock:
-                self._conn.send(msg)
-        except (OSError, ValueError) as exc:  # the pipe broke: the reader reports the death
-            raise EngineDown(f"The {self.name} process is gone ({exc}).") from None
+            self._outbox.put(msg, bounded=bounded)
+        except OutboxFull as exc:
+            raise EngineDown(f"The {self.name} is not reading its requests ({exc.queued} bytes "
+                             "waiting). Retry later.", retry_after=1) from None
+        except OutboxClosed:  # the pipe broke: the reader reports the death
+            raise EngineDown(f"The {self.name} process is gone.") from None
 
     def health(self) -> EngineHealth:
         return EngineHealth(self._state, self._reason, self.pid, max(0, self._starts - 1))
@@ -176,7 +204,10 @@ class ChildProcess:
         try:
             while True:
                 msg = conn.recv()
-                if msg[0] == "fatal":
+                if msg[0] == "pong":
+                    if generation == self._generation:
+                        self._answered = max(self._answered, msg[1])
+                elif msg[0] == "fatal":
                     fatal = msg[1]
                 else:
                     loop.call_soon_threadsafe(self._on_message, msg)
@@ -187,13 +218,50 @@ class ChildProcess:
             reason = f"its decode loop raised {fatal.strip().splitlines()[-1]}"
         else:
             reason = f"its process (pid {proc.pid}) {describe_exit(proc.exitcode)}"
-        loop.call_soon_threadsafe(self._died, generation, reason, fatal)
+        try:
+            loop.call_soon_threadsafe(self._died, generation, reason, fatal)
+        except RuntimeError:  # the loop is closed: the server stopped, nobody to tell
+            pass
 
     def _died(self, generation: int, reason: str, fatal: str | None) -> None:
         if generation != self._generation or self._state in ("stopped", "failed"):
             return
-        self._conn.close()
+        if self._state == "stalled":  # killed by the watchdog: say why, not how
+            reason = self._reason or reason
+        assert self._outbox is not None
+        self._outbox.close()
         self._crashed(reason, fatal)
+
+    async def _watch_progress(self) -> None:
+        """The watchdog: a ping at a time, and a child that leaves one unanswered for
+        `stall_timeout` seconds is killed (its death then goes the way of any crash)."""
+        timeout = self.policy.stall_timeout
+        period = min(1.0, timeout / 5)
+        while True:
+            await asyncio.sleep(period)
+            if self._state != "running":
+                continue
+            waited = time.monotonic() - self._asked_at
+            if self._answered >= self._asked:
+                if waited >= period:
+                    self._asked += 1
+                    self._asked_at = time.monotonic()
+                    try:
+                        self.send(("ping", self._asked), bounded=False)
+                    except EngineDown:
+                        pass  # dying: the reader reports it
+            elif waited > timeout:
+                self._stalled(waited)
+
+    def _stalled(self, waited: float) -> None:
+        proc = self._proc
+        self._state = "stalled"
+        self._reason = (f"its process (pid {proc.pid}) stalled: no progress for {waited:.0f} s; "
+                        "killed")
+        try:
+            proc.kill()
+        except OSError:
+            pass  # gone already
 
     def _crashed(self, reason: str, detail: str | None = None) -> None:
         delay = self._crashes.record()
@@ -229,18 +297,22 @@ class ChildProcess:
 
     async def stop(self) -> None:
         self._state = "stopped"
-        if self._restarter is not None:
-            self._restarter.cancel()
-        proc, conn = self._proc, self._conn
+        for task in (self._restarter, self._watchdog):
+            if task is not None:
+                task.cancel()
+        proc, outbox = self._proc, self._outbox
         if proc is None:
             return
-        try:
-            with self._send_lock:
-                conn.send(("stop",))
-        except (OSError, ValueError):
-            pass
+        if outbox is None:  # never watched: only launched
+            self._conn.close()
+        else:
+            try:
+                outbox.put(("stop",), bounded=False)
+            except OutboxClosed:
+                pass
         await asyncio.to_thread(_reap, proc, 10)
-        conn.close()
+        if outbox is not None:
+            outbox.close()
 
 
 def _reap(proc, timeout: float = 0) -> None:
@@ -304,7 +376,7 @@ class EngineProcess(EngineFacts):
     def _cancel(self, key: Hashable, index: int | None) -> None:
         if key in self._streams and self._child.up:
             try:
-                self._child.send(("cancel", key, index))
+                self._child.send(("cancel", key, index), bounded=False)
             except EngineDown:
                 pass
 

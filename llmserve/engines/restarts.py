@@ -1,6 +1,7 @@
 """When to restart a crashed engine: after 1 s, then 2, 4, ... up to 30 s after further
 crashes; after 5 crashes within 5 minutes, never (until the server is restarted). One rule
 for engines in child processes (engines/process.py) and vLLM's engine core (engines/vllm.py).
+A child process that stalls (makes no progress for `stall_timeout` seconds) is one more crash.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ class RestartPolicy:
     max_crashes: int = 5  # this many crashes within `window` seconds: stay down
     window: float = 300.0
     load_timeout: float = 900.0
+    # seconds a child process may leave the watchdog's ping unanswered (its decode loop
+    # answers between steps, so the longest step must fit); 0: never treated as stalled
+    stall_timeout: float = 60.0
 
 
 class Crashes:

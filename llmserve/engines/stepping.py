@@ -11,6 +11,7 @@ baseline), or over a pipe to the server process (`engines.worker`).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
@@ -134,6 +135,10 @@ class StepLoopEngine(EngineFacts):
         self._waiting: deque[EngineRequest] = deque()
         self._prefilling: deque[EngineRequest] = deque()
         self._live: dict[Hashable, EngineRequest] = {}
+        # requests whose grammars are being compiled, not in the inbox yet (any thread)
+        self._compiling: dict[Hashable, EngineRequest] = {}
+        self._compiling_lock = threading.Lock()
+        self._compiler: concurrent.futures.ThreadPoolExecutor | None = None
         self.faults = Faults()
         # in-process use (start/generate)
         self._thread: threading.Thread | None = None
@@ -144,20 +149,58 @@ class StepLoopEngine(EngineFacts):
 
     # -- the decode loop, from any thread ----------------------------------------------------
 
-    def submit(self, key: Hashable, prompt: list[int], params: list[SamplingParams]) -> None:
+    def submit(self, key: Hashable, prompt: list[int], params: list[SamplingParams],
+               *, compile_later: bool = False) -> None:
+        """Hand a request to the decode loop; ValueError for one it cannot take. Its grammars
+        are compiled here (a bad one raises GrammarError, a ValueError), off the decode thread,
+        or with `compile_later` on a thread of their own: then a bad grammar fails the request
+        (its end is that error), and the caller (a child's pipe reader) goes on meanwhile."""
         check_request(prompt, params, max_sequences=self._max_sequences,
                       context_length=self._context_length)
         req = EngineRequest(key, list(prompt), list(params))
         if any(p.grammar is not None for p in params):
             if self._grammars is None:
                 raise ValueError("this engine does not support grammars")
-            # Compiling a grammar can take a while: here, off the decode thread (GrammarError
-            # is a ValueError, refused like any other bad request).
-            req.matchers = self._grammars.matchers(params)
+            if not compile_later:
+                req.matchers = self._grammars.matchers(params)
+                self._inbox.put(("add", req))
+                return
+            with self._compiling_lock:
+                self._compiling[key] = req
+                if self._compiler is None:
+                    self._compiler = concurrent.futures.ThreadPoolExecutor(
+                        2, thread_name_prefix="grammar")
+            self._compiler.submit(self._compile, req)
+            return
         self._inbox.put(("add", req))
 
+    def _compile(self, req: EngineRequest) -> None:
+        try:
+            matchers = self._grammars.matchers(req.params)  # type: ignore[union-attr]
+        except Exception as exc:  # noqa: BLE001 - that request fails (GrammarError: its grammar)
+            req.error = EngineError(str(exc))
+            req.cancel_all = True
+        else:
+            req.matchers = matchers
+        with self._compiling_lock:  # after any cancel that found it compiling
+            self._compiling.pop(req.key, None)
+            self._inbox.put(("add", req))
+
     def cancel(self, key: Hashable, index: int | None = None) -> None:
-        self._inbox.put(("cancel", key, index))
+        with self._compiling_lock:
+            req = self._compiling.get(key)
+            if req is not None:  # taken when it reaches the loop, already cancelled
+                if index is None:
+                    req.cancel_all = True
+                else:
+                    req.cancelled.add(index)
+                return
+            self._inbox.put(("cancel", key, index))
+
+    def between_steps(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the decode thread before its next step (at once when idle): what it
+        does there shows the loop advances (the server's watchdog pings this way)."""
+        self._inbox.put(("call", fn))
 
     def shutdown(self) -> None:
         """Ask `serve` to return after the step under way."""
@@ -188,6 +231,10 @@ class StepLoopEngine(EngineFacts):
                         self._live.pop(req.key, None)
                     deliver(out.items())
         finally:
+            with self._compiling_lock:
+                compiler, self._compiler = self._compiler, None
+            if compiler is not None:
+                compiler.shutdown(wait=False, cancel_futures=True)
             self._reset()
 
     def _drain_inbox(self, block: bool) -> bool:
@@ -206,6 +253,8 @@ class StepLoopEngine(EngineFacts):
                 req = msg[1]
                 self._live[req.key] = req
                 self._waiting.append(req)
+            elif kind == "call":
+                msg[1]()
             elif kind == "cancel":
                 _, key, index = msg
                 req = self._live.get(key)
@@ -272,6 +321,8 @@ class StepLoopEngine(EngineFacts):
             log.exception("decode loop crashed")
             self._dead = EngineError(f"decode loop crashed: {type(exc).__name__}: {exc}")
             keys = set(self.live_keys())
+            with self._compiling_lock:
+                keys.update(self._compiling)
             while True:  # and those not taken from the inbox yet
                 try:
                     msg = self._inbox.get_nowait()

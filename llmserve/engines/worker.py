@@ -8,14 +8,18 @@ Messages to the server are tuples over a `multiprocessing` pipe (pickled):
                               its end (None: finished; an EngineError: failed)
   ("result", key, value)      embedder: one batch's vectors, or an EngineError
   ("fatal", traceback)        the decode loop raised; the process exits right after
+  ("pong", n)                 the answer to ping n, from the decode loop between two steps
+                              (the embedder: between two batches)
 and from it:
-  ("add", key, prompt, params) | ("cancel", key, index) | ("embed", key, inputs) | ("stop",)
+  ("add", key, prompt, params) | ("cancel", key, index) | ("embed", key, inputs) |
+  ("ping", n) | ("stop",)
 
 A child dies with its server: when the pipe closes (the server exited, however) it exits.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -103,11 +107,14 @@ def _serve_requests(conn: Connection, engine: StepLoopEngine, send) -> None:
         if kind == "add":
             _, key, prompt, params = msg
             try:
-                engine.submit(key, prompt, params)
+                # grammars compiled off this thread: it must go on taking cancels and pings
+                engine.submit(key, prompt, params, compile_later=True)
             except ValueError as exc:
                 send(("step", [(key, EngineError(str(exc)))]))
         elif kind == "cancel":
             engine.cancel(msg[1], msg[2])
+        elif kind == "ping":
+            engine.between_steps(functools.partial(send, ("pong", msg[1])))
         elif kind == "stop":
             engine.shutdown()
             return
@@ -126,6 +133,9 @@ def embedder_main(conn: Connection, spec: EmbedderSpec) -> None:
             os._exit(0)
         if msg[0] == "stop":
             return
+        if msg[0] == "ping":
+            conn.send(("pong", msg[1]))
+            continue
         _, key, inputs = msg
         try:
             result: object = embedder.embed(inputs)

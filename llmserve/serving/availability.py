@@ -21,7 +21,7 @@ def ensure_up(name: str, health: EngineHealth) -> None:
     """Refuse now, before any byte of the answer, what a down engine cannot serve."""
     if not health.ok:
         reason = f": {health.reason}" if health.reason else ""
-        retry = 1 if health.state in ("restarting", "starting") else 30
+        retry = 1 if health.state in ("restarting", "starting", "stalled") else 30
         raise EngineUnavailable(
             f"The model '{name}' is unavailable (engine {health.state}{reason}). Retry later.",
             headers={"Retry-After": str(retry)},

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
+import time
 
 import jsonschema
 import pytest
@@ -15,6 +17,7 @@ from llguidance import LLMatcher
 from llmserve.engines.base import SamplingParams
 from llmserve.engines.grammar import GrammarError
 from llmserve.engines.llamacpp import LlamaCppEngine
+from llmserve.engines.stepping import QueueStream
 from llmserve.models import bundled_model_path
 
 PERSON = {
@@ -278,6 +281,52 @@ def test_invalid_grammar_is_refused_at_submit(run):
         return (await outputs(e, chat(e, "Is the sky blue?"), [greedy(grammar=YES_NO)]))[0]
 
     assert run(fn)[-1].finish_reason == "stop"  # the engine goes on
+
+
+def test_a_grammar_compiles_off_the_submitting_thread_and_a_cancel_still_reaches_it(
+    run, llama, monkeypatch
+):
+    """In a child process the pipe reader submits with `compile_later`: it must go on taking
+    cancels and pings while a grammar compiles (here held until released), the decode loop
+    too, and a cancel that comes meanwhile ends the request before its first token."""
+    gate = threading.Event()
+    compile_grammars = llama._grammars.matchers
+
+    def held(params):
+        gate.wait(60)
+        return compile_grammars(params)
+
+    monkeypatch.setattr(llama._grammars, "matchers", held)
+
+    async def fn(e):
+        loop = asyncio.get_running_loop()
+        key = "held-grammar"
+        stream = e._streams[key] = QueueStream(key, e.cancel)
+        t0 = time.monotonic()
+        await asyncio.to_thread(e.submit, key, chat(e, PERSON_PROMPT),
+                                [greedy(grammar=PERSON_GRAMMAR)] * 2, compile_later=True)
+        submitted = time.monotonic() - t0
+        answered = asyncio.Event()
+        e.between_steps(lambda: loop.call_soon_threadsafe(answered.set))
+        await asyncio.wait_for(answered.wait(), timeout=10)  # the decode loop goes on
+        e.cancel(key)
+        gate.set()
+        steps = await asyncio.wait_for(_collect(stream), timeout=60)
+        # and the engine serves the next one, grammar and all
+        after = (await outputs(e, chat(e, "Is the sky blue?"), [greedy(grammar=YES_NO)]))[0]
+        return submitted, steps, after
+
+    try:
+        submitted, steps, after = run(fn)
+    finally:
+        gate.set()
+    assert submitted < 5  # not waiting for the compile (held 60 s)
+    assert steps == []  # cancelled before its first token
+    assert after[-1].finish_reason == "stop"
+
+
+async def _collect(stream) -> list:
+    return [step async for step in stream]
 
 
 def test_child_process_engine_carries_the_grammar():

@@ -1,5 +1,5 @@
 """GET /health: 200 while every model's engine runs; 503 with the reason while one is down
-(crashed and restarting, or given up on after repeated crashes)."""
+(crashed or stalled and restarting, or given up on after repeated crashes)."""
 
 from __future__ import annotations
 
