@@ -5,11 +5,13 @@ again from the event after `Last-Event-ID`."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
+import httpx
 import openai
 import pytest
-from conftest import MODEL
+from conftest import MODEL, run_server
 from openai_schema import validate
 from sse import parse_numbered, stream_post
 
@@ -144,3 +146,68 @@ def test_store_requests_that_cannot_be_served(http, client):
     r = http.post(f"{CHAT}/{c.id}", json={"metadata": {"k": "v"}, "extra": 1})
     assert r.status_code == 400
     validate("ErrorResponse", r.json())
+
+
+# Not event ids of a stream: a negative, a number past the end, a number past any integer
+# type, and what is not an integer at all.
+BAD_POSITIONS = ["-1", "-3", "-100", "99999999999999999999999", "+1", "1e3", "0x1", "x"]
+
+
+def _resume(http, path: str, position: str | None, query: bool) -> httpx.Response:
+    """GET `path` as a stream resumed after `position`: a `starting_after` parameter
+    (`query`, Responses) or a Last-Event-ID header (chat completions)."""
+    params = {"stream": "true"}
+    headers = {}
+    if position is not None:
+        if query:
+            params["starting_after"] = position
+        else:
+            headers["Last-Event-ID"] = position
+    return http.get(path, params=params, headers=headers)
+
+
+def test_resume_positions_out_of_range_are_a_400_live_and_from_the_store(tmp_path):
+    store = tmp_path / "store.sqlite3"
+    with run_server(tmp_path, "--store", str(store), "--embedding-model", "none") as server:
+        with httpx.Client(base_url=server.url, headers=server.headers(), timeout=120) as http:
+            chat = stream_post(http, CHAT, {
+                "model": MODEL, "stream": True, "store": True, "temperature": 0,
+                "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]})
+            chat_id = json.loads(chat.events[0])["id"]
+            r = http.post("/v1/responses", json={"model": MODEL, "input": "Hi",
+                                                 "background": True, "max_output_tokens": 8})
+            response_id = r.json()["id"]
+            deadline = time.monotonic() + 60
+            while http.get(f"/v1/responses/{response_id}").json()["status"] in (
+                    "queued", "in_progress"):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            # Both runs ended a moment ago: still in memory.
+            live = _check_positions(http, chat_id, response_id)
+    with run_server(tmp_path, "--store", str(store), "--embedding-model", "none") as server:
+        with httpx.Client(base_url=server.url, headers=server.headers(), timeout=120) as http:
+            stored = _check_positions(http, chat_id, response_id)
+    assert stored == live  # memory and store replay the same events for every position
+
+
+def _check_positions(http, chat_id: str, response_id: str) -> dict:
+    """Every bad position is a 400 naming the header or parameter; returns what the good
+    ones replay."""
+    replays = {}
+    for path, query, param in ((f"{CHAT}/{chat_id}", False, "Last-Event-ID"),
+                               (f"/v1/responses/{response_id}", True, "starting_after")):
+        whole = _resume(http, path, None, query)
+        assert whole.status_code == 200
+        count = len(parse_numbered(whole.content) if not query else
+                    [b for b in whole.content.split(b"\n\n") if b.strip()])
+        assert count > 3
+        for bad in [*BAD_POSITIONS, str(count)]:
+            r = _resume(http, path, bad, query)
+            assert r.status_code == 400, (path, bad, r.text)
+            assert r.json()["error"]["param"] == param
+            validate("ErrorResponse", r.json())
+        replays[path] = [whole.content] + [_resume(http, path, str(p), query).content
+                                           for p in (0, 3, count - 1)]
+        assert replays[path][-1] == b""  # after the last event: nothing more
+    return replays
+

@@ -29,8 +29,9 @@ from llmserve.api.requests import (
     json_response,
     list_page,
     parse_body,
-    replay_events,
     request_id,
+    resume_run,
+    resume_stored,
     start_generations,
 )
 from llmserve.api.responses_protocol import CreateResponseRequest
@@ -194,20 +195,19 @@ async def _stored(state: AppState, id: str, param: str | None = None):
 @router.get("/v1/responses/{response_id}")
 async def retrieve_response(
     request: Request, response_id: str, stream: bool = False,
-    starting_after: int | None = Query(None, ge=-1),
+    starting_after: str | None = None,
 ) -> Response:
     state = app_state(request)
     run = state.runs.get(response_id)
     if stream:
-        after = -1 if starting_after is None else starting_after
         if run is not None:
-            return follow_run(request, run, after)
+            return resume_run(request, run, starting_after, "starting_after")
         found = await _stored(state, response_id)
         if not found.response.get("background"):
             raise InvalidRequest("Only background responses can be streamed again.",
                                  param="stream")
-        events = await state.store.events(response_id, after)  # type: ignore[union-attr]
-        return replay_events(request, events)
+        events = await state.store.events(response_id)  # type: ignore[union-attr]
+        return resume_stored(request, events, starting_after, "starting_after")
     if run is not None:
         return json_response(run.state.response)
     return json_response((await _stored(state, response_id)).response)

@@ -14,12 +14,12 @@ from pydantic import BaseModel, ConfigDict
 
 from llmserve.api.protocol import Metadata
 from llmserve.api.requests import (
-    follow_run,
     json_response,
     list_page,
     page_body,
     parse_body,
-    replay_events,
+    resume_run,
+    resume_stored,
 )
 from llmserve.api.state import AppState, app_state
 from llmserve.errors import InvalidRequest, NotFound
@@ -64,21 +64,16 @@ async def retrieve_chat_completion(
     state = app_state(request)
     if not stream:
         return json_response((await _found(state, completion_id)).completion)
-    raw = request.headers.get("last-event-id", "-1").strip() or "-1"
-    try:
-        after = int(raw)
-    except ValueError:
-        raise InvalidRequest("Last-Event-ID must be the id of an event of this stream.",
-                             param="Last-Event-ID") from None
+    position = request.headers.get("last-event-id")
     run = state.runs.get(completion_id)
     if run is not None:
-        return follow_run(request, run, after)
+        return resume_run(request, run, position, "Last-Event-ID")
     await _found(state, completion_id)
-    events = await _store(state).events(completion_id, after)
-    if not events and after < 0:
+    events = await _store(state).events(completion_id)
+    if not events:
         raise InvalidRequest("Only completions that were streamed can be streamed again.",
                              param="stream")
-    return replay_events(request, events)
+    return resume_stored(request, events, position, "Last-Event-ID")
 
 
 class _MetadataUpdate(BaseModel):
