@@ -14,6 +14,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# The kinds of run: each API finds only its own (a chat completion id is no response).
+RESPONSE = "response"
+CHAT_COMPLETION = "chat.completion"
+
 
 class EventLog:
     """One run's events, numbered from 0 in the order written."""
@@ -63,8 +67,9 @@ class EventLog:
 
 
 class Run:
-    def __init__(self, id: str) -> None:
+    def __init__(self, id: str, kind: str) -> None:
         self.id = id
+        self.kind = kind  # RESPONSE, CHAT_COMPLETION
         self.log = EventLog()
         self.task: asyncio.Task[None] | None = None
         self.state: Any = None  # what the run's owner keeps of it (a response as it stands)
@@ -93,13 +98,16 @@ class Runs:
         self._runs: dict[str, Run] = {}
         self._linger = linger
 
-    def get(self, id: str) -> Run | None:
-        return self._runs.get(id)
+    def get(self, id: str, kind: str) -> Run | None:
+        """The run `id` if it makes a `kind`: an id of another kind is none of the asker's."""
+        run = self._runs.get(id)
+        return run if run is not None and run.kind == kind else None
 
-    def start(self, id: str, work: Callable[[Run], Coroutine[Any, Any, None]]) -> Run:
+    def start(self, id: str, kind: str,
+              work: Callable[[Run], Coroutine[Any, Any, None]]) -> Run:
         """Run `work(run)` as a task of its own; it writes `run.log` and the log is closed
         when it returns, fails or is cancelled."""
-        run = Run(id)
+        run = Run(id, kind)
         self._runs[id] = run
 
         async def main() -> None:

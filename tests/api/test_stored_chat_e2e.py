@@ -211,3 +211,44 @@ def _check_positions(http, chat_id: str, response_id: str) -> dict:
         assert replays[path][-1] == b""  # after the last event: nothing more
     return replays
 
+
+def _hang_up_after(http, body: dict, events: int) -> str:
+    """Start a stream, read `events` of its events, hang up; the id of what it makes."""
+    with http.stream("POST", body.pop("path"), json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                first = json.loads(line[6:])
+                events -= 1
+                if events == 0:
+                    return first.get("id") or first["response"]["id"]
+    raise AssertionError("the stream ended early")
+
+
+def test_chat_and_responses_runs_are_not_each_others(http):
+    chat_id = _hang_up_after(http, {
+        "path": CHAT, "model": MODEL, "stream": True, "store": True, "temperature": 0,
+        "max_tokens": 60, "messages": [{"role": "user", "content": "Tell a story."}]}, 1)
+    response_id = http.post("/v1/responses", json={
+        "model": MODEL, "input": "Tell a story.", "background": True,
+        "max_output_tokens": 60}).json()["id"]
+    # Both run now; each API finds only its own kind: the other's id is a 404.
+    for r in (http.post(f"/v1/responses/{chat_id}/cancel", json={}),
+              http.get(f"/v1/responses/{chat_id}"),
+              http.get(f"/v1/responses/{chat_id}", params={"stream": "true"}),
+              http.delete(f"/v1/responses/{chat_id}"),
+              http.get(f"{CHAT}/{response_id}"),
+              http.get(f"{CHAT}/{response_id}", params={"stream": "true"}),
+              http.delete(f"{CHAT}/{response_id}")):
+        assert r.status_code == 404, (r.request.method, r.request.url, r.text)
+        validate("ErrorResponse", r.json())
+    # Neither was touched: both run to their end and are stored.
+    with http.stream("GET", f"{CHAT}/{chat_id}", params={"stream": "true"}) as r:
+        events = parse_numbered(r.read())
+    assert events[-1][1] == "[DONE]"
+    assert json.loads(events[-2][1])["choices"][0]["finish_reason"] in ("stop", "length")
+    assert http.get(f"{CHAT}/{chat_id}").status_code == 200
+    with http.stream("GET", f"/v1/responses/{response_id}", params={"stream": "true"}) as r:
+        last = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")][-1]
+    assert last["type"] in ("response.completed", "response.incomplete")
+

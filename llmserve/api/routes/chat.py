@@ -30,7 +30,7 @@ from llmserve.api.requests import (
 from llmserve.api.state import AppState, app_state
 from llmserve.errors import InvalidRequest, LLMServeError
 from llmserve.serving.generation import Generation, TokenLogprob, Usage
-from llmserve.serving.runs import Run
+from llmserve.serving.runs import CHAT_COMPLETION, Run
 from llmserve.serving.tool_calls import ToolCallDelta
 from llmserve.store import Store
 
@@ -158,7 +158,7 @@ def _keep_running(request: Request, state: AppState, gen: Generation,
         write(sse.DONE[:-2])
         await state.store.append_events(id, run.log.events())  # type: ignore[union-attr]
 
-    run = state.runs.start(id, work)
+    run = state.runs.start(id, CHAT_COMPLETION, work)
     return follow_run(request, run, -1)
 
 

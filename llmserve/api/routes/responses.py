@@ -44,7 +44,7 @@ from llmserve.serving.responses import (
     new_id,
     normalize_input,
 )
-from llmserve.serving.runs import Run
+from llmserve.serving.runs import RESPONSE, Run
 from llmserve.store import Store
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ async def _background(
         await saver.save(stream)
         await saver.store.append_events(id, run.log.events())  # type: ignore[union-attr]
 
-    run = state.runs.start(id, work)
+    run = state.runs.start(id, RESPONSE, work)
     run.state = stream
     if follow:
         return follow_run(request, run, -1)
@@ -198,7 +198,7 @@ async def retrieve_response(
     starting_after: str | None = None,
 ) -> Response:
     state = app_state(request)
-    run = state.runs.get(response_id)
+    run = state.runs.get(response_id, RESPONSE)
     if stream:
         if run is not None:
             return resume_run(request, run, starting_after, "starting_after")
@@ -216,7 +216,7 @@ async def retrieve_response(
 @router.delete("/v1/responses/{response_id}")
 async def delete_response(request: Request, response_id: str) -> Response:
     state = app_state(request)
-    run = state.runs.get(response_id)
+    run = state.runs.get(response_id, RESPONSE)
     if run is not None:
         await run.end()
     if state.store is None or not await state.store.delete_response(response_id):
@@ -227,7 +227,7 @@ async def delete_response(request: Request, response_id: str) -> Response:
 @router.post("/v1/responses/{response_id}/cancel")
 async def cancel_response(request: Request, response_id: str) -> Response:
     state = app_state(request)
-    run = state.runs.get(response_id)
+    run = state.runs.get(response_id, RESPONSE)
     if run is not None:
         await run.end()
         return json_response(run.state.response)

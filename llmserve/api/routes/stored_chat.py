@@ -23,6 +23,7 @@ from llmserve.api.requests import (
 )
 from llmserve.api.state import AppState, app_state
 from llmserve.errors import InvalidRequest, NotFound
+from llmserve.serving.runs import CHAT_COMPLETION
 from llmserve.store import Store, StoredChat
 
 router = APIRouter()
@@ -65,7 +66,7 @@ async def retrieve_chat_completion(
     if not stream:
         return json_response((await _found(state, completion_id)).completion)
     position = request.headers.get("last-event-id")
-    run = state.runs.get(completion_id)
+    run = state.runs.get(completion_id, CHAT_COMPLETION)
     if run is not None:
         return resume_run(request, run, position, "Last-Event-ID")
     await _found(state, completion_id)
@@ -94,7 +95,7 @@ async def update_chat_completion(request: Request, completion_id: str) -> Respon
 @router.delete("/v1/chat/completions/{completion_id}")
 async def delete_chat_completion(request: Request, completion_id: str) -> Response:
     state = app_state(request)
-    run = state.runs.get(completion_id)
+    run = state.runs.get(completion_id, CHAT_COMPLETION)
     if run is not None:
         await run.end()
     if not await _store(state).delete_chat(completion_id):
