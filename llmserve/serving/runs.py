@@ -125,6 +125,12 @@ class Runs:
         run.task = asyncio.create_task(main(), name=f"run {id}")
         return run
 
+    async def remove(self, run: Run) -> None:
+        """Forget the run at once, and stop it if it runs (what it made is being deleted):
+        from now on nobody finds it, not even for the linger time."""
+        self._drop(run.id, run)
+        await run.end()
+
     def _drop(self, id: str, run: Run) -> None:
         if self._runs.get(id) is run:
             del self._runs[id]

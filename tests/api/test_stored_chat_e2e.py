@@ -252,3 +252,21 @@ def test_chat_and_responses_runs_are_not_each_others(http):
         last = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")][-1]
     assert last["type"] in ("response.completed", "response.incomplete")
 
+
+def test_a_deleted_completion_is_not_served_from_memory_either(http, client):
+    s = stream_post(http, CHAT, {"model": MODEL, "stream": True, "store": True,
+                                 "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]})
+    completion_id = json.loads(s.events[0])["id"]
+    assert client.chat.completions.delete(completion_id).deleted
+    # The run ended a moment ago (it lingers in memory for late followers): gone too.
+    r = http.get(f"{CHAT}/{completion_id}", params={"stream": "true"})
+    assert r.status_code == 404, r.text
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.retrieve(completion_id)
+    # Deleted while it runs: stopped and gone.
+    running = _hang_up_after(http, {
+        "path": CHAT, "model": MODEL, "stream": True, "store": True, "max_tokens": 1500,
+        "ignore_eos": True, "messages": [{"role": "user", "content": "Tell a story."}]}, 2)
+    assert client.chat.completions.delete(running).deleted
+    for params in ({}, {"stream": "true"}):
+        assert http.get(f"{CHAT}/{running}", params=params).status_code == 404

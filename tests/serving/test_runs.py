@@ -124,3 +124,13 @@ async def test_a_run_is_found_only_by_its_own_kind():
     assert runs.get("r", RESPONSE) is run
     assert runs.get("r", CHAT_COMPLETION) is None
     await runs.stop()
+
+
+@in_loop
+async def test_remove_stops_the_run_and_forgets_it_at_once():
+    runs = Runs()
+    run = await _started_slow_run(runs)
+    await runs.remove(run)
+    assert run.log.events() == [(0, b"cancelled")] and run.log.closed
+    assert runs.get("r", RESPONSE) is None  # not even for the linger time
+    await runs.stop()

@@ -218,8 +218,9 @@ async def delete_response(request: Request, response_id: str) -> Response:
     state = app_state(request)
     run = state.runs.get(response_id, RESPONSE)
     if run is not None:
-        await run.end()
-    if state.store is None or not await state.store.delete_response(response_id):
+        await state.runs.remove(run)
+    deleted = state.store is not None and await state.store.delete_response(response_id)
+    if not deleted and run is None:
         raise NotFound(f"No response found with id '{response_id}'.")
     return json_response({"id": response_id, "object": "response", "deleted": True})
 

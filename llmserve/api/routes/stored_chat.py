@@ -96,9 +96,9 @@ async def update_chat_completion(request: Request, completion_id: str) -> Respon
 async def delete_chat_completion(request: Request, completion_id: str) -> Response:
     state = app_state(request)
     run = state.runs.get(completion_id, CHAT_COMPLETION)
-    if run is not None:
-        await run.end()
-    if not await _store(state).delete_chat(completion_id):
+    if run is not None:  # a running one exists, saved or not yet
+        await state.runs.remove(run)
+    if not await _store(state).delete_chat(completion_id) and run is None:
         raise NotFound(f"No chat completion found with id '{completion_id}'.")
     return json_response({"object": "chat.completion.deleted", "id": completion_id, "deleted": True})
 
