@@ -5,6 +5,8 @@ again from the event after `Last-Event-ID`."""
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 import uuid
 
@@ -270,3 +272,69 @@ def test_a_deleted_completion_is_not_served_from_memory_either(http, client):
     assert client.chat.completions.delete(running).deleted
     for params in ({}, {"stream": "true"}):
         assert http.get(f"{CHAT}/{running}", params=params).status_code == 404
+
+
+LONG_STORED = {"path": CHAT, "model": MODEL, "stream": True, "store": True, "temperature": 0,
+               "max_tokens": 1500, "ignore_eos": True,
+               "messages": [{"role": "user", "content": "Write a very long story."}]}
+
+
+def _stored_with_why(http, completion_id: str, code: str) -> None:
+    """The completion is stored with what it had and why it ended, and its stream replays
+    the same, ending with the error event and [DONE]."""
+    r = http.get(f"{CHAT}/{completion_id}")
+    assert r.status_code == 200, r.text
+    completion = r.json()
+    assert completion["error"]["code"] == code, completion
+    [choice] = completion["choices"]
+    assert choice["finish_reason"] == "error" and choice["message"]["content"]
+    with http.stream("GET", f"{CHAT}/{completion_id}", params={"stream": "true"}) as s:
+        events = parse_numbered(s.read())
+    assert events[-1][1] == "[DONE]"
+    error = json.loads(events[-2][1])
+    validate("ErrorResponse", error)
+    assert error["error"]["code"] == code
+    chunks = [json.loads(d) for _, d in events[:-2]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == choice["message"]["content"]
+
+
+def test_a_stored_stream_cut_short_is_stored_with_why(tmp_path):
+    store = tmp_path / "store.sqlite3"
+    flags = ("--store", str(store), "--embedding-model", "none", "--shutdown-timeout", "1")
+    with run_server(tmp_path, *flags, env={"LLMSERVE_TEST_FAULT": "step:40"}) as server:
+        with httpx.Client(base_url=server.url, headers=server.headers(), timeout=120) as http:
+            # The engine fails mid-stream (then restarts).
+            crashed = stream_post(http, CHAT, {k: v for k, v in LONG_STORED.items()
+                                               if k != "path"})
+            assert json.loads(crashed.events[-2])["error"]["code"] == "engine_error"
+            crashed_id = json.loads(crashed.events[0])["id"]
+            _stored_with_why(http, crashed_id, "engine_error")
+            deadline = time.monotonic() + 60
+            while http.get("/health").status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            # The client hangs up and the server stops while it runs; a follower sees why.
+            stopped_id = _hang_up_after(http, dict(LONG_STORED), 3)
+            follower: dict[str, bytes] = {}
+
+            def follow() -> None:
+                with http.stream("GET", f"{CHAT}/{stopped_id}", params={"stream": "true"},
+                                 headers={"Last-Event-ID": "1"}) as s:
+                    follower["raw"] = s.read()
+
+            thread = threading.Thread(target=follow, daemon=True)
+            thread.start()
+            time.sleep(1)
+            server.process.send_signal(signal.SIGTERM)
+            thread.join(timeout=30)
+            assert server.process.wait(timeout=30) == 0
+            events = [d for d in follower["raw"].decode().split("\n\n") if d.strip()]
+            assert events[-1].endswith("data: [DONE]")
+            assert '"error"' in events[-2]
+    with run_server(tmp_path, *flags) as server:
+        with httpx.Client(base_url=server.url, headers=server.headers(), timeout=120) as http:
+            _stored_with_why(http, crashed_id, "engine_error")
+            _stored_with_why(http, stopped_id, "engine_error")
+            assert "shut down" in http.get(f"{CHAT}/{stopped_id}").json()["error"]["message"]
+
