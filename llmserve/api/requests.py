@@ -186,6 +186,12 @@ def page_body(data: list[dict], has_more: bool) -> dict:
             "first_id": data[0]["id"] if data else "", "last_id": data[-1]["id"] if data else ""}
 
 
+def request_key_hash(request: Request) -> str:
+    """Whose stored items this request may see: set by the API key check, which every /v1
+    route has (a route without it fails here rather than seeing anyone's)."""
+    return request.state.key_hash
+
+
 def request_id(request: Request) -> str | None:
     """The id the request-id middleware gave this request (echoed as X-Request-ID)."""
     return getattr(request.state, "request_id", None)

@@ -67,9 +67,10 @@ class EventLog:
 
 
 class Run:
-    def __init__(self, id: str, kind: str) -> None:
+    def __init__(self, id: str, kind: str, key_hash: str) -> None:
         self.id = id
         self.kind = kind  # RESPONSE, CHAT_COMPLETION
+        self.key_hash = key_hash  # who made it, as the store has it
         self.log = EventLog()
         self.task: asyncio.Task[None] | None = None
         self.state: Any = None  # what the run's owner keeps of it (a response as it stands)
@@ -98,16 +99,19 @@ class Runs:
         self._runs: dict[str, Run] = {}
         self._linger = linger
 
-    def get(self, id: str, kind: str) -> Run | None:
-        """The run `id` if it makes a `kind`: an id of another kind is none of the asker's."""
+    def get(self, id: str, kind: str, key_hash: str) -> Run | None:
+        """The run `id` if it makes a `kind` and was made with `key_hash`: an id of another
+        kind, or another key's, is none of the asker's."""
         run = self._runs.get(id)
-        return run if run is not None and run.kind == kind else None
+        if run is None or run.kind != kind or run.key_hash != key_hash:
+            return None
+        return run
 
-    def start(self, id: str, kind: str,
-              work: Callable[[Run], Coroutine[Any, Any, None]]) -> Run:
+    def start(self, id: str, kind: str, work: Callable[[Run], Coroutine[Any, Any, None]],
+              *, key_hash: str) -> Run:
         """Run `work(run)` as a task of its own; it writes `run.log` and the log is closed
         when it returns, fails or is cancelled."""
-        run = Run(id, kind)
+        run = Run(id, kind, key_hash)
         self._runs[id] = run
 
         async def main() -> None:

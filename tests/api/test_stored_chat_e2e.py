@@ -338,3 +338,57 @@ def test_a_stored_stream_cut_short_is_stored_with_why(tmp_path):
             _stored_with_why(http, stopped_id, "engine_error")
             assert "shut down" in http.get(f"{CHAT}/{stopped_id}").json()["error"]["message"]
 
+
+def test_each_api_key_sees_only_its_own_stored_items(tmp_path):
+    store = tmp_path / "store.sqlite3"
+    keys = ("key-for-ann", "key-for-bob")
+    with run_server(tmp_path, "--store", str(store), "--embedding-model", "none",
+                    "--api-key", keys[0], "--api-key", keys[1], api_key=None) as server:
+        ann, bob = (openai.OpenAI(base_url=server.base_url, api_key=k, max_retries=0,
+                                  timeout=120) for k in keys)
+        ann_http, bob_http = (httpx.Client(base_url=server.url, timeout=120,
+                                           headers={"Authorization": f"Bearer {k}"})
+                              for k in keys)
+        tag = uuid.uuid4().hex
+        chat = stored(ann, "Hi", max_tokens=4, metadata={"tag": tag})
+        streamed = stream_post(ann_http, CHAT, {
+            "model": MODEL, "stream": True, "store": True, "max_tokens": 4,
+            "messages": [{"role": "user", "content": "Hi"}]})
+        streamed_id = json.loads(streamed.events[0])["id"]
+        response = ann.responses.create(model=MODEL, input="Hi", max_output_tokens=4)
+        running = ann.responses.create(model=MODEL, input="Write a long essay.",
+                                       background=True, max_output_tokens=2000)
+        # Bob finds none of Ann's items, live or stored, by any route.
+        assert bob.chat.completions.list(metadata={"tag": tag}).data == []
+        assert chat.id not in [c.id for c in bob.chat.completions.list()]
+        for call in (lambda: bob.chat.completions.retrieve(chat.id),
+                     lambda: bob.chat.completions.update(chat.id, metadata={"x": "y"}),
+                     lambda: bob.chat.completions.messages.list(chat.id),
+                     lambda: bob.chat.completions.delete(chat.id),
+                     lambda: bob.responses.retrieve(response.id),
+                     lambda: bob.responses.input_items.list(response.id),
+                     lambda: bob.responses.delete(response.id),
+                     lambda: bob.responses.retrieve(running.id),
+                     lambda: bob.responses.cancel(running.id)):
+            with pytest.raises(openai.NotFoundError):
+                call()
+        for path in (f"{CHAT}/{streamed_id}", f"/v1/responses/{running.id}"):
+            assert bob_http.get(path, params={"stream": "true"}).status_code == 404
+        r = bob_http.get(f"{CHAT}", params={"after": chat.id})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "after"
+        with pytest.raises(openai.NotFoundError) as err:
+            bob.responses.create(model=MODEL, input="Go on.", previous_response_id=response.id,
+                                 max_output_tokens=4)
+        assert err.value.body["param"] == "previous_response_id"
+        # Ann still has all of hers, untouched.
+        assert ann.chat.completions.retrieve(chat.id).metadata == {"tag": tag}
+        assert [c.id for c in ann.chat.completions.list(metadata={"tag": tag})] == [chat.id]
+        assert ann.responses.create(model=MODEL, input="Go on.", max_output_tokens=4,
+                                    previous_response_id=response.id).output_text
+        with ann_http.stream("GET", f"{CHAT}/{streamed_id}", params={"stream": "true"}) as s:
+            assert parse_numbered(s.read())[-1][1] == "[DONE]"
+        assert ann.responses.cancel(running.id).status == "cancelled"
+        ann_http.close()
+        bob_http.close()
+    raw = store.read_bytes() + b"".join(p.read_bytes() for p in tmp_path.glob("store.sqlite3-*"))
+    assert not any(k.encode() in raw for k in keys)  # a hash of each key, never the key

@@ -26,6 +26,7 @@ from llmserve.api.requests import (
     logprob_value,
     parse_body,
     request_id,
+    request_key_hash,
     start_generations,
     usage_body,
 )
@@ -64,7 +65,8 @@ async def create_chat_completion(request: Request) -> Response:
     }
     tools = prepared.parser is not None
     want_logprobs = sampling.logprobs is not None
-    saver = _Saver(store, body, head, want_logprobs) if body.store and store is not None else None
+    saver = (_Saver(store, body, head, want_logprobs, request_key_hash(request))
+             if body.store and store is not None else None)
     if body.stream:
         chunks = _stream(gen, head, sampling.n, body.include_usage, tools,
                          saver.answer if saver is not None else None)
@@ -119,8 +121,9 @@ class _Saver:
     """A completion with `store: true`: kept with its request's messages and metadata."""
 
     def __init__(self, store: Store, body: ChatCompletionRequest, head: dict,
-                 want_logprobs: bool) -> None:
+                 want_logprobs: bool, key_hash: str) -> None:
         self._store = store
+        self.key_hash = key_hash  # whose it is
         self._body = body
         self._head = head
         self._want_logprobs = want_logprobs
@@ -143,7 +146,8 @@ class _Saver:
             for i, m in enumerate(self._body.messages)
         ]
         await self._store.save_chat({**completion, "metadata": metadata},
-                                    messages=messages, metadata=metadata)
+                                    messages=messages, metadata=metadata,
+                                    key_hash=self.key_hash)
 
 
 async def _with_done(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -184,7 +188,7 @@ def _keep_running(request: Request, state: AppState, gen: Generation,
         write(sse.DONE[:-2])
         await state.store.append_events(id, run.log.events())  # type: ignore[union-attr]
 
-    run = state.runs.start(id, CHAT_COMPLETION, work)
+    run = state.runs.start(id, CHAT_COMPLETION, work, key_hash=saver.key_hash)
     return follow_run(request, run, -1)
 
 
