@@ -80,7 +80,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                         "store.sqlite3, the data dir being $XDG_DATA_HOME or ~/.local/share)")
     p.add_argument("--store-ttl", metavar="DURATION",
                    help="how long a stored item is kept: seconds, or with a unit such as "
-                        "30d, 12h, 15m (default: forever)")
+                        "30d, 12h, 15m, or `none` for ever (default 30d)")
     vllm = p.add_argument_group("vLLM's own flags (--engine vllm)")
     vllm.add_argument("--tensor-parallel-size", type=int, help="GPUs each model is split across")
     vllm.add_argument("--pipeline-parallel-size", type=int, help="pipeline stages (GPUs or nodes)")

@@ -81,7 +81,9 @@ class Settings(BaseSettings):
         "default: <user data dir>/llmserve/store.sqlite3",
     )
     store_ttl: float | None = Field(
-        None, gt=0, description="seconds (or 30d, 12h, 15m) a stored item is kept; default: no limit"
+        30 * 86400, gt=0,
+        description="seconds (or 30d, 12h, 15m) a stored item is kept, or none: forever; "
+        "default 30 days, as OpenAI keeps responses",
     )
     # vLLM's own flags, for --engine vllm only (None: vLLM's default)
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs each model is split across")

@@ -196,7 +196,7 @@ def test_weight_repack_from_flag_env_and_dotenv(clean_env, monkeypatch):
 
 def test_store_defaults_and_sources(clean_env, monkeypatch):
     s = Settings()
-    assert s.store is None and s.store_ttl is None
+    assert s.store is None and s.store_ttl == 30 * 86400  # as OpenAI keeps responses
     write_env(clean_env, store="from-dotenv.db", store_ttl="7d")
     s = Settings()
     assert (s.store, s.store_ttl) == ("from-dotenv.db", 7 * 86400)

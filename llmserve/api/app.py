@@ -4,6 +4,7 @@ routes need hangs off `app.state.llmserve`."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import re
 import uuid
@@ -90,9 +91,17 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
     return app
 
 
+def key_hash(key: str) -> str:
+    """Who a request is, to the store: a hash of its API key (the key itself is never kept)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 async def _require_api_key(request: Request) -> None:
+    """Refuse a request without a valid key; note the hash of the key it came with for the
+    routes (`request_key_hash`): stored items are each key's own. Without keys, one owner."""
     keys = app_state(request).settings.api_keys
     if not keys:
+        request.state.key_hash = ""
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not given:
@@ -105,6 +114,7 @@ async def _require_api_key(request: Request) -> None:
         matched |= hmac.compare_digest(given.encode(), key.encode())
     if not matched:
         raise AuthenticationFailed("Incorrect API key provided.")
+    request.state.key_hash = key_hash(given)
 
 
 _SAFE_ID = re.compile(rb"[\x21-\x7e]{1,128}")

@@ -133,6 +133,35 @@ def replay_events(request: Request, events: list[tuple[int, bytes]]) -> EventStr
     return event_stream(request, replay(), [])
 
 
+def resume_after(raw: str | None, count: int, param: str) -> int:
+    """The event a resumed stream starts after, from the client's `raw` position (a header
+    or query parameter named `param`): absent or empty means from the start (-1); else it
+    must be the id of an event already written, an integer from 0 to `count - 1`, or the
+    request is a 400. The same rule whether the run is live or replayed from the store."""
+    if raw is None or not raw.strip():
+        return -1
+    text = raw.strip()
+    # Digits only: no sign, no exponent; too many digits is out of range before int() runs.
+    if text.isascii() and text.isdigit() and len(text) <= 18 and int(text) < count:
+        return int(text)
+    what = f"an integer from 0 to {count - 1}" if count else "and it has none yet"
+    raise InvalidRequest(f"{param} must be the id of an event of this stream, {what}.",
+                         param=param)
+
+
+def resume_run(request: Request, run: Run, raw: str | None, param: str) -> EventStreamResponse:
+    """A live (or just ended) run's events after the client's position `raw`."""
+    return follow_run(request, run, resume_after(raw, len(run.log), param))
+
+
+def resume_stored(
+    request: Request, events: list[tuple[int, bytes]], raw: str | None, param: str
+) -> EventStreamResponse:
+    """A stored stream's events after the client's position `raw`."""
+    after = resume_after(raw, len(events), param)
+    return replay_events(request, [(i, e) for i, e in events if i > after])
+
+
 def json_response(body: Any) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
 
@@ -155,6 +184,12 @@ def list_page(
 def page_body(data: list[dict], has_more: bool) -> dict:
     return {"object": "list", "data": data, "has_more": has_more,
             "first_id": data[0]["id"] if data else "", "last_id": data[-1]["id"] if data else ""}
+
+
+def request_key_hash(request: Request) -> str:
+    """Whose stored items this request may see: set by the API key check, which every /v1
+    route has (a route without it fails here rather than seeing anyone's)."""
+    return request.state.key_hash
 
 
 def request_id(request: Request) -> str | None:

@@ -14,6 +14,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# The kinds of run: each API finds only its own (a chat completion id is no response).
+RESPONSE = "response"
+CHAT_COMPLETION = "chat.completion"
+
 
 class EventLog:
     """One run's events, numbered from 0 in the order written."""
@@ -63,8 +67,10 @@ class EventLog:
 
 
 class Run:
-    def __init__(self, id: str) -> None:
+    def __init__(self, id: str, kind: str, key_hash: str) -> None:
         self.id = id
+        self.kind = kind  # RESPONSE, CHAT_COMPLETION
+        self.key_hash = key_hash  # who made it, as the store has it
         self.log = EventLog()
         self.task: asyncio.Task[None] | None = None
         self.state: Any = None  # what the run's owner keeps of it (a response as it stands)
@@ -93,13 +99,19 @@ class Runs:
         self._runs: dict[str, Run] = {}
         self._linger = linger
 
-    def get(self, id: str) -> Run | None:
-        return self._runs.get(id)
+    def get(self, id: str, kind: str, key_hash: str) -> Run | None:
+        """The run `id` if it makes a `kind` and was made with `key_hash`: an id of another
+        kind, or another key's, is none of the asker's."""
+        run = self._runs.get(id)
+        if run is None or run.kind != kind or run.key_hash != key_hash:
+            return None
+        return run
 
-    def start(self, id: str, work: Callable[[Run], Coroutine[Any, Any, None]]) -> Run:
+    def start(self, id: str, kind: str, work: Callable[[Run], Coroutine[Any, Any, None]],
+              *, key_hash: str) -> Run:
         """Run `work(run)` as a task of its own; it writes `run.log` and the log is closed
         when it returns, fails or is cancelled."""
-        run = Run(id)
+        run = Run(id, kind, key_hash)
         self._runs[id] = run
 
         async def main() -> None:
@@ -116,6 +128,12 @@ class Runs:
 
         run.task = asyncio.create_task(main(), name=f"run {id}")
         return run
+
+    async def remove(self, run: Run) -> None:
+        """Forget the run at once, and stop it if it runs (what it made is being deleted):
+        from now on nobody finds it, not even for the linger time."""
+        self._drop(run.id, run)
+        await run.end()
 
     def _drop(self, id: str, run: Run) -> None:
         if self._runs.get(id) is run:

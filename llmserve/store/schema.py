@@ -2,7 +2,9 @@
 
 Append new scripts; never edit one that has shipped. JSON columns are TEXT (SQLite 3.45+
 reads a BLOB given to its JSON functions as JSONB). `expires_at` is Unix seconds; NULL
-keeps the row forever.
+keeps the row forever. `key_hash` is who made a response or chat completion: the SHA-256 (hex)
+of the API key its request came with, '' on a server without keys; every read, change and
+list of stored items is by it. (The events' `owner` is the response or chat they belong to.)
 """
 
 from __future__ import annotations
@@ -47,5 +49,14 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (owner, seq)
     );
     CREATE INDEX events_expiry ON events (expires_at) WHERE expires_at IS NOT NULL;
+    """,
+    # 2: who made each stored item (items stored before it belong to the server without keys).
+    """
+    ALTER TABLE responses ADD COLUMN key_hash TEXT NOT NULL DEFAULT '';
+    ALTER TABLE chats ADD COLUMN key_hash TEXT NOT NULL DEFAULT '';
+    DROP INDEX chats_order;
+    DROP INDEX chats_model;
+    CREATE INDEX chats_order ON chats (key_hash, created, id);
+    CREATE INDEX chats_model ON chats (key_hash, model, created, id);
     """,
 )

@@ -26,6 +26,7 @@ RESTART_ERROR = {
 }
 _UNFINISHED = "status IN ('queued', 'in_progress')"  # as in the responses_unfinished index
 _LIVE = "(expires_at IS NULL OR expires_at > ?)"
+_MINE = "key_hash = ?"  # the stored items of the key a request came with
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,11 @@ class StoredChat:
 class Store:
     """Async access to the store file. `ttl` (seconds) bounds how long a saved item is
     kept, counted from its creation; None keeps it forever. Expired items are invisible at
-    once and deleted by `purge_expired` (at `open`, and by `run_purger`)."""
+    once and deleted by `purge_expired` (at `open`, and by `run_purger`).
+
+    Each response and chat completion belongs to the `key_hash` it was saved with (a hash of
+    the request's API key; '' without keys): reading, listing, changing and deleting it need
+    the same `key_hash`, and another key's item is as good as absent."""
 
     def __init__(
         self, path: Path, *, ttl: float | None = None, clock: Callable[[], float] = time.time
@@ -78,17 +83,18 @@ class Store:
     # Responses
 
     async def save_response(
-        self, response: dict, *, input_items: list[dict], context: list[dict]
+        self, response: dict, *, input_items: list[dict], context: list[dict],
+        key_hash: str = "",
     ) -> None:
-        """Insert, or replace everything saved under `response["id"]`."""
+        """Insert, or replace everything saved under `response["id"]` (but who made it)."""
         created = float(response["created_at"])
         row = (response["id"], response.get("status"), created, self._expiry(created),
-               _dumps(response), _dumps(input_items), _dumps(context))
+               _dumps(response), _dumps(input_items), _dumps(context), key_hash)
 
         def save(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO responses (id, status, created_at, expires_at, response,"
-                " input_items, context) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " input_items, context, key_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (id) DO UPDATE SET status = excluded.status,"
                 " created_at = excluded.created_at, expires_at = excluded.expires_at,"
                 " response = excluded.response, input_items = excluded.input_items,"
@@ -109,21 +115,22 @@ class Store:
 
         return await self._db.run(update, write=True)
 
-    async def get_response(self, id: str) -> StoredResponse | None:
+    async def get_response(self, id: str, key_hash: str = "") -> StoredResponse | None:
         now = self._clock()
 
         def get(conn: sqlite3.Connection) -> StoredResponse | None:
             row = conn.execute(
-                f"SELECT response, input_items, context FROM responses WHERE id = ? AND {_LIVE}",
-                (id, now),
+                "SELECT response, input_items, context FROM responses"
+                f" WHERE id = ? AND {_MINE} AND {_LIVE}",
+                (id, key_hash, now),
             ).fetchone()
             return None if row is None else StoredResponse(*map(orjson.loads, row))
 
         return await self._db.run(get)
 
-    async def delete_response(self, id: str) -> bool:
+    async def delete_response(self, id: str, key_hash: str = "") -> bool:
         """Delete the response and its events; False if there was none (or it expired)."""
-        return await self._delete("responses", id)
+        return await self._delete("responses", id, key_hash)
 
     # Events of a response's or a chat completion's stream
 
@@ -159,17 +166,18 @@ class Store:
     # Chat completions
 
     async def save_chat(
-        self, completion: dict, *, messages: list[dict], metadata: dict[str, str]
+        self, completion: dict, *, messages: list[dict], metadata: dict[str, str],
+        key_hash: str = "",
     ) -> None:
-        """Insert, or replace everything saved under `completion["id"]`."""
+        """Insert, or replace everything saved under `completion["id"]` (but who made it)."""
         created = int(completion["created"])
         row = (completion["id"], created, completion.get("model", ""), self._expiry(created),
-               _dumps(completion), _dumps(messages), _dumps(metadata))
+               _dumps(completion), _dumps(messages), _dumps(metadata), key_hash)
 
         def save(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO chats (id, created, model, expires_at, completion, messages,"
-                " metadata) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " metadata, key_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (id) DO UPDATE SET created = excluded.created,"
                 " model = excluded.model, expires_at = excluded.expires_at,"
                 " completion = excluded.completion, messages = excluded.messages,"
@@ -179,13 +187,14 @@ class Store:
 
         await self._db.run(save, write=True)
 
-    async def get_chat(self, id: str) -> StoredChat | None:
+    async def get_chat(self, id: str, key_hash: str = "") -> StoredChat | None:
         now = self._clock()
 
         def get(conn: sqlite3.Connection) -> StoredChat | None:
             row = conn.execute(
-                f"SELECT completion, messages, metadata FROM chats WHERE id = ? AND {_LIVE}",
-                (id, now),
+                "SELECT completion, messages, metadata FROM chats"
+                f" WHERE id = ? AND {_MINE} AND {_LIVE}",
+                (id, key_hash, now),
             ).fetchone()
             return None if row is None else StoredChat(*map(orjson.loads, row))
 
@@ -199,6 +208,7 @@ class Store:
         after: str | None = None,
         limit: int = 20,
         order: Literal["asc", "desc"] = "asc",
+        key_hash: str = "",
     ) -> tuple[list[StoredChat], bool]:
         """A page of chat completions ordered by (created, id), and whether more follow.
         `after` is the last id of the previous page (InvalidRequest if there is none such);
@@ -208,8 +218,8 @@ class Store:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit}")
         now = self._clock()
-        where = [_LIVE]
-        params: list[Any] = [now]
+        where = [_MINE, _LIVE]
+        params: list[Any] = [key_hash, now]
         if model is not None:
             where.append("model = ?")
             params.append(model)
@@ -224,8 +234,8 @@ class Store:
             conds, args = list(where), list(params)
             if after is not None:
                 # The cursor row's own (created, id); it need not match the filters.
-                cursor = conn.execute("SELECT created, id FROM chats WHERE id = ?",
-                                      (after,)).fetchone()
+                cursor = conn.execute(f"SELECT created, id FROM chats WHERE id = ? AND {_MINE}",
+                                      (after, key_hash)).fetchone()
                 if cursor is None:
                     raise InvalidRequest(f"No chat completion found with id '{after}'.",
                                          param="after")
@@ -242,13 +252,16 @@ class Store:
 
         return await self._db.run(page)
 
-    async def update_chat_metadata(self, id: str, metadata: dict[str, str]) -> StoredChat | None:
+    async def update_chat_metadata(
+        self, id: str, metadata: dict[str, str], key_hash: str = ""
+    ) -> StoredChat | None:
         """Replace the metadata (in the completion object too); None if no such chat."""
         now = self._clock()
 
         def update(conn: sqlite3.Connection) -> StoredChat | None:
             row = conn.execute(
-                f"SELECT completion, messages FROM chats WHERE id = ? AND {_LIVE}", (id, now)
+                f"SELECT completion, messages FROM chats WHERE id = ? AND {_MINE} AND {_LIVE}",
+                (id, key_hash, now),
             ).fetchone()
             if row is None:
                 return None
@@ -260,9 +273,9 @@ class Store:
 
         return await self._db.run(update, write=True)
 
-    async def delete_chat(self, id: str) -> bool:
+    async def delete_chat(self, id: str, key_hash: str = "") -> bool:
         """Delete the chat completion and its events; False if there was none (or it expired)."""
-        return await self._delete("chats", id)
+        return await self._delete("chats", id, key_hash)
 
     # Expiry
 
@@ -301,15 +314,17 @@ class Store:
     def _expiry(self, start: float) -> float | None:
         return None if self._ttl is None else start + self._ttl
 
-    async def _delete(self, table: Literal["responses", "chats"], id: str) -> bool:
+    async def _delete(self, table: Literal["responses", "chats"], id: str, key_hash: str) -> bool:
         now = self._clock()
 
         def delete(conn: sqlite3.Connection) -> bool:
-            live = conn.execute(f"SELECT 1 FROM {table} WHERE id = ? AND {_LIVE}",
-                                (id, now)).fetchone()
+            row = conn.execute(f"SELECT {_LIVE} FROM {table} WHERE id = ? AND {_MINE}",
+                               (now, id, key_hash)).fetchone()
+            if row is None:  # none, or another key's: left alone
+                return False
             conn.execute("DELETE FROM events WHERE owner = ?", (id,))
             conn.execute(f"DELETE FROM {table} WHERE id = ?", (id,))
-            return live is not None
+            return bool(row[0])
 
         return await self._db.run(delete, write=True)
 

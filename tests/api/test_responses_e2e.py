@@ -254,6 +254,23 @@ def test_background_cancel(client):
         client.responses.cancel(plain.id)
 
 
+def test_a_deleted_response_is_not_served_from_memory_either(client, http):
+    done = create(client, input="Hi", background=True, max_output_tokens=8)
+    deadline = time.monotonic() + 60
+    while client.responses.retrieve(done.id).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    running = create(client, input="Write a long essay about the sea.", background=True,
+                     max_output_tokens=2000)
+    for r in (done, running):
+        client.responses.delete(r.id)
+        # The run lingers in memory for late followers (or still runs): gone all the same.
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(r.id)
+        assert http.get(f"/v1/responses/{r.id}", params={"stream": "true"}).status_code == 404
+        assert http.post(f"/v1/responses/{r.id}/cancel", json={}).status_code == 404
+
+
 def test_unsupported_and_invalid_requests(http):
     def post(**kw):
         return http.post("/v1/responses", json={"model": MODEL, "input": "hi", **kw})

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from llmserve.serving.runs import EventLog, Run, Runs
+from llmserve.serving.runs import CHAT_COMPLETION, RESPONSE, EventLog, Run, Runs
 
 
 def in_loop(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
@@ -71,11 +71,11 @@ async def test_a_run_closes_its_log_however_it_ends_and_lingers():
         run.log.write(b"one")
         raise ValueError("boom")
 
-    run = runs.start("r1", fails)
+    run = runs.start("r1", RESPONSE, fails, key_hash="k")
     assert await _take(run.log) == [(0, b"one")]
-    assert runs.get("r1") is run  # still there for late followers
+    assert runs.get("r1", RESPONSE, "k") is run  # still there for late followers
     await asyncio.sleep(0.1)
-    assert runs.get("r1") is None
+    assert runs.get("r1", RESPONSE, "k") is None
 
 
 async def _started_slow_run(runs: Runs) -> Run:
@@ -92,7 +92,7 @@ async def _started_slow_run(runs: Runs) -> Run:
             run.log.write(b"stopping" if run.stopping else b"cancelled")
             raise
 
-    run = runs.start("r", slow)
+    run = runs.start("r", RESPONSE, slow, key_hash="k")
     await started.wait()
     return run
 
@@ -114,4 +114,24 @@ async def test_stop_marks_runs_stopping_and_waits_for_them():
     run = await _started_slow_run(runs)
     await runs.stop()
     assert run.log.events() == [(0, b"stopping")]
-    assert runs.get("r") is None
+    assert runs.get("r", RESPONSE, "k") is None
+
+
+@in_loop
+async def test_a_run_is_found_only_by_its_own_kind_and_key():
+    runs = Runs()
+    run = await _started_slow_run(runs)
+    assert runs.get("r", RESPONSE, "k") is run
+    assert runs.get("r", CHAT_COMPLETION, "k") is None
+    assert runs.get("r", RESPONSE, "another key") is None
+    await runs.stop()
+
+
+@in_loop
+async def test_remove_stops_the_run_and_forgets_it_at_once():
+    runs = Runs()
+    run = await _started_slow_run(runs)
+    await runs.remove(run)
+    assert run.log.events() == [(0, b"cancelled")] and run.log.closed
+    assert runs.get("r", RESPONSE, "k") is None  # not even for the linger time
+    await runs.stop()

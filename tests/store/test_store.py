@@ -434,3 +434,50 @@ def test_calls_on_a_closed_store_fail_clearly(path):
             await store.save_response(response("r"), input_items=[], context=[])
 
     run(main)
+
+
+# Owners
+
+
+def test_each_key_hash_sees_only_its_own_items(path):
+    async def main():
+        async with opened(path) as store:
+            await store.save_response(response("r1"), input_items=[], context=[],
+                                      key_hash="ann")
+            await store.save_chat(chat("c1"), messages=[], metadata={}, key_hash="ann")
+            await store.append_events("c1", [(0, b"data: {}\n\n")])
+            assert await store.get_response("r1", "bob") is None
+            assert await store.get_chat("c1", "bob") is None
+            assert await store.get_chat("c1") is None  # nor the server without keys
+            assert ids(await store.list_chats(key_hash="bob")) == ([], False)
+            with pytest.raises(InvalidRequest):  # another key's id is no cursor either
+                await store.list_chats(after="c1", key_hash="bob")
+            assert await store.update_chat_metadata("c1", {"k": "v"}, "bob") is None
+            assert await store.delete_chat("c1", "bob") is False
+            assert await store.delete_response("r1", "bob") is False
+            # Ann's are all there, untouched.
+            assert (await store.get_response("r1", "ann")) is not None
+            assert (await store.get_chat("c1", "ann")).metadata == {}
+            assert ids(await store.list_chats(key_hash="ann")) == (["c1"], False)
+            assert await store.events("c1") == [(0, b"data: {}\n\n")]
+            assert await store.delete_chat("c1", "ann") is True
+
+    run(main)
+
+
+def test_items_stored_before_owners_belong_to_the_server_without_keys(path):
+    from llmserve.store.db import migrate
+    from llmserve.store.schema import MIGRATIONS
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn, MIGRATIONS[:1])
+    conn.execute("INSERT INTO chats (id, created, model, completion, messages, metadata)"
+                 " VALUES ('old', 1, 'm', '{\"id\": \"old\"}', '[]', '{}')")
+    conn.close()
+
+    async def main():
+        async with opened(path) as store:
+            assert (await store.get_chat("old")).completion == {"id": "old"}
+            assert await store.get_chat("old", "ann") is None
+
+    run(main)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 
 import orjson
 from fastapi import APIRouter, Request
@@ -24,13 +26,14 @@ from llmserve.api.requests import (
     logprob_value,
     parse_body,
     request_id,
+    request_key_hash,
     start_generations,
     usage_body,
 )
 from llmserve.api.state import AppState, app_state
-from llmserve.errors import InvalidRequest, LLMServeError
+from llmserve.errors import EngineUnavailable, InvalidRequest, LLMServeError
 from llmserve.serving.generation import Generation, TokenLogprob, Usage
-from llmserve.serving.runs import Run
+from llmserve.serving.runs import CHAT_COMPLETION, Run
 from llmserve.serving.tool_calls import ToolCallDelta
 from llmserve.store import Store
 
@@ -62,10 +65,11 @@ async def create_chat_completion(request: Request) -> Response:
     }
     tools = prepared.parser is not None
     want_logprobs = sampling.logprobs is not None
-    saver = _Saver(store, body, head, want_logprobs) if body.store and store is not None else None
+    saver = (_Saver(store, body, head, want_logprobs, request_key_hash(request))
+             if body.store and store is not None else None)
     if body.stream:
         chunks = _stream(gen, head, sampling.n, body.include_usage, tools,
-                         saver.choices if saver is not None else None)
+                         saver.answer if saver is not None else None)
         if saver is not None:
             return _keep_running(request, state, gen, chunks, saver)
         return event_stream(request, sse.numbered(_with_done(chunks)), [gen])
@@ -82,8 +86,10 @@ async def create_chat_completion(request: Request) -> Response:
 
 
 def _completion(head: dict, choices: list[CollectedChoice], usage: Usage,
-                want_logprobs: bool) -> dict:
-    return {
+                want_logprobs: bool, error: LLMServeError | None = None) -> dict:
+    """The chat.completion object. A stored stream that ended early (`error`) says why in
+    `error` (as a Response does), and its unfinished choices' finish_reason is "error"."""
+    completion = {
         **head,
         "object": "chat.completion",
         "choices": [
@@ -91,24 +97,37 @@ def _completion(head: dict, choices: list[CollectedChoice], usage: Usage,
                 "index": i,
                 "message": _message(c),
                 "logprobs": _logprobs(c.logprobs) if want_logprobs else None,
-                "finish_reason": c.finish_reason,
+                "finish_reason": c.finish_reason or ("error" if error else None),
             }
             for i, c in enumerate(choices)
         ],
         "usage": usage_body(usage),
     }
+    if error is not None:
+        completion["error"] = {"message": error.message, "type": error.type,
+                               "code": error.code}
+    return completion
+
+
+@dataclass
+class _Answer:
+    """A stored stream's answer as it stands."""
+
+    choices: list[CollectedChoice]
+    error: LLMServeError | None = None  # why it ended before its end
 
 
 class _Saver:
     """A completion with `store: true`: kept with its request's messages and metadata."""
 
     def __init__(self, store: Store, body: ChatCompletionRequest, head: dict,
-                 want_logprobs: bool) -> None:
+                 want_logprobs: bool, key_hash: str) -> None:
         self._store = store
+        self.key_hash = key_hash  # whose it is
         self._body = body
         self._head = head
         self._want_logprobs = want_logprobs
-        self.choices = [CollectedChoice() for _ in range(body.n)]  # filled by a stream
+        self.answer = _Answer([CollectedChoice() for _ in range(body.n)])  # filled by a stream
 
     @property
     def id(self) -> str:
@@ -117,7 +136,8 @@ class _Saver:
     async def save(self, completion: dict | None = None, usage: Usage | None = None) -> None:
         if completion is None:
             assert usage is not None
-            completion = _completion(self._head, self.choices, usage, self._want_logprobs)
+            completion = _completion(self._head, self.answer.choices, usage,
+                                     self._want_logprobs, self.answer.error)
         metadata = self._body.metadata or {}
         messages = [
             {"id": f"{self.id}-{i}", "role": m.role, "refusal": None,
@@ -126,7 +146,8 @@ class _Saver:
             for i, m in enumerate(self._body.messages)
         ]
         await self._store.save_chat({**completion, "metadata": metadata},
-                                    messages=messages, metadata=metadata)
+                                    messages=messages, metadata=metadata,
+                                    key_hash=self.key_hash)
 
 
 async def _with_done(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -147,18 +168,27 @@ def _keep_running(request: Request, state: AppState, gen: Generation,
             run.log.write(b"id: %d\n%s\n\n" % (len(run.log), event))
 
         try:
-            async with aclosing(chunks) as it:
-                async for block in it:
-                    for event in block.split(b"\n\n")[:-1]:
-                        write(event)
-        finally:
-            gen.close()
+            try:
+                async with aclosing(chunks) as it:
+                    async for block in it:
+                        for event in block.split(b"\n\n")[:-1]:
+                            write(event)
+            finally:
+                gen.close()
+        except asyncio.CancelledError:
+            # Stopped (server shutdown, or deleted): kept with what it has and why it ended.
+            saver.answer.error = (
+                EngineUnavailable("The server shut down before this completion finished.")
+                if run.stopping else
+                LLMServeError("This completion was cancelled before it finished.",
+                              code="cancelled"))
+            write(sse.error_event(saver.answer.error)[:-2])
         # Kept before [DONE] goes out: a client that reads it finds the completion.
         await saver.save(usage=gen.usage)
         write(sse.DONE[:-2])
         await state.store.append_events(id, run.log.events())  # type: ignore[union-attr]
 
-    run = state.runs.start(id, work)
+    run = state.runs.start(id, CHAT_COMPLETION, work, key_hash=saver.key_hash)
     return follow_run(request, run, -1)
 
 
@@ -173,10 +203,10 @@ def _message(c: CollectedChoice) -> dict:
 
 async def _stream(
     gen: Generation, head: dict, n: int, include_usage: bool, tools: bool,
-    collected: list[CollectedChoice] | None = None,
+    answer: _Answer | None = None,
 ) -> AsyncIterator[bytes]:
-    """The stream's chunks, one block per step (without `[DONE]`); `collected` gathers the
-    whole answer on the way, for a completion that is stored."""
+    """The stream's chunks, one block per step (without `[DONE]`); `answer` gathers the
+    whole answer on the way (and an error that ends it), for a completion that is stored."""
     enc = sse.ChunkEncoder(object="chat.completion.chunk", include_usage=include_usage, **head)
     # With tools the answer may be calls alone: no content until there is some, as at OpenAI.
     first = {"role": "assistant", "content": None if tools else ""}
@@ -187,8 +217,8 @@ async def _stream(
     try:
         async with aclosing(gen.deltas()) as deltas:
             async for batch in deltas:
-                if collected is not None:
-                    collect_batch(collected, batch)
+                if answer is not None:
+                    collect_batch(answer.choices, batch)
                 parts = []
                 for d in batch:
                     if d.text or d.logprobs:
@@ -215,10 +245,15 @@ async def _stream(
             yield enc.usage(usage_body(gen.usage))
     except LLMServeError as exc:
         log.warning("stream %s failed: %s", head["id"], exc.message)
-        yield sse.error_event(exc)
+        error = exc
     except Exception as exc:  # noqa: BLE001 - the client still gets a well-formed ending
         log.exception("stream %s failed", head["id"])
-        yield sse.error_event(LLMServeError(f"Internal error: {exc}", code="internal_error"))
+        error = LLMServeError(f"Internal error: {exc}", code="internal_error")
+    else:
+        return
+    if answer is not None:
+        answer.error = error
+    yield sse.error_event(error)
 
 
 def _call_delta(c: ToolCallDelta) -> dict:

@@ -29,8 +29,10 @@ from llmserve.api.requests import (
     json_response,
     list_page,
     parse_body,
-    replay_events,
     request_id,
+    request_key_hash,
+    resume_run,
+    resume_stored,
     start_generations,
 )
 from llmserve.api.responses_protocol import CreateResponseRequest
@@ -43,8 +45,8 @@ from llmserve.serving.responses import (
     new_id,
     normalize_input,
 )
-from llmserve.serving.runs import Run
-from llmserve.store import Store
+from llmserve.serving.runs import RESPONSE, Run
+from llmserve.store import Store, StoredResponse
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -65,7 +67,7 @@ async def create_response(request: Request) -> Response:
                              "with --store none.", param="background")
     context: list[dict[str, Any]] = []
     if body.previous_response_id:
-        previous = await _stored(state, body.previous_response_id, "previous_response_id")
+        previous = await _stored(request, body.previous_response_id, "previous_response_id")
         context = previous.context
     items = normalize_input(body.input)
     context = [*context, *items]
@@ -83,7 +85,7 @@ async def create_response(request: Request) -> Response:
         **body.echo_fields(), "store": stored,
     }
     stream = ResponseStream(response)
-    saver = _Saver(store if stored else None, items, context)
+    saver = _Saver(store if stored else None, items, context, request_key_hash(request))
     if body.background:
         return await _background(request, state, gen, stream, saver, bool(body.stream))
     if body.stream:
@@ -104,8 +106,10 @@ async def create_response(request: Request) -> Response:
 class _Saver:
     """Stores a response (when it is to be stored) with its input and its conversation."""
 
-    def __init__(self, store: Store | None, items: list[dict], context: list[dict]) -> None:
+    def __init__(self, store: Store | None, items: list[dict], context: list[dict],
+                 key_hash: str) -> None:
         self.store = store
+        self.key_hash = key_hash  # whose it is
         self._items = items
         self._context = context
 
@@ -113,7 +117,7 @@ class _Saver:
         if self.store is not None:
             await self.store.save_response(
                 stream.response, input_items=self._items,
-                context=[*self._context, *stream.output],
+                context=[*self._context, *stream.output], key_hash=self.key_hash,
             )
 
 
@@ -177,15 +181,18 @@ async def _background(
         await saver.save(stream)
         await saver.store.append_events(id, run.log.events())  # type: ignore[union-attr]
 
-    run = state.runs.start(id, work)
+    run = state.runs.start(id, RESPONSE, work, key_hash=saver.key_hash)
     run.state = stream
     if follow:
         return follow_run(request, run, -1)
     return json_response(stream.response)
 
 
-async def _stored(state: AppState, id: str, param: str | None = None):
-    found = await state.store.get_response(id) if state.store is not None else None
+async def _stored(request: Request, id: str, param: str | None = None) -> StoredResponse:
+    """The caller's stored response `id` (another key's is none of theirs)."""
+    store = app_state(request).store
+    found = (await store.get_response(id, request_key_hash(request))
+             if store is not None else None)
     if found is None:
         raise NotFound(f"No response found with id '{id}'.", param=param)
     return found
@@ -194,32 +201,34 @@ async def _stored(state: AppState, id: str, param: str | None = None):
 @router.get("/v1/responses/{response_id}")
 async def retrieve_response(
     request: Request, response_id: str, stream: bool = False,
-    starting_after: int | None = Query(None, ge=-1),
+    starting_after: str | None = None,
 ) -> Response:
     state = app_state(request)
-    run = state.runs.get(response_id)
+    run = state.runs.get(response_id, RESPONSE, request_key_hash(request))
     if stream:
-        after = -1 if starting_after is None else starting_after
         if run is not None:
-            return follow_run(request, run, after)
-        found = await _stored(state, response_id)
+            return resume_run(request, run, starting_after, "starting_after")
+        found = await _stored(request, response_id)
         if not found.response.get("background"):
             raise InvalidRequest("Only background responses can be streamed again.",
                                  param="stream")
-        events = await state.store.events(response_id, after)  # type: ignore[union-attr]
-        return replay_events(request, events)
+        events = await state.store.events(response_id)  # type: ignore[union-attr]
+        return resume_stored(request, events, starting_after, "starting_after")
     if run is not None:
         return json_response(run.state.response)
-    return json_response((await _stored(state, response_id)).response)
+    return json_response((await _stored(request, response_id)).response)
 
 
 @router.delete("/v1/responses/{response_id}")
 async def delete_response(request: Request, response_id: str) -> Response:
     state = app_state(request)
-    run = state.runs.get(response_id)
+    key_hash = request_key_hash(request)
+    run = state.runs.get(response_id, RESPONSE, key_hash)
     if run is not None:
-        await run.end()
-    if state.store is None or not await state.store.delete_response(response_id):
+        await state.runs.remove(run)
+    deleted = (state.store is not None
+               and await state.store.delete_response(response_id, key_hash))
+    if not deleted and run is None:
         raise NotFound(f"No response found with id '{response_id}'.")
     return json_response({"id": response_id, "object": "response", "deleted": True})
 
@@ -227,11 +236,11 @@ async def delete_response(request: Request, response_id: str) -> Response:
 @router.post("/v1/responses/{response_id}/cancel")
 async def cancel_response(request: Request, response_id: str) -> Response:
     state = app_state(request)
-    run = state.runs.get(response_id)
+    run = state.runs.get(response_id, RESPONSE, request_key_hash(request))
     if run is not None:
         await run.end()
         return json_response(run.state.response)
-    found = await _stored(state, response_id)
+    found = await _stored(request, response_id)
     if not found.response.get("background"):
         raise InvalidRequest("Only background responses can be cancelled.")
     return json_response(found.response)
@@ -242,6 +251,6 @@ async def list_input_items(
     request: Request, response_id: str, limit: int = Query(20, ge=1, le=100),
     order: Literal["asc", "desc"] = "desc", after: str | None = None,
 ) -> Response:
-    items = (await _stored(app_state(request), response_id)).input_items
+    items = (await _stored(request, response_id)).input_items
     return json_response(list_page(items, after=after, limit=limit, order=order,
                                    what="input item in this response"))

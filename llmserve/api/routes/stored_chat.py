@@ -14,15 +14,17 @@ from pydantic import BaseModel, ConfigDict
 
 from llmserve.api.protocol import Metadata
 from llmserve.api.requests import (
-    follow_run,
     json_response,
     list_page,
     page_body,
     parse_body,
-    replay_events,
+    request_key_hash,
+    resume_run,
+    resume_stored,
 )
 from llmserve.api.state import AppState, app_state
 from llmserve.errors import InvalidRequest, NotFound
+from llmserve.serving.runs import CHAT_COMPLETION
 from llmserve.store import Store, StoredChat
 
 router = APIRouter()
@@ -34,8 +36,8 @@ def _store(state: AppState) -> Store:
     return state.store
 
 
-async def _found(state: AppState, id: str) -> StoredChat:
-    found = await _store(state).get_chat(id)
+async def _found(request: Request, id: str) -> StoredChat:
+    found = await _store(app_state(request)).get_chat(id, request_key_hash(request))
     if found is None:
         raise NotFound(f"No chat completion found with id '{id}'.")
     return found
@@ -53,7 +55,8 @@ async def list_chat_completions(
     metadata = {m.group(1): v for k, v in request.query_params.items()
                 if (m := _METADATA_KEY.fullmatch(k))}
     chats, has_more = await _store(app_state(request)).list_chats(
-        model=model, metadata=metadata or None, after=after, limit=limit, order=order)
+        model=model, metadata=metadata or None, after=after, limit=limit, order=order,
+        key_hash=request_key_hash(request))
     return json_response(page_body([c.completion for c in chats], has_more))
 
 
@@ -63,22 +66,17 @@ async def retrieve_chat_completion(
 ) -> Response:
     state = app_state(request)
     if not stream:
-        return json_response((await _found(state, completion_id)).completion)
-    raw = request.headers.get("last-event-id", "-1").strip() or "-1"
-    try:
-        after = int(raw)
-    except ValueError:
-        raise InvalidRequest("Last-Event-ID must be the id of an event of this stream.",
-                             param="Last-Event-ID") from None
-    run = state.runs.get(completion_id)
+        return json_response((await _found(request, completion_id)).completion)
+    position = request.headers.get("last-event-id")
+    run = state.runs.get(completion_id, CHAT_COMPLETION, request_key_hash(request))
     if run is not None:
-        return follow_run(request, run, after)
-    await _found(state, completion_id)
-    events = await _store(state).events(completion_id, after)
-    if not events and after < 0:
+        return resume_run(request, run, position, "Last-Event-ID")
+    await _found(request, completion_id)
+    events = await _store(state).events(completion_id)
+    if not events:
         raise InvalidRequest("Only completions that were streamed can be streamed again.",
                              param="stream")
-    return replay_events(request, events)
+    return resume_stored(request, events, position, "Last-Event-ID")
 
 
 class _MetadataUpdate(BaseModel):
@@ -90,7 +88,7 @@ class _MetadataUpdate(BaseModel):
 async def update_chat_completion(request: Request, completion_id: str) -> Response:
     body = await parse_body(request, _MetadataUpdate)
     updated = await _store(app_state(request)).update_chat_metadata(
-        completion_id, body.metadata or {})
+        completion_id, body.metadata or {}, request_key_hash(request))
     if updated is None:
         raise NotFound(f"No chat completion found with id '{completion_id}'.")
     return json_response(updated.completion)
@@ -99,10 +97,11 @@ async def update_chat_completion(request: Request, completion_id: str) -> Respon
 @router.delete("/v1/chat/completions/{completion_id}")
 async def delete_chat_completion(request: Request, completion_id: str) -> Response:
     state = app_state(request)
-    run = state.runs.get(completion_id)
-    if run is not None:
-        await run.end()
-    if not await _store(state).delete_chat(completion_id):
+    key_hash = request_key_hash(request)
+    run = state.runs.get(completion_id, CHAT_COMPLETION, key_hash)
+    if run is not None:  # a running one exists, saved or not yet
+        await state.runs.remove(run)
+    if not await _store(state).delete_chat(completion_id, key_hash) and run is None:
         raise NotFound(f"No chat completion found with id '{completion_id}'.")
     return json_response({"object": "chat.completion.deleted", "id": completion_id, "deleted": True})
 
@@ -112,6 +111,6 @@ async def list_chat_messages(
     request: Request, completion_id: str, after: str | None = None,
     limit: int = Query(20, ge=1, le=100), order: Literal["asc", "desc"] = "asc",
 ) -> Response:
-    messages = (await _found(app_state(request), completion_id)).messages
+    messages = (await _found(request, completion_id)).messages
     return json_response(list_page(messages, after=after, limit=limit, order=order,
                                    what="message in this completion"))
