@@ -196,38 +196,40 @@ class LlamaCppEngine(StepLoopEngine):
 
     def _admit(self) -> None:
         waiting, free_ids = self._waiting, self._free_ids
+        # FIFO: a large request at the head waits for room rather than being overtaken forever.
+        admitted: list[EngineRequest] = []
+        room = len(free_ids)
+        while waiting and len(waiting[0].params) <= room:
+            admitted.append(waiting.popleft())
+            room -= len(admitted[-1].params)
+        if not admitted:
+            return
         busy = {seq.seq_id for seq in self._seqs}
         busy.update(seq.seq_id for req in self._prefilling for seq in req.sequences)
-        # FIFO: a large request at the head waits for room rather than being overtaken forever.
-        while waiting and len(waiting[0].params) <= len(free_ids):
-            req = waiting.popleft()
-            first, reused = self._place(req.prompt, busy)
-            ids = [first]
-            for _ in req.params[1:]:  # overwritten by a copy of the first once it is read
-                sid = slots.compact_slot(free_ids, busy)
+        # The last prompt token is decoded again, for its logits: at most the rest is reused.
+        wants = [({sid: min(len(commonprefix([self._slot_tokens[sid], req.prompt])),
+                            len(req.prompt) - 1) for sid in free_ids}, len(req.params))
+                 for req in admitted]
+        for req, (choice, others) in zip(admitted, slots.plan(free_ids, wants, busy),
+                                         strict=True):
+            first, reused = self._take(choice)
+            for sid in others:  # overwritten by a copy of the first once its prompt is read
                 free_ids.remove(sid)
-                busy.add(sid)
                 self._clear_slot(sid)
-                ids.append(sid)
             req.prefilled = reused
             req.sequences = [
                 _Sequence(req, i, sid, p, self._make_sampler(p, req.prompt),
                           matcher=req.matchers[i])
-                for i, (sid, p) in enumerate(zip(ids, req.params, strict=True))
+                for i, (sid, p) in enumerate(zip([first, *others], req.params, strict=True))
             ]
             self._prefilling.append(req)
 
-    def _place(self, prompt: list[int], busy: set[int]) -> tuple[int, int]:
-        """A free slot for `prompt` (see engines/slots.py), holding the longest cached prefix
-        that is worth keeping there, trimmed to it; returns the slot and how many prompt
-        tokens need not be read again."""
-        # The last prompt token is decoded again, for its logits.
-        shared = {sid: min(len(commonprefix([self._slot_tokens[sid], prompt])), len(prompt) - 1)
-                  for sid in self._free_ids}
-        choice = slots.choose_slot(self._free_ids, shared, busy)
+    def _take(self, choice: slots.SlotChoice) -> tuple[int, int]:
+        """Take the chosen slot (engines/slots.py), with the cached prefix it starts from
+        trimmed to what the prompt shares; returns it and how many prompt tokens need not be
+        read again."""
         sid, keep = choice.slot, choice.reused
         self._free_ids.remove(sid)
-        busy.add(sid)
         if choice.source != sid:
             # Across KV streams llama.cpp copies the whole stream, at the next decode (before
             # the batch is written); the source keeps its cache.

@@ -12,7 +12,7 @@ answer.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 # A cached prefix shorter than this is read again rather than copied to another slot.
@@ -50,6 +50,40 @@ def choose_slot(
     if shared[best] - shared[compact] >= min_copy:
         return SlotChoice(compact, best, shared[best])
     return SlotChoice(compact, compact, shared[compact])
+
+
+def plan(
+    free: Collection[int], requests: Sequence[tuple[Mapping[int, int], int]],
+    busy: Collection[int], min_copy: int = MIN_COPY_TOKENS,
+) -> list[tuple[SlotChoice, list[int]]]:
+    """Slots for requests admitted together, in order: each is (`shared`, as for
+    `choose_slot`; its number of sequences), and gets a choice for its first sequence and
+    the slots of the others (copies of the first once its prompt is read). The slot each
+    request would like best is held for it against the requests before it, and counts as
+    running: a burst of prompts that find their own caches takes them in place, all
+    together consecutive, instead of copying them about one by one."""
+    left = list(free)
+    taken = set(busy)
+    favourite = [max(left, key=lambda s: (shared[s], -s)) for shared, _ in requests]
+    out: list[tuple[SlotChoice, list[int]]] = []
+    for i, (shared, n) in enumerate(requests):
+        held = set(favourite[i + 1:]) - {favourite[i]}
+        mine = [s for s in left if s not in held]
+        if len(mine) < n:
+            mine = left
+        ahead = taken | (held & set(left))
+        choice = choose_slot(mine, shared, ahead, min_copy)
+        left.remove(choice.slot)
+        taken.add(choice.slot)
+        others = []
+        for _ in range(n - 1):
+            pool = [s for s in left if s not in held] or left
+            sid = compact_slot(pool, taken | (held & set(left)))
+            left.remove(sid)
+            taken.add(sid)
+            others.append(sid)
+        out.append((choice, others))
+    return out
 
 
 def compact_slot(free: Collection[int], busy: Collection[int]) -> int:

@@ -3,7 +3,7 @@ running sequences into more runs of consecutive ids than needed."""
 
 from __future__ import annotations
 
-from llmserve.engines.slots import SlotChoice, choose_slot, compact_slot, runs
+from llmserve.engines.slots import SlotChoice, choose_slot, compact_slot, plan, runs
 
 
 def test_runs_counts_breaks_between_consecutive_ids():
@@ -46,3 +46,36 @@ def test_a_distant_slot_that_fills_a_gap_is_taken_in_place():
 def test_compact_slot_joins_the_run():
     assert compact_slot([0, 5, 9], busy=[6, 7]) == 5
     assert compact_slot([0, 5, 9], busy=[]) == 0
+
+
+def test_a_burst_finding_its_own_caches_takes_them_in_place():
+    """Four arrive together, each prompt cached in a slot of its own, out of order: each
+    takes its own in place (no copy), and the four are consecutive."""
+    free = range(4)
+    own = [3, 1, 0, 2]  # request i's prompt is cached in slot own[i]
+    requests = [({s: 40 if s == own[i] else 10 for s in free}, 1) for i in range(4)]
+    planned = plan(free, requests, busy=[])
+    assert [(c.slot, c.source, c.reused) for c, _ in planned] == [(s, s, 40) for s in own]
+
+
+def test_a_burst_closes_a_gap_with_one_copy():
+    """Caches in slots 3, 5, 1, 4: in place they would leave slot 2 empty between 1 and 3
+    (two runs every step); the one in 5 is copied into 2 instead."""
+    free = range(6)
+    own = [3, 5, 1, 4]
+    requests = [({s: 40 if s == own[i] else 10 for s in free}, 1) for i in range(4)]
+    planned = plan(free, requests, busy=[])
+    assert [(c.slot, c.source, c.reused) for c, _ in planned] == [
+        (3, 3, 40), (2, 5, 40), (1, 1, 40), (4, 4, 40)]
+
+
+def test_a_request_does_not_take_the_slot_a_later_one_wants():
+    free = [0, 1, 2]
+    requests = [({0: 10, 1: 10, 2: 10}, 1), ({0: 10, 1: 50, 2: 10}, 1)]
+    [(first, _), (second, _)] = plan(free, requests, busy=[])
+    assert first.slot != 1 and second == SlotChoice(1, 1, 50)
+
+
+def test_plan_gives_the_other_choices_consecutive_slots():
+    [(choice, others)] = plan(range(8), [({s: 0 for s in range(8)}, 3)], busy=[4])
+    assert runs([4, choice.slot, *others]) == 1
