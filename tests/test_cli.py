@@ -111,38 +111,40 @@ def test_bad_flags_are_usage_errors(tmp_path, args, word):
     assert "Traceback" not in r.stderr
 
 
-def test_store_flags_over_environment(tmp_path, monkeypatch):
-    """--store and --store-ttl reach Settings, over LLMSERVE_STORE*; checked in process, with
-    `serve` replaced, so no server starts."""
+@pytest.fixture
+def parsed(tmp_path, monkeypatch) -> list:
+    """The Settings each `cli.main(["serve", ...])` builds, with `serve` replaced (no server
+    starts) and no LLMSERVE_* variable but those a test sets."""
     from llmserve import cli as cli_module
 
     for name in list(os.environ):
         if name.startswith("LLMSERVE_"):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
-    got = []
+    got: list = []
     monkeypatch.setattr(cli_module, "serve", lambda settings: got.append(settings) or 0)
+    return got
+
+
+def test_store_flags_over_environment(parsed, monkeypatch):
+    """--store and --store-ttl reach Settings, over LLMSERVE_STORE*."""
+    from llmserve import cli as cli_module
+
     monkeypatch.setenv("LLMSERVE_STORE", "env.db")
     monkeypatch.setenv("LLMSERVE_STORE_TTL", "60")
     assert cli_module.main(["serve"]) == 0
     assert cli_module.main(["serve", "--store", "none", "--store-ttl", "12h"]) == 0
-    assert [(s.store, s.store_ttl) for s in got] == [("env.db", 60), ("none", 43200)]
+    assert [(s.store, s.store_ttl) for s in parsed] == [("env.db", 60), ("none", 43200)]
 
 
-def test_engine_stall_timeout_flag_over_environment(tmp_path, monkeypatch):
+def test_engine_stall_timeout_flag_over_environment(parsed, monkeypatch):
     from llmserve import cli as cli_module
 
-    for name in list(os.environ):
-        if name.startswith("LLMSERVE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    got = []
-    monkeypatch.setattr(cli_module, "serve", lambda settings: got.append(settings) or 0)
     assert cli_module.main(["serve"]) == 0
     monkeypatch.setenv("LLMSERVE_ENGINE_STALL_TIMEOUT", "5")
     assert cli_module.main(["serve"]) == 0
     assert cli_module.main(["serve", "--engine-stall-timeout", "0"]) == 0
-    assert [s.engine_stall_timeout for s in got] == [60.0, 5.0, 0.0]
+    assert [s.engine_stall_timeout for s in parsed] == [60.0, 5.0, 0.0]
 
 
 def test_vllm_flags_reach_settings(tmp_path, monkeypatch):
