@@ -25,6 +25,12 @@ def runs(ids: Iterable[int]) -> int:
     return sum(1 for i, sid in enumerate(ordered) if i == 0 or sid != ordered[i - 1] + 1)
 
 
+def added_runs(taken: Collection[int], sid: int) -> int:
+    """How many runs taking `sid` (not in `taken`) adds: 1 alone, 0 beside one run, -1
+    joining two. Cheaper than counting runs again, for every free slot of every request."""
+    return 1 - (sid - 1 in taken) - (sid + 1 in taken)
+
+
 @dataclass(frozen=True)
 class SlotChoice:
     slot: int  # where the sequence runs
@@ -41,7 +47,7 @@ def choose_slot(
     taken = set(busy)
 
     def cost(sid: int) -> int:
-        return runs(taken | {sid})
+        return added_runs(taken, sid)
 
     best = max(free, key=lambda s: (shared[s], -cost(s), -s))
     compact = min(free, key=lambda s: (cost(s), -shared[s], s))
@@ -71,14 +77,14 @@ def plan(
         mine = [s for s in left if s not in held]
         if len(mine) < n:
             mine = left
-        ahead = taken | (held & set(left))
-        choice = choose_slot(mine, shared, ahead, min_copy)
+        reserved = held & set(left)
+        choice = choose_slot(mine, shared, taken | reserved, min_copy)
         left.remove(choice.slot)
         taken.add(choice.slot)
         others = []
         for _ in range(n - 1):
             pool = [s for s in left if s not in held] or left
-            sid = compact_slot(pool, taken | (held & set(left)))
+            sid = compact_slot(pool, taken | reserved)
             left.remove(sid)
             taken.add(sid)
             others.append(sid)
@@ -90,4 +96,4 @@ def compact_slot(free: Collection[int], busy: Collection[int]) -> int:
     """The free slot that leaves the fewest runs (the lowest of equals): for a sequence that
     starts from another's cache (the n choices of one prompt)."""
     taken = set(busy)
-    return min(free, key=lambda s: (runs(taken | {s}), s))
+    return min(free, key=lambda s: (added_runs(taken, s), s))

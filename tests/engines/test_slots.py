@@ -3,7 +3,14 @@ running sequences into more runs of consecutive ids than needed."""
 
 from __future__ import annotations
 
-from llmserve.engines.slots import SlotChoice, choose_slot, compact_slot, plan, runs
+from llmserve.engines.slots import (
+    SlotChoice,
+    added_runs,
+    choose_slot,
+    compact_slot,
+    plan,
+    runs,
+)
 
 
 def test_runs_counts_breaks_between_consecutive_ids():
@@ -79,3 +86,9 @@ def test_a_request_does_not_take_the_slot_a_later_one_wants():
 def test_plan_gives_the_other_choices_consecutive_slots():
     [(choice, others)] = plan(range(8), [({s: 0 for s in range(8)}, 3)], busy=[4])
     assert runs([4, choice.slot, *others]) == 1
+
+
+def test_added_runs_is_the_change_in_runs():
+    taken = {1, 2, 5, 7}
+    for sid in (0, 3, 4, 6, 9):
+        assert added_runs(taken, sid) == runs(taken | {sid}) - runs(taken)
