@@ -11,8 +11,10 @@ from collections.abc import Iterator
 
 import uvicorn
 from pydantic import ValidationError
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from llmserve import __version__
+from llmserve.api.connection import with_transport_in_state
 from llmserve.api.drain import Inflight
 from llmserve.config import Settings
 
@@ -149,6 +151,7 @@ def serve(settings: Settings) -> int:
     app = create_app(settings, registry)
     log.info("OpenAI API at http://%s:%d/v1", settings.host, settings.port)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            http=with_transport_in_state(AutoHTTPProtocol),
                             log_level=settings.log_level,
                             timeout_graceful_shutdown=settings.shutdown_timeout + 5)
     _DrainingServer(config, app.state.llmserve.inflight, settings.shutdown_timeout).run()

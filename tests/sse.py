@@ -24,14 +24,15 @@ class EventStream:
         return [json.loads(e) for e in self.events if e != "[DONE]"]
 
 
-def parse_events(raw: bytes) -> list[str]:
+def parse_events(raw: bytes, first: int = 0) -> list[str]:
     """Split an SSE body into event data strings. Every event must be `data: ...` lines
-    ended by a blank line, maybe after an `id: N` line; ids number a stream's events from 0
-    (a client resumes after one); comments (`:`) are skipped."""
-    return [data for _, data in parse_numbered(raw)]
+    ended by a blank line, maybe after an `id: N` line; ids number a stream's events from
+    `first` (0, or the event after the one a client resumed after); comments (`:`) are
+    skipped."""
+    return [data for _, data in parse_numbered(raw, first)]
 
 
-def parse_numbered(raw: bytes) -> list[tuple[int | None, str]]:
+def parse_numbered(raw: bytes, first: int = 0) -> list[tuple[int | None, str]]:
     """The events of an SSE body with their ids, None where an event has none (see
     `parse_events`)."""
     text = raw.decode("utf-8")  # raises on a broken character anywhere in the stream
@@ -50,7 +51,8 @@ def parse_numbered(raw: bytes) -> list[tuple[int | None, str]]:
         if data:
             events.append((id, "\n".join(data)))
     ids = [id for id, _ in events if id is not None]
-    assert ids == list(range(len(ids))), f"event ids not numbered from 0: {ids}"
+    assert ids == list(range(first, first + len(ids))), \
+        f"event ids not numbered from {first}: {ids}"
     return events
 
 

@@ -107,7 +107,8 @@ def event_stream(
     return EventStreamResponse(
         content, keepalive=state.settings.sse_keepalive,
         write_timeout=state.settings.write_timeout, on_close=lambda: close_all(gens),
-        inflight=state.inflight,
+        on_stall=state.metrics.streams_dropped_stalled.inc, inflight=state.inflight,
+        request_id=request_id(request),
     )
 
 

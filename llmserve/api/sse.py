@@ -11,6 +11,7 @@ import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from llmserve.api.connection import Delivery
 from llmserve.api.drain import Inflight
 from llmserve.errors import LLMServeError
 
@@ -63,23 +64,45 @@ class _Aborted:
 
 class _Watchdog:
     """One timer per stream for both of its clocks: a keep-alive into `queue` after
-    `keepalive` seconds without a write, and `task` cancelled (`stalled`) once one write
-    has waited `write_timeout` seconds. Per token it only notes the time: two timers armed
-    per token were about a tenth of the API process's CPU at 64 streams (py-spy)."""
+    `keepalive` seconds without a write, and `task` cancelled (`stalled`) once the client
+    has taken nothing for `write_timeout` seconds. Per token it only notes the time: two
+    timers armed per token were about a tenth of the API process's CPU at 64 streams.
 
-    __slots__ = ("_task", "_queue", "_keepalive", "_write_timeout", "_loop", "_handle",
-                 "_idle_since", "_sending_since", "stalled")
+    With the connection's `delivery` known, "taken nothing" means: bytes wait for the client
+    and it has acknowledged none of them, checked a few times per timeout. So a client whose
+    window is closed, or that vanished, is found although the kernel still accepts writes,
+    and a slow reader whose acknowledgements move is never dropped. Without it, it means one
+    write that waited the whole timeout."""
+
+    __slots__ = (
+        "_acked",
+        "_acked_since",
+        "_delivery",
+        "_handle",
+        "_idle_since",
+        "_keepalive",
+        "_loop",
+        "_queue",
+        "_sending_since",
+        "_task",
+        "_write_timeout",
+        "stalled",
+    )
 
     def __init__(self, task: asyncio.Task, queue: asyncio.Queue[object], *,
-                 keepalive: float | None, write_timeout: float | None) -> None:
+                 keepalive: float | None, write_timeout: float | None,
+                 delivery: Delivery | None = None) -> None:
         self._task = task
         self._queue = queue
         self._keepalive = keepalive
         self._write_timeout = write_timeout
+        self._delivery = delivery if write_timeout is not None else None
         self._loop = asyncio.get_running_loop()
         self._handle: asyncio.TimerHandle | None = None
         self._idle_since = self._loop.time()
         self._sending_since: float | None = None
+        self._acked = -1
+        self._acked_since = self._idle_since
         self.stalled = False
         self._fire()
 
@@ -104,22 +127,39 @@ class _Watchdog:
         # deadline, or for the earliest the other clock could run out, whichever comes first.
         now = self._loop.time() + 0.001  # the loop may fire a timer this early
         keepalive, write_timeout = self._keepalive, self._write_timeout
-        if self._sending_since is not None:
-            if write_timeout is not None and now >= self._sending_since + write_timeout:
-                self.stalled = True
-                self._handle = None
-                self._task.cancel()
-                return
-            due = [self._sending_since + write_timeout if write_timeout else None,
-                   now + keepalive if keepalive else None]
-        else:
-            if keepalive is not None and now >= self._idle_since + keepalive:
-                self._queue.put_nowait(KEEPALIVE)
-                self._idle_since = now
-            due = [self._idle_since + keepalive if keepalive else None,
-                   now + write_timeout if write_timeout else None]
-        at = min((t for t in due if t is not None), default=None)
-        self._handle = self._loop.call_at(at, self._fire) if at is not None else None
+        if write_timeout is not None and self._stalled(now, write_timeout):
+            self.stalled = True
+            self._handle = None
+            if self._delivery is not None:
+                self._delivery.abort()
+            self._task.cancel()
+            return
+        if self._sending_since is None and keepalive is not None \
+                and now >= self._idle_since + keepalive:
+            self._queue.put_nowait(KEEPALIVE)
+            self._idle_since = now
+        sending = self._sending_since
+        due: list[float] = []
+        if keepalive is not None:
+            due.append(now + keepalive if sending is not None else self._idle_since + keepalive)
+        if write_timeout is not None:
+            if self._delivery is not None:  # acknowledgements are polled
+                due.append(now + min(1.0, write_timeout / 4))
+            else:
+                due.append((sending if sending is not None else now) + write_timeout)
+        self._handle = self._loop.call_at(min(due), self._fire) if due else None
+
+    def _stalled(self, now: float, write_timeout: float) -> bool:
+        if self._delivery is None:
+            return self._sending_since is not None and now >= self._sending_since + write_timeout
+        try:
+            acked, waiting = self._delivery.progress()
+        except OSError:  # the connection is gone: the disconnect is seen elsewhere
+            return False
+        if acked != self._acked or not (waiting or self._sending_since is not None):
+            self._acked, self._acked_since = acked, now
+            return False
+        return now >= self._acked_since + write_timeout
 
 
 class EventStreamResponse(StreamingResponse):
@@ -127,10 +167,11 @@ class EventStreamResponse(StreamingResponse):
 
     The body is produced ahead of the client by a task of its own, so generation (and the
     sequence slot it holds) never waits for a slow reader; what runs ahead is at most the
-    request's own answer. A client that accepts no bytes for `write_timeout` seconds is
-    dropped, which cancels its generation. While nothing is produced (queued, a long prompt
-    being read) a keep-alive comment goes out every `keepalive` seconds, so proxies with an
-    idle timeout keep the connection. A client that hangs up cancels generation at once.
+    request's own answer. A client that takes no bytes for `write_timeout` seconds (see
+    `_Watchdog`) is dropped, which cancels its generation and calls `on_stall`. While
+    nothing is produced (queued, a long prompt being read) a keep-alive comment goes out
+    every `keepalive` seconds, so proxies with an idle timeout keep the connection. A client
+    that hangs up cancels generation at once.
     """
 
     media_type = "text/event-stream"
@@ -142,12 +183,17 @@ class EventStreamResponse(StreamingResponse):
         keepalive: float | None = None,
         write_timeout: float | None = None,
         on_close: Callable[[], None] | None = None,
+        on_stall: Callable[[], None] | None = None,
         inflight: Inflight | None = None,
+        request_id: str | None = None,
     ) -> None:
         super().__init__(content, headers=HEADERS, media_type=self.media_type)
         self._source = content
         self._on_close = on_close
+        self._on_stall = on_stall
         self._inflight = inflight
+        self._request_id = request_id
+        self._delivery: Delivery | None = None
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._producer: asyncio.Task[None] | None = None
         self._keepalive = keepalive or None
@@ -176,7 +222,8 @@ class EventStreamResponse(StreamingResponse):
     async def _forward(self, queue: asyncio.Queue[object], send: Send) -> None:
         task = asyncio.current_task()
         assert task is not None
-        watch = _Watchdog(task, queue, keepalive=self._keepalive, write_timeout=self._write_timeout)
+        watch = _Watchdog(task, queue, keepalive=self._keepalive,
+                          write_timeout=self._write_timeout, delivery=self._delivery)
         try:
             while True:
                 # while tokens flow the queue is rarely empty: no coroutine made per token
@@ -195,8 +242,10 @@ class EventStreamResponse(StreamingResponse):
         except asyncio.CancelledError:
             if not watch.stalled or task.uncancel() > 0:
                 raise
-            log.info("stream dropped: the client accepted no bytes for %g s",
-                     self._write_timeout)
+            log.info("request %s: stream dropped, the client accepted no bytes for %g s",
+                     self._request_id or "-", self._write_timeout)
+            if self._on_stall is not None:
+                self._on_stall()
             return  # the server closes the connection; the caller cancels generation
         finally:
             watch.stop()
@@ -212,6 +261,10 @@ class EventStreamResponse(StreamingResponse):
             queue.put_nowait(_END)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._write_timeout is not None:
+            self._delivery = Delivery.of(scope)
+            if self._delivery is not None:
+                self._delivery.bound_send_buffer()
         try:
             await super().__call__(scope, receive, send)
         finally:

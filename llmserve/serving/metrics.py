@@ -89,6 +89,10 @@ class Metrics:
             PREFIX + "request_queue_time_seconds",
             "Histogram of time spent waiting for a sequence slot, in seconds.", LABELS,
             buckets=REQUEST_LATENCY_BUCKETS, registry=r)
+        self.streams_dropped_stalled = Counter(
+            PREFIX + "streams_dropped_stalled",
+            "Count of streams dropped because their client took no bytes for --write-timeout "
+            "seconds (generation cancelled; a stored one's run goes on).", registry=r)
         r.register(_SchedulerCollector(schedulers))
         self._models = {name: ModelMetrics(self, name) for name in schedulers}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +15,11 @@ import httpx
 import openai
 import pytest
 from conftest import MODEL, Server, run_server
+from prometheus_client.parser import text_string_to_metric_families
 from sse import parse_events
+
+linux_only = pytest.mark.skipif(sys.platform != "linux",
+                                reason="acknowledged bytes are read from Linux's TCP_INFO")
 
 PATH = "/v1/chat/completions"
 SHORT = {"model": MODEL, "temperature": 0, "max_tokens": 16,
@@ -25,11 +30,11 @@ LONG = {"model": MODEL, "temperature": 0, "max_tokens": 400, "ignore_eos": True,
 BULKY = {**LONG, "logprobs": True, "top_logprobs": 20}
 
 
-def stalled_client(server: Server, body: dict) -> socket.socket:
+def stalled_client(server: Server, body: dict, rcvbuf: int = 4096) -> socket.socket:
     """Sends a streamed request and then reads nothing, with a tiny receive window."""
     host, port = server.url.removeprefix("http://").split(":")
     sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.connect((host, int(port)))
     payload = json.dumps({**body, "stream": True}).encode()
     head = (f"POST {PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
@@ -133,3 +138,109 @@ def test_a_reader_that_accepts_nothing_is_dropped_after_the_write_timeout(tmp_pa
         finally:
             sock.close()
         assert "Traceback" not in server.log()
+
+
+def scrape(server: Server) -> dict[str, float]:
+    r = httpx.get(server.url + "/metrics", timeout=30)
+    return {s.name: s.value for family in text_string_to_metric_families(r.text)
+            for s in family.samples}
+
+
+def wait_for_drops(server: Server, count: int, within: float) -> float:
+    """Seconds until `count` streams were dropped for stalling (fails after `within`)."""
+    start = time.monotonic()
+    while (dropped := scrape(server)["llmserve:streams_dropped_stalled_total"]) < count:
+        assert time.monotonic() - start < within, f"{dropped:g} of {count} dropped"
+        time.sleep(0.25)
+    return time.monotonic() - start
+
+
+@linux_only
+def test_clients_that_stop_reading_are_dropped_though_the_kernel_takes_their_answer(tmp_path):
+    """Four clients with a 2 KB receive window send 2000-token streams and read nothing: the
+    answers (about 400 KB each) fit the kernel's buffers, so no write ever waits, yet each is
+    dropped within the write timeout of its window closing (its acknowledgements stop),
+    freeing both slots: a short request sent after them is answered at once."""
+    with run_server(tmp_path, "--max-sequences", "2", "--write-timeout", "5",
+                    "--embedding-model", "none") as server:
+        _, expected = timed_short(server)
+        generated_before = scrape(server)["llmserve:generation_tokens_total"]
+        socks = [stalled_client(server, {**LONG, "max_tokens": 2000}, rcvbuf=2048)
+                 for _ in range(4)]
+        try:
+            time.sleep(3)
+            waited, text = timed_short(server)
+            assert text == expected
+            assert waited < 30, f"the short request waited {waited:.1f} s"
+            # The two queued behind the first two are dropped too (their windows close once
+            # they start), within the timeout and a few seconds of it.
+            wait_for_drops(server, 4, within=40)
+            metrics = scrape(server)
+            assert metrics["llmserve:num_requests_running"] == 0  # no slot leaked
+            assert metrics["llmserve:num_requests_waiting"] == 0
+            generated = metrics["llmserve:generation_tokens_total"] - generated_before
+            assert generated < 4 * 1000, f"{generated:g} tokens for clients that read nothing"
+        finally:
+            for sock in socks:
+                sock.close()
+        log = server.log()
+        assert log.count("stream dropped, the client accepted no bytes for 5 s") == 4
+        assert "Traceback" not in log
+
+
+@linux_only
+def test_a_slow_steady_reader_is_never_dropped(tmp_path):
+    """A reader taking 1 KiB every 100 ms with a small window falls far behind the stream
+    (each write waits seconds for room), but its acknowledgements keep moving: it gets the
+    whole answer, with a 2 s write timeout."""
+    with run_server(tmp_path, "--max-sequences", "1", "--write-timeout", "2",
+                    "--embedding-model", "none") as server:
+        sock = stalled_client(server, {**BULKY, "max_tokens": 150}, rcvbuf=8192)
+        raw = bytearray()
+        try:
+            deadline = time.monotonic() + 120
+            while not raw.endswith(b"0\r\n\r\n"):  # the chunked body's end
+                assert time.monotonic() < deadline
+                data = sock.recv(1024)
+                assert data, "the server closed the stream"
+                raw += data
+                time.sleep(0.1)
+        finally:
+            sock.close()
+        # More than the buffers between us hold: the server's writes waited on the reader.
+        assert len(raw) > 250_000
+        assert b"data: [DONE]" in raw and b'"finish_reason":"length"' in raw
+        assert "stream dropped" not in server.log()
+        assert scrape(server)["llmserve:streams_dropped_stalled_total"] == 0
+
+
+@linux_only
+def test_a_stored_stream_whose_client_stalls_is_detached_and_resumes(tmp_path):
+    """store: true keeps the run when its client goes: one that stops reading is dropped
+    from the stream, the generation goes on, and the client resumes with Last-Event-ID.
+    Logprobs make the answer (about 600 KB) larger than the buffers between us."""
+    with run_server(tmp_path, "--max-sequences", "1", "--write-timeout", "3",
+                    "--embedding-model", "none") as server:
+        sock = stalled_client(server, {**BULKY, "max_tokens": 300, "store": True}, rcvbuf=2048)
+        try:
+            head = b""
+            while b"\n\n" not in head[head.find(b"id: 0"):]:
+                head += sock.recv(256)
+            first = head[head.index(b"id: 0"):].split(b"\n\n")[0]
+            completion_id = json.loads(first.split(b"data: ", 1)[1])["id"]
+            wait_for_drops(server, 1, within=30)
+        finally:
+            sock.close()
+        with httpx.stream("GET", f"{server.url}{PATH}/{completion_id}",
+                          params={"stream": "true"}, headers={**server.headers(),
+                                                               "Last-Event-ID": "0"},
+                          timeout=120) as r:
+            assert r.status_code == 200
+            events = parse_events(r.read(), first=1)
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # not cancelled
+        stored = httpx.get(f"{server.url}{PATH}/{completion_id}", headers=server.headers(),
+                           timeout=30).json()
+        assert stored["usage"]["completion_tokens"] == 300
+        assert stored["choices"][0]["finish_reason"] == "length"
