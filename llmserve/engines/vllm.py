@@ -234,16 +234,13 @@ class VllmEngine(EngineFacts):
         return llm
 
     async def _watch(self) -> None:
-        """Notice the engine core's death, fail every stream it was serving at once (a
-        request added while vLLM noticed the death would wait forever), and start a new one,
-        under the same restart policy as the other engines."""
+        """Notice the engine core's death or stall, fail every stream it was serving at once
+        (a request added while vLLM noticed the death would wait forever), and start a new
+        one, under the same restart policy as the other engines."""
         while True:
-            while not self._llm.errored:
-                await asyncio.sleep(0.5)
-            reason = _DEAD
-            log.error("%s: %d requests lost", reason, len(self._streams))
-            for stream in list(self._streams):
-                stream.fail(EngineDown("The vLLM engine core died.", retry_after=30))
+            reason = await self._until_dead_or_stalled()
+            if self._state != "stalled":  # a stalled one's streams ended before its kill
+                self._fail_streams(reason, "The vLLM engine core died.")
             while True:
                 delay = self._crashes.record()
                 if delay is None:
@@ -269,6 +266,49 @@ class VllmEngine(EngineFacts):
                 self._state, self._reason = "running", None
                 log.warning("vLLM engine is back (restart %d)", self._restarts)
                 break
+
+    async def _until_dead_or_stalled(self) -> str:
+        """Why the engine core is down: it died, or it left a ping unanswered for the
+        policy's `stall_timeout` seconds (stopped, deadlocked, stuck in a step) and was
+        killed. The ping is a utility call, which the core answers between two steps, so an
+        answer means its loop advances, busy or idle (as for the other engines' children)."""
+        timeout = self._crashes.policy.stall_timeout
+        period = min(1.0, timeout / 5) if timeout > 0 else 0.5
+        while not self._llm.errored:
+            await asyncio.sleep(period)
+            if timeout <= 0 or self._llm.errored:
+                continue
+            asked = time.monotonic()
+            try:
+                await asyncio.wait_for(self._llm.is_sleeping(), timeout)
+            except TimeoutError:
+                if self._llm.errored:  # it died while asked: said as a death
+                    break
+                return await self._kill_stalled(time.monotonic() - asked)
+            except Exception:  # noqa: BLE001 - a dead core fails the call; errored says so
+                await asyncio.sleep(period)
+        return _DEAD
+
+    async def _kill_stalled(self, waited: float) -> str:
+        procs = _core_processes(self._llm)
+        pids = ", ".join(str(p.pid) for p in procs) or "unknown"
+        self._state = "stalled"
+        self._reason = (f"its engine core (pid {pids}) stalled: no progress for {waited:.0f} s; "
+                        "killed")
+        # Its streams end first, saying why: after the kill vLLM ends them as a death.
+        self._fail_streams(self._reason, "The vLLM engine core stalled and was killed.")
+        for proc in procs:
+            proc.kill()  # SIGKILL: a stopped process holds every other signal
+        for _ in range(100):  # vLLM's monitor sees the death within a second
+            if self._llm.errored:
+                break
+            await asyncio.sleep(0.1)
+        return self._reason
+
+    def _fail_streams(self, reason: str, message: str) -> None:
+        log.error("vLLM engine: %s; %d requests lost", reason, len(self._streams))
+        for stream in list(self._streams):
+            stream.fail(EngineDown(message, retry_after=30))
 
     async def stop(self) -> None:
         self._state = "stopped"
@@ -305,6 +345,13 @@ class VllmEngine(EngineFacts):
         stream = VllmStream(self._llm, list(prompt), params, mapped, base, self.end_tokens)
         self._streams.add(stream)
         return stream
+
+
+def _core_processes(llm: Any) -> list[Any]:
+    """The engine core processes of an `AsyncLLM` (none known with Ray's actors)."""
+    resources = getattr(getattr(llm, "engine_core", None), "resources", None)
+    manager = getattr(resources, "engine_manager", None)
+    return [p for p in getattr(manager, "processes", []) if p.is_alive()]
 
 
 class VllmStream:

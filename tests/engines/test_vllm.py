@@ -397,6 +397,73 @@ def test_engine_core_death_restarts_then_gives_up(smollm2_dir):
         loop.close()
 
 
+def test_engine_core_stopped_is_killed_and_restarted(smollm2_dir):
+    """A core that makes no progress (SIGSTOP: alive, but its loop does not advance), mid-
+    stream or idle: within the stall timeout the stream ends with EngineDown, health says it
+    stalled, the core is killed, and a new one serves."""
+    import signal
+
+    from llmserve.engines.base import EngineDown
+    from llmserve.engines.restarts import RestartPolicy
+    from llmserve.engines.vllm import VllmEngine, _core_processes
+
+    stall = 3.0
+    engine = VllmEngine(smollm2_dir, context_length=256, max_sequences=2, threads=2,
+                        warmup=False, restart_policy=RestartPolicy(first_delay=0.5,
+                                                                   stall_timeout=stall))
+    loop = Loop()
+
+    def stop_core() -> set[int]:
+        procs = _core_processes(engine._llm)
+        assert procs
+        for p in procs:
+            os.kill(p.pid, signal.SIGSTOP)
+        return {p.pid for p in procs}
+
+    async def until(pred, seconds: float) -> float:
+        start = time.monotonic()
+        while not pred(engine.health()):
+            assert time.monotonic() - start < seconds, f"still {engine.health()}"
+            await asyncio.sleep(0.1)
+        return time.monotonic() - start
+
+    def said_stalled(pids: set[int]):
+        return lambda h: (h.state in ("stalled", "restarting") and "stalled" in h.reason
+                          and str(min(pids)) in h.reason)
+
+    async def stall_mid_stream() -> tuple[set[int], float]:
+        stream = engine.generate(chat(engine, "Tell me a long story."),
+                                 [greedy(200, ignore_eos=True)])
+        pids: set[int] = set()
+        with pytest.raises(EngineDown, match="stalled"):
+            async for batch in stream:
+                if batch and not pids:
+                    pids = stop_core()
+                    stopped = time.monotonic()
+        return pids, time.monotonic() - stopped
+
+    async def hi() -> int:
+        return len(await collect(engine.generate(chat(engine, "Hi"), [greedy(4)])))
+
+    try:
+        loop.run(engine.start(), timeout=300)
+        pids, ended_after = loop.run(stall_mid_stream(), timeout=60)
+        assert stall <= ended_after < stall + 5
+        assert said_stalled(pids)(engine.health())
+        loop.run(until(lambda h: h.state == "running", 240), timeout=300)
+        assert not {p.pid for p in _core_processes(engine._llm)} & pids
+        assert loop.run(hi()) == 4
+        pids = stop_core()  # idle this time
+        noticed = loop.run(until(said_stalled(pids), stall + 10), timeout=60)
+        assert noticed < stall + 5
+        loop.run(until(lambda h: h.state == "running", 240), timeout=300)
+        assert loop.run(hi()) == 4
+        assert engine.health().restarts == 2
+    finally:
+        loop.run(engine.stop())
+        loop.close()
+
+
 def test_http_disconnect_aborts_the_vllm_request(smollm2_dir):
     """The whole server in this process (so vLLM's own count can be read): a client that
     hangs up mid-stream leaves vLLM holding no request."""
