@@ -34,6 +34,7 @@ import llama_cpp as lc
 import numpy as np
 
 from llmserve.engines import grammar, slots
+from llmserve.engines.ngram_draft import NgramIndex
 from llmserve.engines.base import EngineError, FinishReason, SamplingParams, TokenOutput
 from llmserve.engines.stepping import EngineRequest, StepLoopEngine, StepOutputs, finish_reason
 
@@ -56,6 +57,8 @@ class _Sequence:
     logits_at: int = -1  # batch index of this sequence's logits in the current step
     matcher: Any = None  # its grammar's llguidance matcher; None: unconstrained
     mask: np.ndarray | None = None  # the matcher's token bitmask for this step
+    draft: list[int] = field(default_factory=list)  # guessed tokens decoded after `pending`
+    ngrams: NgramIndex | None = None  # its context, for drafting (built on first use)
 
 
 class LlamaCppEngine(StepLoopEngine):
@@ -73,6 +76,9 @@ class LlamaCppEngine(StepLoopEngine):
         batch_size: int = 512,
         prefill_chunk: int = 64,
         weight_repack: bool = False,
+        speculative: str = "off",
+        speculative_tokens: int = 5,
+        speculative_ngram: int = 3,
         show_progress: bool = False,
     ) -> None:
         self.model_path = Path(model_path)
@@ -85,6 +91,14 @@ class LlamaCppEngine(StepLoopEngine):
         # (every running sequence's share of the batch).
         self._max_forced = max(0, batch_size // max_sequences - 1)
         threads = threads or os.cpu_count() or 1
+        if speculative not in ("off", "ngram"):
+            raise ValueError(f"speculative: ngram or off, not {speculative!r}")
+        # Prompt-lookup speculation (engines/ngram_draft.py), for a sequence alone in a step.
+        self._speculative = speculative == "ngram" and speculative_tokens > 0
+        self._draft_len = max(0, min(speculative_tokens, batch_size - 2))
+        self._draft_ngram = max(1, speculative_ngram)
+        # drafts proposed, tokens drafted, drafted tokens accepted (emitted as guessed)
+        self.spec_drafts = self.spec_draft_tokens = self.spec_accepted_tokens = 0
 
         _route_llama_logs()
         lc.llama_backend_init()
@@ -257,13 +271,19 @@ class LlamaCppEngine(StepLoopEngine):
             batch.logits[n] = logits
             n += 1
 
-        # Each sequence's tokens: (seq_id, first position, tokens, whose logits the last gives).
+        # A sequence alone gets a draft of its next tokens decoded after its pending ones, read
+        # at every position (only alone: llama.cpp splits a batch whose sequences have
+        # unequal token counts into several passes, see _sample).
+        if self._speculative and len(running) == 1 and not prefilling:
+            running[0].draft = self._propose(running[0])
+        # Each sequence's tokens: (seq_id, first position, tokens, whose logits the last gives
+        # (and each drafted one)).
         rows: list[tuple[int, int, list[int], _Sequence | None]] = [
-            (seq.seq_id, seq.n_past, seq.pending, seq) for seq in running
+            (seq.seq_id, seq.n_past, seq.pending + seq.draft, seq) for seq in running
         ]
         # While streams are running, a small piece of prompt per step keeps them flowing; with
         # none running, prompts are read as fast as the batch allows.
-        used = sum(len(seq.pending) for seq in running)
+        used = sum(len(row[2]) for row in rows)
         budget = (self._batch_size - used if not running
                   else min(self._prefill_chunk, self._batch_size - used))
         completed: list[EngineRequest] = []
@@ -287,11 +307,11 @@ class LlamaCppEngine(StepLoopEngine):
         # (16 sequences in shuffled order took 1.8x as long as in order).
         rows.sort(key=lambda row: row[0])
         for seq_id, pos, tokens, reader in rows:
-            last = len(tokens) - 1
+            read_from = len(tokens) - 1 - (len(reader.draft) if reader is not None else 0)
             for j, token in enumerate(tokens):
-                add(token, pos + j, seq_id, j == last and reader is not None)
+                add(token, pos + j, seq_id, reader is not None and j >= read_from)
             if reader is not None:
-                reader.logits_at = n - 1
+                reader.logits_at = n - 1 - len(reader.draft)
 
         batch.n_tokens = n
         rc = lc.llama_decode(self._ctx, batch)
@@ -330,7 +350,10 @@ class LlamaCppEngine(StepLoopEngine):
         kept = []
         for seq in running:
             try:
-                going_on = self._sample(seq, out, seq.logits_at in shared)
+                if seq.draft:
+                    going_on = self._sample_drafted(seq, out)
+                else:
+                    going_on = self._sample(seq, out, seq.logits_at in shared)
             except Exception as exc:  # noqa: BLE001 - this request's failure, not the engine's
                 log.exception("sampling failed")
                 seq.request.fail(exc)
@@ -356,29 +379,7 @@ class LlamaCppEngine(StepLoopEngine):
     def _sample(self, seq: _Sequence, out: StepOutputs, shared_row: bool = False) -> bool:
         """Sample the next token of `seq` (whose logits row others read too when
         `shared_row`); False when the sequence has finished."""
-        self.faults.before_sample(seq.params.seed)
-        p = seq.params
-        logprob = top = None
-        complete = False
-        if seq.matcher is None:
-            token = lc.llama_sampler_sample(seq.sampler, self._ctx, seq.logits_at)
-            if p.logprobs is not None:
-                logprob, top = self._logprobs(seq.logits_at, token, p.logprobs)
-        else:
-            grammar.check(seq.matcher, seq.mask)
-            # The sampler reads the context's logits: mask them there (a shared row is put
-            # back after).
-            row = self._logits_row(seq.logits_at)
-            saved = row.copy() if shared_row else None
-            grammar.mask_logits(row, seq.mask)
-            try:
-                token = lc.llama_sampler_sample(seq.sampler, self._ctx, seq.logits_at)
-                if p.logprobs is not None:  # of the distribution sampled from
-                    logprob, top = self._logprobs(seq.logits_at, token, p.logprobs)
-            finally:
-                if saved is not None:
-                    row[:] = saved
-            complete = grammar.advance(seq.matcher, token)
+        token, logprob, top, complete = self._pick(seq, seq.logits_at, shared_row)
         seq.pending = []
         finish = self._emit(seq, token, logprob, top, complete, out)
         if finish is None and seq.matcher is not None and self._max_forced and self._alone():
@@ -388,15 +389,102 @@ class LlamaCppEngine(StepLoopEngine):
             # one stream per sequence), and with 16 streams that cost more than it saved
             # (measured: 140 tok/s against 161 without). With others, a forced token is
             # sampled as any other, from a mask that allows it alone.
-            for token in seq.matcher.compute_ff_tokens()[: self._max_forced]:
-                complete = grammar.advance(seq.matcher, token)
-                lc.llama_sampler_accept(seq.sampler, token)  # penalties count it too
-                if p.logprobs is not None:
-                    logprob, top = 0.0, ((token, 0.0),)[: p.logprobs]
+            finish = self._force(seq, seq.matcher.compute_ff_tokens(), out)
+        return finish is None
+
+    def _sample_drafted(self, seq: _Sequence, out: StepOutputs) -> bool:
+        """`_sample` for a sequence alone whose draft was decoded after its pending tokens:
+        sample row after row with its own sampler (and grammar) for as long as what it samples
+        is what was drafted, and emit each; the first token that differs, or the one after the
+        whole draft, is emitted too and pending next step. Sampling is the same sequence of
+        calls on the same chain as one token per step, so the output is the same, greedy or
+        seeded; only the logits come from a wider batch. The cells of drafted tokens not
+        taken leave the KV cache."""
+        draft, seq.draft = seq.draft, []
+        self.spec_drafts += 1
+        self.spec_draft_tokens += len(draft)
+        accepted = 0
+        try:
+            while True:
+                token, logprob, top, complete = self._pick(seq, seq.logits_at + accepted)
+                seq.pending = []
                 finish = self._emit(seq, token, logprob, top, complete, out)
                 if finish is not None:
                     break
+                if seq.matcher is not None and self._max_forced:
+                    # as _sample: what the grammar forces next is not sampled
+                    forced = seq.matcher.compute_ff_tokens()
+                    if forced:
+                        finish = self._force(seq, forced, out)
+                        break
+                if accepted == len(draft) or token != draft[accepted]:
+                    break
+                accepted += 1  # its cell, decoded as drafted, is right
+                seq.n_past += 1
+                if seq.matcher is not None:
+                    seq.mask = self._grammars.fill([seq.matcher])[0]
+        finally:
+            self.spec_accepted_tokens += accepted
+            if accepted < len(draft) and not lc.llama_memory_seq_rm(
+                self._mem, seq.seq_id, seq.n_past, -1
+            ):
+                raise EngineError("llama.cpp could not drop the rejected draft's cells")
         return finish is None
+
+    def _pick(self, seq: _Sequence, at: int, shared_row: bool = False
+              ) -> tuple[int, float | None, Any, bool]:
+        """Sample `seq` from batch row `at`: its token, logprob and top logprobs (when asked
+        for), and whether its grammar is then complete."""
+        self.faults.before_sample(seq.params.seed)
+        p = seq.params
+        logprob = top = None
+        complete = False
+        if seq.matcher is None:
+            token = lc.llama_sampler_sample(seq.sampler, self._ctx, at)
+            if p.logprobs is not None:
+                logprob, top = self._logprobs(at, token, p.logprobs)
+        else:
+            grammar.check(seq.matcher, seq.mask)
+            # The sampler reads the context's logits: mask them there (a shared row is put
+            # back after).
+            row = self._logits_row(at)
+            saved = row.copy() if shared_row else None
+            grammar.mask_logits(row, seq.mask)
+            try:
+                token = lc.llama_sampler_sample(seq.sampler, self._ctx, at)
+                if p.logprobs is not None:  # of the distribution sampled from
+                    logprob, top = self._logprobs(at, token, p.logprobs)
+            finally:
+                if saved is not None:
+                    row[:] = saved
+            complete = grammar.advance(seq.matcher, token)
+        return token, logprob, top, complete
+
+    def _force(self, seq: _Sequence, forced: list[int], out: StepOutputs) -> FinishReason | None:
+        """Emit the tokens `seq`'s grammar forces (up to `_max_forced`), unsampled."""
+        finish = None
+        for token in forced[: self._max_forced]:
+            complete = grammar.advance(seq.matcher, token)
+            lc.llama_sampler_accept(seq.sampler, token)  # penalties count it too
+            logprob = top = None
+            if seq.params.logprobs is not None:
+                logprob, top = 0.0, ((token, 0.0),)[: seq.params.logprobs]
+            finish = self._emit(seq, token, logprob, top, complete, out)
+            if finish is not None:
+                break
+        return finish
+
+    def _propose(self, seq: _Sequence) -> list[int]:
+        """A draft of the tokens after `seq`'s pending ones: what followed the latest earlier
+        occurrence of its last few tokens, no more than it may still generate."""
+        prompt = seq.request.prompt
+        if seq.ngrams is None:
+            seq.ngrams = NgramIndex(self._draft_ngram)
+            seq.ngrams.extend(prompt)
+        seq.ngrams.extend(seq.generated_ids[len(seq.ngrams) - len(prompt):])
+        room = min(self._draft_len, seq.params.max_tokens - seq.generated - 1,
+                   self._context_length - seq.n_past - len(seq.pending) - 1)
+        return seq.ngrams.propose(room)
 
     def _alone(self) -> bool:
         return len(self._seqs) <= 1 and not self._prefilling
