@@ -61,6 +61,15 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="tokens per decode step at most (default 512)")
     p.add_argument("--prefill-chunk", type=int,
                    help="prompt tokens read per step while others decode (default 64)")
+    p.add_argument("--speculative", choices=["ngram", "off"],
+                   help="llama.cpp engine: speculative decoding without a draft model, by "
+                        "prompt lookup (ngram: the tokens that followed the latest earlier "
+                        "occurrence of the last few), for a sequence decoded alone; output is "
+                        "unchanged (default off)")
+    p.add_argument("--speculative-tokens", type=int,
+                   help="tokens drafted per step with --speculative ngram (default 5)")
+    p.add_argument("--speculative-ngram", type=int,
+                   help="longest run of last tokens looked up for a draft (default 3)")
     p.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429 (default 256)")
     p.add_argument("--queue-timeout", type=float, help="seconds a request may wait (default 600)")
     p.add_argument("--write-timeout", type=float,

@@ -60,6 +60,14 @@ class Settings(BaseSettings):
     prefill_chunk: int = Field(
         64, ge=16, description="prompt tokens read per step while others decode"
     )
+    speculative: Literal["ngram", "off"] = Field(
+        "off", description="llama.cpp engine: prompt-lookup (n-gram) speculative decoding of a "
+        "sequence decoded alone; off: none"
+    )
+    speculative_tokens: int = Field(5, ge=1, le=64, description="tokens drafted per step")
+    speculative_ngram: int = Field(
+        3, ge=1, le=16, description="longest run of last tokens looked up for a draft"
+    )
     max_queue: int = Field(256, ge=0, description="requests waiting for a slot before 429")
     queue_timeout: float = Field(600.0, gt=0, description="seconds a request may wait for a slot")
     write_timeout: float = Field(

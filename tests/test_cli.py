@@ -103,6 +103,8 @@ def test_missing_model_file_fails_clearly(tmp_path):
     (["--engine-stall-timeout", "-1"], "engine_stall_timeout"),
     (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization"),
     (["--distributed-executor-backend", "slurm"], "--distributed-executor-backend"),
+    (["--speculative", "eagle"], "--speculative"),
+    (["--speculative-tokens", "0"], "speculative_tokens"),
 ])
 def test_bad_flags_are_usage_errors(tmp_path, args, word):
     r = cli("serve", *args, cwd=tmp_path)
@@ -145,6 +147,17 @@ def test_engine_stall_timeout_flag_over_environment(parsed, monkeypatch):
     assert cli_module.main(["serve"]) == 0
     assert cli_module.main(["serve", "--engine-stall-timeout", "0"]) == 0
     assert [s.engine_stall_timeout for s in parsed] == [60.0, 5.0, 0.0]
+
+
+def test_speculative_flags_over_environment(parsed, monkeypatch):
+    from llmserve import cli as cli_module
+
+    assert cli_module.main(["serve"]) == 0
+    monkeypatch.setenv("LLMSERVE_SPECULATIVE", "ngram")
+    assert cli_module.main(["serve", "--speculative-tokens", "8"]) == 0
+    assert cli_module.main(["serve", "--speculative", "off", "--speculative-ngram", "2"]) == 0
+    assert [(s.speculative, s.speculative_tokens, s.speculative_ngram) for s in parsed] == [
+        ("off", 5, 3), ("ngram", 8, 3), ("off", 5, 2)]
 
 
 def test_vllm_flags_reach_settings(tmp_path, monkeypatch):
