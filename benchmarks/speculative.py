@@ -1,0 +1,106 @@
+"""Prompt-lookup speculation on the llama.cpp engine, in process, at 1 stream: tok/s with it
+on against off on an input-grounded workload (repeat a given paragraph) and on free
+generation. Both engines are loaded at once and run alternately (off, on, on, off per round)
+so that the machine's drift stays out of the ratio.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/speculative.py [--rounds 3] [--tokens 5] [--ngram 3]
+
+decode tok/s: tokens after the first over the time from the first to the last (the prompt's
+reading is the same on and off); end-to-end: all tokens over the request's whole time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+
+from llmserve.engines.base import SamplingParams
+from llmserve.engines.llamacpp import LlamaCppEngine
+from llmserve.models import bundled_model_path
+
+PARAGRAPH = (
+    "The old lighthouse stood at the edge of the cliff for more than a century, guiding ships "
+    "through the narrow strait between the two islands. Its keeper, a quiet man named Elias "
+    "Marsh, climbed the spiral stairs every evening to light the great lamp, and every morning "
+    "he wrote the weather, the passing ships and the state of the sea in a worn leather book. "
+    "When the harbour board decided to replace him with an automatic light, the fishermen of "
+    "Port Avery signed a letter asking them to let him stay until the end of the winter, and "
+    "the board, to everyone's surprise, agreed."
+)
+WORKLOADS = {
+    # input-grounded: the answer copies the prompt
+    "repeat": (f"Repeat this text exactly, word for word: {PARAGRAPH}", False),
+    "free": ("Tell me a long story about the sea.", True),  # free generation (ignore_eos)
+}
+
+
+def chat(engine: LlamaCppEngine, text: str) -> list[int]:
+    return engine.tokenize(
+        f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n", add_bos=False
+    )
+
+
+async def one(engine: LlamaCppEngine, text: str, ignore_eos: bool, max_tokens: int
+              ) -> tuple[int, float, float]:
+    """Tokens, decode tok/s, end-to-end tok/s of one greedy request."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
+    n, first, last = 0, 0.0, 0.0
+    t0 = time.perf_counter()
+    async for step in engine.generate(chat(engine, text), [params]):
+        now = time.perf_counter()
+        if n == 0:
+            first = now
+        n += len(step)
+        last = now
+    return n, (n - 1) / (last - first) if last > first else 0.0, n / (last - t0)
+
+
+async def main(args: argparse.Namespace) -> None:
+    engines = {
+        s: LlamaCppEngine(bundled_model_path(), context_length=1024, max_sequences=4,
+                          threads=args.threads, speculative=s, speculative_tokens=args.tokens,
+                          speculative_ngram=args.ngram)
+        for s in ("off", "ngram")
+    }
+    for e in engines.values():
+        await e.start()
+    print(f"speculative_tokens={args.tokens} speculative_ngram={args.ngram} "
+          f"max_tokens={args.max_tokens} rounds={args.rounds}, 1 stream, greedy", flush=True)
+    rows = []
+    for name, (text, ignore_eos) in WORKLOADS.items():
+        for e in engines.values():  # warm-up, unmeasured
+            await one(e, text, ignore_eos, 16)
+        on = engines["ngram"]
+        base = (on.spec_draft_tokens, on.spec_accepted_tokens)
+        got: dict[str, list[tuple[int, float, float]]] = {"off": [], "ngram": []}
+        for _ in range(args.rounds):
+            for s in ("off", "ngram", "ngram", "off"):
+                got[s].append(await one(engines[s], text, ignore_eos, args.max_tokens))
+        drafted = on.spec_draft_tokens - base[0]
+        accepted = on.spec_accepted_tokens - base[1]
+        off_d = statistics.median(r[1] for r in got["off"])
+        on_d = statistics.median(r[1] for r in got["ngram"])
+        off_e = statistics.median(r[2] for r in got["off"])
+        on_e = statistics.median(r[2] for r in got["ngram"])
+        rows.append((name, got["off"][0][0], off_d, on_d, off_e, on_e,
+                     accepted / drafted if drafted else 0.0,
+                     accepted / sum(r[0] for r in got["ngram"])))
+    print(f"{'workload':8} {'tokens':>6} {'decode off':>10} {'on':>7} {'ratio':>6} "
+          f"{'e2e off':>8} {'on':>7} {'ratio':>6} {'accept':>7} {'from drafts':>11}")
+    for name, n, off_d, on_d, off_e, on_e, rate, share in rows:
+        print(f"{name:8} {n:6d} {off_d:10.1f} {on_d:7.1f} {on_d / off_d:5.2f}x "
+              f"{off_e:8.1f} {on_e:7.1f} {on_e / off_e:5.2f}x {rate:7.0%} {share:11.0%}")
+    for e in engines.values():
+        await e.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=5, help="speculative_tokens")
+    parser.add_argument("--ngram", type=int, default=3, help="speculative_ngram")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    asyncio.run(main(parser.parse_args()))
