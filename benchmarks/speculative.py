@@ -17,6 +17,7 @@ import statistics
 import time
 
 from llmserve.engines.base import SamplingParams
+from llmserve.engines.cpu import weight_repack_enabled
 from llmserve.engines.llamacpp import LlamaCppEngine
 from llmserve.models import bundled_model_path
 
@@ -61,13 +62,15 @@ async def main(args: argparse.Namespace) -> None:
     engines = {
         s: LlamaCppEngine(bundled_model_path(), context_length=1024, max_sequences=4,
                           threads=args.threads, speculative=s, speculative_tokens=args.tokens,
-                          speculative_ngram=args.ngram)
+                          speculative_ngram=args.ngram,
+                          weight_repack=weight_repack_enabled(args.weight_repack))
         for s in ("off", "ngram")
     }
     for e in engines.values():
         await e.start()
     print(f"speculative_tokens={args.tokens} speculative_ngram={args.ngram} "
-          f"max_tokens={args.max_tokens} rounds={args.rounds}, 1 stream, greedy", flush=True)
+          f"max_tokens={args.max_tokens} rounds={args.rounds} threads={args.threads} "
+          f"weight_repack={weight_repack_enabled(args.weight_repack)}, 1 stream, greedy", flush=True)
     rows = []
     for name, (text, ignore_eos) in WORKLOADS.items():
         for e in engines.values():  # warm-up, unmeasured
@@ -103,4 +106,6 @@ if __name__ == "__main__":
     parser.add_argument("--ngram", type=int, default=3, help="speculative_ngram")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--weight-repack", choices=["auto", "on", "off"], default="auto",
+                        help="as the server's flag (default auto, as the server)")
     asyncio.run(main(parser.parse_args()))
