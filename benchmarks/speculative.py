@@ -62,13 +62,13 @@ async def main(args: argparse.Namespace) -> None:
     engines = {
         s: LlamaCppEngine(bundled_model_path(), context_length=1024, max_sequences=4,
                           threads=args.threads, speculative=s, speculative_tokens=args.tokens,
-                          speculative_ngram=args.ngram,
+                          speculative_ngram=args.ngram, speculative_ngram_min=args.ngram_min,
                           weight_repack=weight_repack_enabled(args.weight_repack))
         for s in ("off", "ngram")
     }
     for e in engines.values():
         await e.start()
-    print(f"speculative_tokens={args.tokens} speculative_ngram={args.ngram} "
+    print(f"speculative_tokens={args.tokens} speculative_ngram={args.ngram}..{args.ngram_min} "
           f"max_tokens={args.max_tokens} rounds={args.rounds} threads={args.threads} "
           f"weight_repack={weight_repack_enabled(args.weight_repack)}, 1 stream, greedy", flush=True)
     rows = []
@@ -104,6 +104,7 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=5, help="speculative_tokens")
     parser.add_argument("--ngram", type=int, default=3, help="speculative_ngram")
+    parser.add_argument("--ngram-min", type=int, default=2, help="shortest n-gram looked up")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--weight-repack", choices=["auto", "on", "off"], default="auto",
