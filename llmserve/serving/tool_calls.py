@@ -225,8 +225,10 @@ def _call_prefix(tool: Tool) -> str:
 
 
 def _styled(schema: dict[str, Any], strict: bool) -> dict[str, Any]:
-    """A schema for `%json` in a Lark grammar, carrying the JSON style and strictness."""
-    return {**schema, "x-guidance": {**constraints.JSON_STYLE, "lenient": not strict}}
+    """A schema for `%json` in a Lark grammar, carrying the JSON style and strictness, and
+    bounded as `constraints.json_schema` bounds a schema."""
+    return {**constraints.bounded(schema),
+            "x-guidance": {**constraints.JSON_STYLE, "lenient": not strict}}
 
 
 def _native_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
