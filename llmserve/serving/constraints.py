@@ -113,6 +113,26 @@ def bounded(schema: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def rebased(schema: Any, at: str) -> Any:
+    """`schema` to be placed at JSON pointer `at` of a larger one: its local `$ref`s ("#",
+    "#/$defs/X") made to point where their targets now are (a copy)."""
+    if not isinstance(schema, dict) or "$id" in schema:
+        return schema  # (with an "$id", a resource of its own: its refs resolve within it)
+    out = dict(schema)
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+        out["$ref"] = "#" + at + ref[1:]
+    for path, sub, _ in _children(schema):
+        new = rebased(sub, at)
+        if len(path) == 1:
+            out[path[0]] = new
+            continue
+        if out[path[0]] is schema[path[0]]:
+            out[path[0]] = type(schema[path[0]])(schema[path[0]])
+        out[path[0]][int(path[1]) if isinstance(out[path[0]], list) else path[1]] = new
+    return out
+
+
 def _any_value() -> dict[str, Any]:
     ref = {"$ref": ANY_REF}
     return {"anyOf": [

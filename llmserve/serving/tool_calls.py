@@ -163,8 +163,10 @@ def _generic_tools(
         return OutputPlan(_with_system(messages, prompt), grammar=arguments[tool.name],
                           parser=lambda: NamedCallParser(tool.name), calls_finish="stop")
 
-    calls = {"type": "array", "items": {"anyOf": [_call_schema(t) for t in tools]},
-             "minItems": 1}
+    at = "/anyOf/0" if choice.mode == "auto" else ""  # where the call schemas will be
+    calls = {"type": "array", "minItems": 1, "items": {"anyOf": [
+        _call_schema(t, f"{at}/properties/tool_calls/items/anyOf/{i}")
+        for i, t in enumerate(tools)]}}
     if not parallel:
         calls["maxItems"] = 1
     envelope = _object({"tool_calls": calls})
@@ -209,7 +211,8 @@ def _hermes_tools(
         ])
     else:
         allowed = [t for t in tools if choice.mode != "named" or t.name == choice.name]
-        schema = _styled({"anyOf": [_call_schema(t) for t in allowed]}, strict)
+        schema = _styled({"anyOf": [_call_schema(t, f"/anyOf/{i}")
+                                    for i, t in enumerate(allowed)]}, strict)
         call = (f"{json.dumps(_HERMES_OPEN + chr(10))} %json {json.dumps(schema)} "
                 f"{json.dumps(chr(10) + _HERMES_CLOSE)}")
         one = not parallel or choice.mode == "named"
@@ -250,8 +253,11 @@ def _object(properties: dict[str, Any]) -> dict[str, Any]:
             "additionalProperties": False}
 
 
-def _call_schema(tool: Tool) -> dict[str, Any]:
-    return _object({"name": {"const": tool.name}, "arguments": tool.parameters})
+def _call_schema(tool: Tool, at: str) -> dict[str, Any]:
+    """A call of `tool`, to be placed at JSON pointer `at` of the whole schema: the local
+    `$ref`s of its parameters ("#/$defs/...", a pydantic model's nested ones) are rebased."""
+    arguments = constraints.rebased(tool.parameters, f"{at}/properties/arguments")
+    return _object({"name": {"const": tool.name}, "arguments": arguments})
 
 
 def _with_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
