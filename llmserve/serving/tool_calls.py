@@ -76,7 +76,10 @@ class OutputRequest:
 
     tools: list[Tool] = field(default_factory=list)
     choice: ToolChoice = ToolChoice()
-    parallel: bool = True
+    # None (not said): several calls where the template has them (Hermes), one in the
+    # generic envelope, as llama.cpp's server does for a template without parallel calls: a
+    # small model that may add calls adds them until max_tokens.
+    parallel: bool | None = None
     response_format: dict[str, Any] | None = None  # OpenAI's object
 
 
@@ -119,6 +122,7 @@ def plan_output(
     tools in play (`tool_choice` not `none`), the tools decide the output's form, not
     `response_format`."""
     tools = request.tools if request.choice.mode != "none" else []
+    parallel = request.parallel if request.parallel is not None else fmt == "hermes"
     arguments = {  # each tool's on its own, to name the one at fault
         tool.name: constraints.json_schema(tool.parameters, strict=tool.strict,
                                            param=f"tools.{i}.function.parameters")
@@ -127,11 +131,11 @@ def plan_output(
     if fmt == "hermes":
         messages = _native_history(messages)
         if tools:
-            return _hermes_tools(messages, tools, request.choice, request.parallel)
+            return _hermes_tools(messages, tools, request.choice, parallel)
         return _structured(messages, request.response_format)
     messages = _generic_history(messages)
     if tools:
-        return _generic_tools(messages, tools, request.choice, request.parallel, arguments)
+        return _generic_tools(messages, tools, request.choice, parallel, arguments)
     return _structured(messages, request.response_format)
 
 

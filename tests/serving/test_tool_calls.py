@@ -261,3 +261,23 @@ def test_parameters_with_refs_in_every_format(fmt, choice):
     m = LLMatcher(tok, plan.grammar, log_level=0)
     assert not m.is_error(), m.get_error()
     assert m.consume_tokens(tok.tokenize_str(text)) and m.is_accepting(), text
+
+
+@pytest.mark.parametrize("fmt, parallel, several", [
+    ("generic", None, False), ("generic", True, True), ("generic", False, False),
+    ("hermes", None, True), ("hermes", False, False)])
+def test_parallel_calls_unless_said_only_where_the_template_has_them(fmt, parallel, several):
+    import llguidance
+    from llguidance import LLMatcher
+
+    plan = plan_output(USER, OutputRequest([WEATHER], ToolChoice("required"), parallel, None),
+                       fmt)
+    call = {"name": "get_weather", "arguments": {"city": "Paris"}}
+    if fmt == "generic":
+        text = json.dumps({"tool_calls": [call, call]})
+    else:
+        one = f"<tool_call>\n{json.dumps(call)}\n</tool_call>"
+        text = f"{one}\n{one}"
+    tok = llguidance.LLTokenizer("byte")
+    m = LLMatcher(tok, plan.grammar, log_level=0)
+    assert (m.consume_tokens(tok.tokenize_str(text)) and m.is_accepting()) == several
