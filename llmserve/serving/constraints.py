@@ -5,7 +5,7 @@ is admitted. Engines only apply grammars (engines/grammar.py); building them fro
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -94,10 +94,10 @@ def bounded(schema: dict[str, Any]) -> dict[str, Any]:
       array without items) to JSON whose numbers are those;
     - `minimum`, `maximum`, `maxLength`... the schema has are its own and stay.
 
-    Objects and numbers whose keywords llguidance intersects with others' (the parts of an
-    `allOf`, a `$ref` or `anyOf` beside keywords of its own) are left as they are: each part
+    The parts llguidance intersects with others (of an `allOf`, a `$ref` or `anyOf` beside
+    keywords of its own) keep their objects open and their numbers without a step: each part
     would refuse the properties the others list, and two `multipleOf` overflow its
-    arithmetic."""
+    arithmetic (bounds intersect safely)."""
     scan = _Scan()
     while True:  # a part reached through a $ref makes its target a part: to a fixpoint
         known = len(scan.parts)
@@ -118,18 +118,10 @@ def rebased(schema: Any, at: str) -> Any:
     "#/$defs/X") made to point where their targets now are (a copy)."""
     if not isinstance(schema, dict) or "$id" in schema:
         return schema  # (with an "$id", a resource of its own: its refs resolve within it)
-    out = dict(schema)
+    out = _with_children(schema, lambda path, sub, in_place: rebased(sub, at))
     ref = schema.get("$ref")
     if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
         out["$ref"] = "#" + at + ref[1:]
-    for path, sub, _ in _children(schema):
-        new = rebased(sub, at)
-        if len(path) == 1:
-            out[path[0]] = new
-            continue
-        if out[path[0]] is schema[path[0]]:
-            out[path[0]] = type(schema[path[0]])(schema[path[0]])
-        out[path[0]][int(path[1]) if isinstance(out[path[0]], list) else path[1]] = new
     return out
 
 
@@ -162,6 +154,22 @@ def _children(node: dict[str, Any]) -> Iterator[tuple[Ptr, Any, bool]]:
         if isinstance(node.get(key), list):
             for i, sub in enumerate(node[key]):
                 yield (key, str(i)), sub, True
+
+
+def _with_children(node: dict[str, Any], new: Callable[[Ptr, Any, bool], Any]) -> dict[str, Any]:
+    """A copy of `node` with each subschema s at path p (see `_children`) replaced by
+    `new(p, s, in_place)`; what holds them is copied, never changed."""
+    out = dict(node)
+    for path, sub, in_place in _children(node):
+        value = new(path, sub, in_place)
+        if len(path) == 1:
+            out[path[0]] = value
+            continue
+        key = path[0]
+        if out[key] is node[key]:
+            out[key] = type(node[key])(node[key])
+        out[key][int(path[1]) if isinstance(out[key], list) else path[1]] = value
+    return out
 
 
 def _alone(node: dict[str, Any]) -> bool:
@@ -222,15 +230,8 @@ class _Rewrite:
         if not isinstance(node, dict):
             return node
         alone = _alone(node)
-        out = dict(node)
-        for path, sub, in_place in _children(node):
-            new = self.node(sub, ptr + path, in_place and (part or not alone))
-            if len(path) == 1:
-                out[path[0]] = new
-                continue
-            if out[path[0]] is node[path[0]]:  # copied once, on its first changed entry
-                out[path[0]] = type(node[path[0]])(node[path[0]])
-            out[path[0]][int(path[1]) if isinstance(out[path[0]], list) else path[1]] = new
+        out = _with_children(node, lambda path, sub, in_place: self.node(
+            sub, ptr + path, in_place and (part or not alone)))
         types = _types(node)
         if "const" not in node and "enum" not in node:  # bounds intersect safely: always
             if "number" in types:
