@@ -170,7 +170,7 @@ class CreateResponseRequest(_SamplingFields):
         elif fmt is not None:
             response_format = {"type": fmt.type}
         return OutputRequest(tools=self._tools, choice=choice,
-                             parallel=self.parallel_tool_calls is not False,
+                             parallel=self.parallel_tool_calls,
                              response_format=response_format)
 
     def to_sampling(self) -> SamplingRequest:
