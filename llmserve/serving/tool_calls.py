@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from llmserve.serving import constraints
+from llmserve.serving.schema_bounds import bounded, rebased
 
 ChoiceMode = Literal["auto", "required", "none", "named"]
 
@@ -76,10 +77,7 @@ class OutputRequest:
 
     tools: list[Tool] = field(default_factory=list)
     choice: ToolChoice = ToolChoice()
-    # None (not said): several calls where the template has them (Hermes), one in the
-    # generic envelope, as llama.cpp's server does for a template without parallel calls: a
-    # small model that may add calls adds them until max_tokens.
-    parallel: bool | None = None
+    parallel: bool | None = None  # None: not said (see `parallel_calls`)
     response_format: dict[str, Any] | None = None  # OpenAI's object
 
 
@@ -114,6 +112,14 @@ _ID_CHARS = string.ascii_letters + string.digits
 # -- the plan ---------------------------------------------------------------------------------
 
 
+def parallel_calls(requested: bool | None, fmt: ToolFormat) -> bool:
+    """Whether one answer may hold several calls: as asked, else where the template has them
+    (Hermes). The generic envelope holds one unless asked, as llama.cpp's server does for
+    templates without parallel calls: a small model that may add calls adds them until
+    max_tokens."""
+    return requested if requested is not None else fmt == "hermes"
+
+
 def plan_output(
     messages: list[dict[str, Any]], request: OutputRequest, fmt: ToolFormat = "generic"
 ) -> OutputPlan:
@@ -122,7 +128,7 @@ def plan_output(
     tools in play (`tool_choice` not `none`), the tools decide the output's form, not
     `response_format`."""
     tools = request.tools if request.choice.mode != "none" else []
-    parallel = request.parallel if request.parallel is not None else fmt == "hermes"
+    parallel = parallel_calls(request.parallel, fmt)
     arguments = {  # each tool's on its own, to name the one at fault
         tool.name: constraints.json_schema(tool.parameters, strict=tool.strict,
                                            param=f"tools.{i}.function.parameters")
@@ -234,7 +240,7 @@ def _call_prefix(tool: Tool) -> str:
 def _styled(schema: dict[str, Any], strict: bool) -> dict[str, Any]:
     """A schema for `%json` in a Lark grammar, carrying the JSON style and strictness, and
     bounded as `constraints.json_schema` bounds a schema."""
-    return {**constraints.bounded(schema),
+    return {**bounded(schema),
             "x-guidance": {**constraints.JSON_STYLE, "lenient": not strict}}
 
 
@@ -260,7 +266,7 @@ def _object(properties: dict[str, Any]) -> dict[str, Any]:
 def _call_schema(tool: Tool, at: str) -> dict[str, Any]:
     """A call of `tool`, to be placed at JSON pointer `at` of the whole schema: the local
     `$ref`s of its parameters ("#/$defs/...", a pydantic model's nested ones) are rebased."""
-    arguments = constraints.rebased(tool.parameters, f"{at}/properties/arguments")
+    arguments = rebased(tool.parameters, f"{at}/properties/arguments")
     return _object({"name": {"const": tool.name}, "arguments": arguments})
 
 

@@ -13,7 +13,7 @@ import pytest
 from llguidance import LLMatcher
 
 from llmserve.serving import constraints
-from llmserve.serving.constraints import INT_MAX, INT_MIN
+from llmserve.serving.schema_bounds import INT_MAX, INT_MIN, bounded
 from llmserve.serving.tool_calls import OutputRequest, Tool, ToolChoice, plan_output
 
 BYTES = llguidance.LLTokenizer("byte")
@@ -142,9 +142,9 @@ def test_tuples_take_their_items():
 def test_the_schema_itself_is_not_changed():
     schema = {"$defs": {"C": CITY}, **obj({"c": {"$ref": "#/$defs/C"}, "free": {}})}
     before = copy.deepcopy(schema)
-    bounded = constraints.bounded(schema)
+    out = bounded(schema)
     assert schema == before
-    assert bounded["$defs"]["C"]["additionalProperties"] is False
+    assert out["$defs"]["C"]["additionalProperties"] is False
 
 
 def test_lark_json_is_bounded_the_same():
