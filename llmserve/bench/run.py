@@ -32,6 +32,11 @@ LLMSERVE = "llmserve"
 LIMIT = "in-process"
 LCP = "llama-cpp-python"
 LLAMA_SERVER = "llama-server"
+# llama-server closes the connection after every streamed response (its chunk provider returns
+# false after `sink.done()`, which cpp-httplib takes for a cancel), so a request sent on the
+# kept-alive connection races that close and fails ("Server disconnected without sending a
+# response"). Asking for the close up front opens a connection per request, as it does anyway.
+LLAMA_SERVER_HEADERS = {"Connection": "close"}
 VLLM = "vllm serve"
 CONSTRAINED = "llmserve json_schema"
 # Free text inside a structure, never complete within the bench's answers: every stream
@@ -152,10 +157,11 @@ class _Run:
 
 async def _run_http(
     url: str, model: str, prompts: list[str], conc: int, requests: int, max_tokens: int,
-    extra: dict, proc: Proc | None,
+    extra: dict, proc: Proc | None, headers: dict[str, str] | None = None,
 ) -> _Run:
     limits = httpx.Limits(max_connections=conc + 4, max_keepalive_connections=conc + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits,
+                                 headers=headers) as client:
         # One short request first: connections and caches warm, nothing measured.
         await http_stream(client, chat_body(model, prompts[0], 4, extra))
         cpu0 = proc.cpu_s() if proc else None
@@ -194,6 +200,7 @@ class _Http:
     extra: dict
     proc: Proc | None
     engine_apart: bool = True  # the engine runs in child processes: the top one is the API
+    headers: dict[str, str] | None = None  # sent with every request
 
 
 async def _measure_interleaved(
@@ -207,11 +214,12 @@ async def _measure_interleaved(
     both out of the ratios; more rounds average out what drifts faster than a block."""
     block = max(conc, -(-requests // (2 * rounds)))
     first = systems[0]
-    await _run_http(first.url, model, prompts, conc, conc, max_tokens, first.extra, first.proc)
+    await _run_http(first.url, model, prompts, conc, conc, max_tokens, first.extra, first.proc,
+                    first.headers)
     runs: dict[str, list[_Run]] = {s.name: [] for s in systems}
     for s in (systems + systems[::-1]) * rounds:
         runs[s.name].append(await _run_http(s.url, model, prompts, conc, block, max_tokens,
-                                            s.extra, s.proc))
+                                            s.extra, s.proc, s.headers))
     results = [_result(s.name, conc, runs[s.name]) for s in systems]
     for s, result in zip(systems, results, strict=True):
         if not s.engine_apart:
@@ -407,7 +415,7 @@ async def _main(args: argparse.Namespace) -> int:
                     systems.append(_Http(VLLM, vllm_proc.url, ours_extra, vllm_proc))
                 if ls_proc is not None:  # ignore_eos and include_usage too
                     systems.append(_Http(LLAMA_SERVER, ls_proc.url, ours_extra, ls_proc,
-                                         engine_apart=False))
+                                         engine_apart=False, headers=LLAMA_SERVER_HEADERS))
                 if lcp_proc is not None:
                     systems.append(_Http(LCP, lcp_proc.url, lcp_extra, lcp_proc, engine_apart=False))
                 results += await _measure_interleaved(systems, model, prompts, conc, n_req,
