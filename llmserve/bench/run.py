@@ -22,11 +22,15 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from llmserve.bench.load import Timing, chat_body, engine_stream, http_stream, run_level
 from llmserve.bench.report import LevelResult, ratios, summarize, table
+
+if TYPE_CHECKING:
+    from llmserve.config import Settings
 
 LLMSERVE = "llmserve"
 LIMIT = "in-process"
@@ -484,7 +488,7 @@ def _llama_server_binary(path: str | None) -> Path | None:
 
 
 def _start_llama_server(stack: ExitStack, binary: Path, model_path: Path, name: str,
-                        settings, log_path: Path) -> Proc | None:
+                        settings: Settings, log_path: Path) -> Proc | None:
     from llmserve.bench.llama_server import serve_command
     from llmserve.engines.cpu import weight_repack_enabled
 
