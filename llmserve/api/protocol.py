@@ -334,7 +334,7 @@ class ChatCompletionRequest(_Sampling):
         fmt = self.response_format
         return OutputRequest(
             tools=self.tool_list(), choice=self.choice(),
-            parallel=self.parallel_tool_calls is not False,
+            parallel=self.parallel_tool_calls,
             response_format=fmt.model_dump(by_alias=True) if fmt is not None else None,
         )
 

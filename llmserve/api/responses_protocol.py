@@ -170,21 +170,22 @@ class CreateResponseRequest(_SamplingFields):
         elif fmt is not None:
             response_format = {"type": fmt.type}
         return OutputRequest(tools=self._tools, choice=choice,
-                             parallel=self.parallel_tool_calls is not False,
+                             parallel=self.parallel_tool_calls,
                              response_format=response_format)
 
     def to_sampling(self) -> SamplingRequest:
         return self.sampling_request(n=1, max_tokens=self.max_output_tokens, logprobs=None,
                                      logit_bias={})
 
-    def echo_fields(self) -> dict[str, Any]:
-        """What a Response object repeats of its request."""
+    def echo_fields(self, parallel_tool_calls: bool) -> dict[str, Any]:
+        """What a Response object repeats of its request (`parallel_tool_calls`: what the
+        request's model makes of the field, which may be left out)."""
         fmt = self.text.format if self.text is not None and self.text.format else None
         return {
             "instructions": self.instructions,
             "max_output_tokens": self.max_output_tokens,
             "metadata": self.metadata or {},
-            "parallel_tool_calls": self.parallel_tool_calls is not False,
+            "parallel_tool_calls": parallel_tool_calls,
             "previous_response_id": self.previous_response_id,
             "temperature": 1.0 if self.temperature is None else self.temperature,
             "top_p": 1.0 if self.top_p is None else self.top_p,

@@ -1,8 +1,9 @@
 """`llmserve bench`: a concurrency sweep of streamed chat requests against llmserve, with
 baselines measured in the same run, level by level so that machine drift cancels: the same
 engine in-process with no HTTP (the limit), the engine's own OpenAI server on the same model
-(llama-cpp-python's for llama.cpp, `vllm serve` for vLLM), and for the transformers engine
-Hugging Face `model.generate` on static batches of the same prompts."""
+(llama.cpp's `llama-server` and llama-cpp-python's for llama.cpp, `vllm serve` for vLLM), and
+for the transformers engine Hugging Face `model.generate` on static batches of the same
+prompts."""
 
 from __future__ import annotations
 
@@ -21,15 +22,25 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from llmserve.bench.load import Timing, chat_body, engine_stream, http_stream, run_level
 from llmserve.bench.report import LevelResult, ratios, summarize, table
 
+if TYPE_CHECKING:
+    from llmserve.config import Settings
+
 LLMSERVE = "llmserve"
 LIMIT = "in-process"
 LCP = "llama-cpp-python"
+LLAMA_SERVER = "llama-server"
+# llama-server closes the connection after every streamed response (its chunk provider returns
+# false after `sink.done()`, which cpp-httplib takes for a cancel), so a request sent on the
+# kept-alive connection races that close and fails ("Server disconnected without sending a
+# response"). Asking for the close up front opens a connection per request, as it does anyway.
+LLAMA_SERVER_HEADERS = {"Connection": "close"}
 VLLM = "vllm serve"
 CONSTRAINED = "llmserve json_schema"
 # Free text inside a structure, never complete within the bench's answers: every stream
@@ -150,10 +161,11 @@ class _Run:
 
 async def _run_http(
     url: str, model: str, prompts: list[str], conc: int, requests: int, max_tokens: int,
-    extra: dict, proc: Proc | None,
+    extra: dict, proc: Proc | None, headers: dict[str, str] | None = None,
 ) -> _Run:
     limits = httpx.Limits(max_connections=conc + 4, max_keepalive_connections=conc + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits,
+                                 headers=headers) as client:
         # One short request first: connections and caches warm, nothing measured.
         await http_stream(client, chat_body(model, prompts[0], 4, extra))
         cpu0 = proc.cpu_s() if proc else None
@@ -192,6 +204,7 @@ class _Http:
     extra: dict
     proc: Proc | None
     engine_apart: bool = True  # the engine runs in child processes: the top one is the API
+    headers: dict[str, str] | None = None  # sent with every request
 
 
 async def _measure_interleaved(
@@ -205,11 +218,12 @@ async def _measure_interleaved(
     both out of the ratios; more rounds average out what drifts faster than a block."""
     block = max(conc, -(-requests // (2 * rounds)))
     first = systems[0]
-    await _run_http(first.url, model, prompts, conc, conc, max_tokens, first.extra, first.proc)
+    await _run_http(first.url, model, prompts, conc, conc, max_tokens, first.extra, first.proc,
+                    first.headers)
     runs: dict[str, list[_Run]] = {s.name: [] for s in systems}
     for s in (systems + systems[::-1]) * rounds:
         runs[s.name].append(await _run_http(s.url, model, prompts, conc, block, max_tokens,
-                                            s.extra, s.proc))
+                                            s.extra, s.proc, s.headers))
     results = [_result(s.name, conc, runs[s.name]) for s in systems]
     for s, result in zip(systems, results, strict=True):
         if not s.engine_apart:
@@ -253,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the case of llmserve with every stream under a JSON schema")
     p.add_argument("--no-llama-cpp-python", action="store_true",
                    help="skip llama-cpp-python's server baseline")
+    p.add_argument("--no-llama-server", action="store_true",
+                   help="skip llama.cpp's llama-server baseline (llama.cpp engine)")
+    p.add_argument("--llama-server", metavar="PATH",
+                   help="llama-server binary to use (default: the one built from the pinned "
+                        "llama-cpp-python's sdist, cached; built on first use)")
     p.add_argument("--no-vllm-serve", action="store_true",
                    help="skip vLLM's own server baseline (--engine vllm)")
     p.add_argument("--no-hf-generate", action="store_true",
@@ -322,6 +341,9 @@ async def _main(args: argparse.Namespace) -> int:
               "skipping that baseline", file=sys.stderr)
         want_lcp = False
 
+    # Built (or found) before any server starts: a build competes with nothing measured.
+    llama_server = (_llama_server_binary(args.llama_server)
+                    if engine_kind == "llamacpp" and not args.no_llama_server else None)
     hf = None
     if engine_kind == "transformers" and not args.no_hf_generate:
         from llmserve.bench.hf_generate import HFGenerate
@@ -330,6 +352,13 @@ async def _main(args: argparse.Namespace) -> int:
         hf_prompts = _token_prompts(hf, prompts)
     engine = None
     results: list[LevelResult] = []
+    from llmserve.config import Settings
+
+    # What our server runs with (same flags, same LLMSERVE_* environment and .env), for the
+    # in-process engine and llama-server's configuration.
+    settings = (Settings(engine=engine_kind, context_length=args.context_length,
+                         max_sequences=max_seq, threads=args.threads)
+                if llama_server is not None or not args.no_limit else None)
     with ExitStack() as stack:
         if args.url:
             ours_url, ours_proc = args.url.rstrip("/"), None
@@ -352,6 +381,10 @@ async def _main(args: argparse.Namespace) -> int:
                                          max_sequences=max_seq, threads=args.threads)
             vllm_proc = stack.enter_context(start_process(
                 command, "/v1/models", logs / "vllm-serve.log", env=env))
+        ls_proc = None
+        if llama_server is not None and settings is not None:
+            ls_proc = _start_llama_server(stack, llama_server, model_path, model, settings,
+                                          logs / "llama-server.log")
         lcp_proc = None
         if want_lcp:
             lcp_proc = stack.enter_context(start_process(
@@ -360,12 +393,9 @@ async def _main(args: argparse.Namespace) -> int:
                  "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
                  "--interrupt_requests", "False", "--verbose", "False"],
                 "/v1/models", logs / "llama-cpp-python.log"))
-        if not args.no_limit:
-            from llmserve.config import Settings
+        if settings is not None and not args.no_limit:
             from llmserve.models import load_engine
 
-            settings = Settings(engine=engine_kind, context_length=args.context_length,
-                                max_sequences=max_seq, threads=args.threads)
             engine = load_engine(settings, model_path, show_progress=False)
             await engine.start()
             token_prompts = _token_prompts(engine, prompts)
@@ -387,6 +417,9 @@ async def _main(args: argparse.Namespace) -> int:
                                          ours_proc))
                 if vllm_proc is not None:  # it takes ignore_eos too: the same bodies
                     systems.append(_Http(VLLM, vllm_proc.url, ours_extra, vllm_proc))
+                if ls_proc is not None:  # ignore_eos and include_usage too
+                    systems.append(_Http(LLAMA_SERVER, ls_proc.url, ours_extra, ls_proc,
+                                         engine_apart=False, headers=LLAMA_SERVER_HEADERS))
                 if lcp_proc is not None:
                     systems.append(_Http(LCP, lcp_proc.url, lcp_extra, lcp_proc, engine_apart=False))
                 results += await _measure_interleaved(systems, model, prompts, conc, n_req,
@@ -404,7 +437,8 @@ async def _main(args: argparse.Namespace) -> int:
                 await engine.stop()
 
     hf_name = [hf.system] if hf is not None else []
-    baselines = [b for b in (LIMIT, LCP, VLLM, *hf_name) if any(r.system == b for r in results)]
+    baselines = [b for b in (LIMIT, LLAMA_SERVER, LCP, VLLM, *hf_name)
+                 if any(r.system == b for r in results)]
     ratio_text, ratio_rows = ratios(results, LLMSERVE, baselines)
     if hf is not None and engine is not None:  # the engine alone against plain generate
         text, _ = ratios(results, LIMIT, hf_name)
@@ -429,6 +463,45 @@ async def _main(args: argparse.Namespace) -> int:
     }, indent=1))
     print(f"\nJSON: {out}")
     return 1 if any(r.errors for r in results if r.system == LLMSERVE) else 0
+
+
+def _llama_server_binary(path: str | None) -> Path | None:
+    """The llama-server to measure: `path`, or the cached build, built now if need be. None
+    (with a note) where it cannot be had: the bench goes on without that baseline."""
+    from llmserve.bench import llama_server
+
+    if path is not None:
+        return Path(path)
+    found = llama_server.cached_binary()
+    if found is not None:
+        return found
+    version = llama_server.llama_cpp_python_version()
+    print(f"building llama-server from llama-cpp-python {version}'s sdist, once (about 12 "
+          f"minutes on 2 cores; log: {llama_server.cache_dir() / 'build.log'}; "
+          "--no-llama-server skips it)", file=sys.stderr, flush=True)
+    try:
+        return llama_server.build()
+    except llama_server.BuildError as exc:
+        print(f"llama-server could not be built ({exc}): skipping that baseline",
+              file=sys.stderr, flush=True)
+        return None
+
+
+def _start_llama_server(stack: ExitStack, binary: Path, model_path: Path, name: str,
+                        settings: Settings, log_path: Path) -> Proc | None:
+    from llmserve.bench.llama_server import serve_command
+    from llmserve.engines.cpu import weight_repack_enabled
+
+    command = serve_command(
+        binary, model_path, name=name, context_length=settings.context_length,
+        max_sequences=settings.max_sequences, threads=settings.threads,
+        batch_size=settings.batch_size, weight_repack=weight_repack_enabled(settings.weight_repack))
+    try:
+        return stack.enter_context(start_process(command, "/health", log_path))
+    except (RuntimeError, OSError) as exc:
+        print(f"llama-server did not start ({exc}): skipping that baseline", file=sys.stderr,
+              flush=True)
+        return None
 
 
 def _token_prompts(model, prompts: list[str]) -> list[list[int]]:

@@ -10,6 +10,7 @@ from typing import Any
 from llguidance import LLMatcher
 
 from llmserve.errors import InvalidRequest
+from llmserve.serving.schema_bounds import bounded
 
 # Compact JSON as OpenAI writes it (a space after ',' and ':'), and no free whitespace: a
 # small model can spend its whole budget on newlines where the grammar allows them.
@@ -23,7 +24,7 @@ def json_schema(schema: Any, *, strict: bool, param: str) -> str:
         raise InvalidRequest("A JSON schema must be an object.", param=param)
     try:
         grammar = LLMatcher.grammar_from_json_schema(
-            schema, defaults=JSON_STYLE, overrides={"lenient": not strict}
+            bounded(schema), defaults=JSON_STYLE, overrides={"lenient": not strict}
         )
     except (ValueError, TypeError) as exc:
         raise InvalidRequest(f"Invalid JSON schema: {exc}", param=param) from None
@@ -32,8 +33,8 @@ def json_schema(schema: Any, *, strict: bool, param: str) -> str:
 
 
 def json_object() -> str:
-    """Any JSON object (`response_format: json_object`)."""
-    return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_STYLE)
+    """Any JSON object (`response_format: json_object`), its numbers bounded as below."""
+    return LLMatcher.grammar_from_json_schema(bounded({"type": "object"}), defaults=JSON_STYLE)
 
 
 def lark(source: str, *, param: str) -> str:

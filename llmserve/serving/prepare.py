@@ -25,6 +25,7 @@ from llmserve.serving.tool_calls import (
     OutputPlan,
     OutputRequest,
     ToolFormat,
+    parallel_calls,
     plan_output,
 )
 
@@ -96,6 +97,10 @@ class Preparer:
     def prompt_text(self, tokens: list[int]) -> str:
         """A prompt's text, for `echo`."""
         return b"".join(self._engine.token_bytes(t) for t in tokens).decode("utf-8", "replace")
+
+    def parallel_calls(self, requested: bool | None) -> bool:
+        """Whether an answer may hold several tool calls, `requested` or not."""
+        return parallel_calls(requested, self._tool_format)
 
     # -- checks before any work -------------------------------------------------------------
 

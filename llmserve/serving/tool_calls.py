@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from llmserve.serving import constraints
+from llmserve.serving.schema_bounds import bounded, rebased
 
 ChoiceMode = Literal["auto", "required", "none", "named"]
 
@@ -76,7 +77,7 @@ class OutputRequest:
 
     tools: list[Tool] = field(default_factory=list)
     choice: ToolChoice = ToolChoice()
-    parallel: bool = True
+    parallel: bool | None = None  # None: not said (see `parallel_calls`)
     response_format: dict[str, Any] | None = None  # OpenAI's object
 
 
@@ -111,6 +112,14 @@ _ID_CHARS = string.ascii_letters + string.digits
 # -- the plan ---------------------------------------------------------------------------------
 
 
+def parallel_calls(requested: bool | None, fmt: ToolFormat) -> bool:
+    """Whether one answer may hold several calls: as asked, else where the template has them
+    (Hermes). The generic envelope holds one unless asked, as llama.cpp's server does for
+    templates without parallel calls: a small model that may add calls adds them until
+    max_tokens."""
+    return requested if requested is not None else fmt == "hermes"
+
+
 def plan_output(
     messages: list[dict[str, Any]], request: OutputRequest, fmt: ToolFormat = "generic"
 ) -> OutputPlan:
@@ -119,6 +128,7 @@ def plan_output(
     tools in play (`tool_choice` not `none`), the tools decide the output's form, not
     `response_format`."""
     tools = request.tools if request.choice.mode != "none" else []
+    parallel = parallel_calls(request.parallel, fmt)
     arguments = {  # each tool's on its own, to name the one at fault
         tool.name: constraints.json_schema(tool.parameters, strict=tool.strict,
                                            param=f"tools.{i}.function.parameters")
@@ -127,11 +137,11 @@ def plan_output(
     if fmt == "hermes":
         messages = _native_history(messages)
         if tools:
-            return _hermes_tools(messages, tools, request.choice, request.parallel)
+            return _hermes_tools(messages, tools, request.choice, parallel)
         return _structured(messages, request.response_format)
     messages = _generic_history(messages)
     if tools:
-        return _generic_tools(messages, tools, request.choice, request.parallel, arguments)
+        return _generic_tools(messages, tools, request.choice, parallel, arguments)
     return _structured(messages, request.response_format)
 
 
@@ -163,8 +173,10 @@ def _generic_tools(
         return OutputPlan(_with_system(messages, prompt), grammar=arguments[tool.name],
                           parser=lambda: NamedCallParser(tool.name), calls_finish="stop")
 
-    calls = {"type": "array", "items": {"anyOf": [_call_schema(t) for t in tools]},
-             "minItems": 1}
+    at = "/anyOf/0" if choice.mode == "auto" else ""  # where the call schemas will be
+    calls = {"type": "array", "minItems": 1, "items": {"anyOf": [
+        _call_schema(t, f"{at}/properties/tool_calls/items/anyOf/{i}")
+        for i, t in enumerate(tools)]}}
     if not parallel:
         calls["maxItems"] = 1
     envelope = _object({"tool_calls": calls})
@@ -209,7 +221,8 @@ def _hermes_tools(
         ])
     else:
         allowed = [t for t in tools if choice.mode != "named" or t.name == choice.name]
-        schema = _styled({"anyOf": [_call_schema(t) for t in allowed]}, strict)
+        schema = _styled({"anyOf": [_call_schema(t, f"/anyOf/{i}")
+                                    for i, t in enumerate(allowed)]}, strict)
         call = (f"{json.dumps(_HERMES_OPEN + chr(10))} %json {json.dumps(schema)} "
                 f"{json.dumps(chr(10) + _HERMES_CLOSE)}")
         one = not parallel or choice.mode == "named"
@@ -225,8 +238,10 @@ def _call_prefix(tool: Tool) -> str:
 
 
 def _styled(schema: dict[str, Any], strict: bool) -> dict[str, Any]:
-    """A schema for `%json` in a Lark grammar, carrying the JSON style and strictness."""
-    return {**schema, "x-guidance": {**constraints.JSON_STYLE, "lenient": not strict}}
+    """A schema for `%json` in a Lark grammar, carrying the JSON style and strictness, and
+    bounded as `constraints.json_schema` bounds a schema."""
+    return {**bounded(schema),
+            "x-guidance": {**constraints.JSON_STYLE, "lenient": not strict}}
 
 
 def _native_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -248,8 +263,11 @@ def _object(properties: dict[str, Any]) -> dict[str, Any]:
             "additionalProperties": False}
 
 
-def _call_schema(tool: Tool) -> dict[str, Any]:
-    return _object({"name": {"const": tool.name}, "arguments": tool.parameters})
+def _call_schema(tool: Tool, at: str) -> dict[str, Any]:
+    """A call of `tool`, to be placed at JSON pointer `at` of the whole schema: the local
+    `$ref`s of its parameters ("#/$defs/...", a pydantic model's nested ones) are rebased."""
+    arguments = rebased(tool.parameters, f"{at}/properties/arguments")
+    return _object({"name": {"const": tool.name}, "arguments": arguments})
 
 
 def _with_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:

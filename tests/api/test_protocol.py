@@ -517,5 +517,5 @@ def test_output_request_from_the_fields():
     assert (req.choice.mode, req.choice.name, req.parallel) == ("named", "f", False)
     assert req.response_format["json_schema"]["schema"] == {"type": "object"}
     plain = chat(tools=[{"type": "function", "function": {"name": "g"}}]).output_request()
-    assert plain.choice.mode == "auto" and plain.parallel
+    assert plain.choice.mode == "auto" and plain.parallel is None  # the format decides
     assert plain.tools[0].parameters == {"type": "object"}

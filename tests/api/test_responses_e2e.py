@@ -185,6 +185,16 @@ def test_function_call_round_trip(client):
     assert full.usage.input_tokens == answer.usage.input_tokens
 
 
+def test_parallel_tool_calls_echoed_as_applied(client):
+    """Left out, the bundled model's generic call envelope holds one call (see
+    tool_calls.parallel_calls): the response says so; asked, it says what was asked."""
+    unset = create(client, input="Hi", tools=[WEATHER], max_output_tokens=8)
+    assert unset.parallel_tool_calls is False
+    asked = create(client, input="Hi", tools=[WEATHER], parallel_tool_calls=True,
+                   max_output_tokens=8)
+    assert asked.parallel_tool_calls is True
+
+
 def test_named_tool_choice_streams_argument_events(http):
     with http.stream("POST", "/v1/responses", json={
         "model": MODEL, "input": "Weather in Oslo?", "temperature": 0, "stream": True,

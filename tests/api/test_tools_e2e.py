@@ -116,7 +116,8 @@ def test_parallel_false_makes_one_call(client):
 def test_parallel_calls_each_valid(client):
     """Several calls (a small model may repeat them until max_tokens): every finished one is
     valid; only the last can be cut off, and only when the answer was."""
-    r = create(client, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=200)
+    r = create(client, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=200,
+               parallel_tool_calls=True)  # unset: one call, on a template without them
     calls = r.choices[0].message.tool_calls
     if r.choices[0].finish_reason == "length":
         calls = calls[:-1]

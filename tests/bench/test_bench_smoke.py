@@ -7,12 +7,16 @@ import sys
 
 import pytest
 
+NOT_BUILT = ("llama-server is not built for this llama-cpp-python and CPU: `make llama-server` "
+             "builds and caches it (about 12 minutes on 2 cores); the bench builds it on first use")
+
 
 def test_bench_runs_every_system(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "llmserve.cli", "bench", "--levels", "1,2", "--max-tokens", "8",
-         "--requests", "2", "--context-length", "256", "--json", str(out), "--logs", str(tmp_path)],
+         "--requests", "2", "--context-length", "256", "--json", str(out), "--logs", str(tmp_path),
+         "--no-llama-server"],  # its own test below: it may need a build of minutes first
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -41,6 +45,37 @@ def test_bench_runs_every_system(tmp_path):
     # The printed table names every system and the ratios.
     assert "llmserve/in-process" in proc.stdout and "llmserve/llama-cpp-python" in proc.stdout
     assert "llmserve json_schema/llmserve" in proc.stdout
+
+
+def test_bench_measures_llama_server_beside_llmserve(tmp_path):
+    from llmserve.bench.llama_server import cached_binary
+
+    binary = cached_binary()
+    if binary is None:
+        pytest.skip(NOT_BUILT)
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmserve.cli", "bench", "--levels", "1,2", "--max-tokens", "8",
+         "--requests", "2", "--context-length", "256", "--no-limit", "--no-constrained",
+         "--no-llama-cpp-python", "--json", str(out), "--logs", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "building llama-server" not in proc.stderr  # the cached binary, found
+    report = json.loads(out.read_text())
+    systems = {(r["system"], r["concurrency"]) for r in report["results"]}
+    assert systems == {(s, c) for s in ("llmserve", "llama-server") for c in (1, 2)}
+    for r in report["results"]:
+        blocks = 2 if r["concurrency"] == 2 else 1  # A, B, B, A blocks (see above)
+        assert r["errors"] == 0, r
+        assert r["output_tokens"] == 2 * blocks * 8, r  # ignore_eos honoured, usage counted
+        assert r["tok_s"] > 0 and r["ttft_ms"][0] > 0
+        if r["system"] == "llama-server":  # one process: no API layer apart
+            assert r["api_cpu_s"] is None and r["cpu_s"] > 0, r
+    assert [row["tok_s_vs_llama-server"] > 0 for row in report["ratios"]] == [True] * 2
+    assert "llmserve/llama-server" in proc.stdout
+    log = (tmp_path / "llama-server.log").read_text(errors="replace")
+    assert "n_slots = 2" in log  # -np = the highest level, as llmserve's --max-sequences
 
 
 def test_bench_transformers_engine_measures_hf_generate_beside_it(tmp_path):

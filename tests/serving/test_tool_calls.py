@@ -230,3 +230,54 @@ def test_hermes_plans(choice):
     assert plan.messages[-1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
     assert plan.grammar is not None and plan.parser is HermesParser
     assert plan.calls_finish == ("stop" if choice.mode == "named" else "tool_calls")
+
+
+@pytest.mark.parametrize("fmt", ["generic", "hermes"])
+@pytest.mark.parametrize("choice", [ToolChoice("auto"), ToolChoice("required"),
+                                    ToolChoice("named", "get_trip")])
+def test_parameters_with_refs_in_every_format(fmt, choice):
+    """A pydantic model with a nested one has `$defs` and "#/$defs/..." refs: they still
+    resolve where the format puts the parameters inside a larger schema."""
+    import llguidance
+    from llguidance import LLMatcher
+
+    city = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    params = {"type": "object", "$defs": {"City": city},
+              "properties": {"to": {"$ref": "#/$defs/City"},
+                             "via": {"type": "array", "items": {"$ref": "#/$defs/City"}}},
+              "required": ["to", "via"]}
+    trip = Tool("get_trip", None, params)
+    plan = plan_output(USER, OutputRequest([trip, WEATHER], choice, False, None), fmt)
+    arguments = {"to": {"name": "Rome"}, "via": [{"name": "Pisa"}]}
+    if choice.mode == "named" and fmt == "generic":
+        text = json.dumps(arguments)
+    elif fmt == "generic":
+        text = json.dumps({"tool_calls": [{"name": "get_trip", "arguments": arguments}]})
+    else:
+        lead = "Sure.\n" if choice.mode == "auto" else ""
+        call = json.dumps({"name": "get_trip", "arguments": arguments})
+        text = f"{lead}<tool_call>\n{call}\n</tool_call>"
+    tok = llguidance.LLTokenizer("byte")
+    m = LLMatcher(tok, plan.grammar, log_level=0)
+    assert not m.is_error(), m.get_error()
+    assert m.consume_tokens(tok.tokenize_str(text)) and m.is_accepting(), text
+
+
+@pytest.mark.parametrize("fmt, parallel, several", [
+    ("generic", None, False), ("generic", True, True), ("generic", False, False),
+    ("hermes", None, True), ("hermes", False, False)])
+def test_parallel_calls_unless_said_only_where_the_template_has_them(fmt, parallel, several):
+    import llguidance
+    from llguidance import LLMatcher
+
+    plan = plan_output(USER, OutputRequest([WEATHER], ToolChoice("required"), parallel, None),
+                       fmt)
+    call = {"name": "get_weather", "arguments": {"city": "Paris"}}
+    if fmt == "generic":
+        text = json.dumps({"tool_calls": [call, call]})
+    else:
+        one = f"<tool_call>\n{json.dumps(call)}\n</tool_call>"
+        text = f"{one}\n{one}"
+    tok = llguidance.LLTokenizer("byte")
+    m = LLMatcher(tok, plan.grammar, log_level=0)
+    assert (m.consume_tokens(tok.tokenize_str(text)) and m.is_accepting()) == several

@@ -82,7 +82,8 @@ async def create_response(request: Request) -> Response:
         "id": new_id("resp"), "object": "response", "created_at": int(time.time()),
         "status": "in_progress", "model": served.name, "output": [], "error": None,
         "incomplete_details": None, "completed_at": None,
-        **body.echo_fields(), "store": stored,
+        **body.echo_fields(served.prepare.parallel_calls(body.parallel_tool_calls)),
+        "store": stored,
     }
     stream = ResponseStream(response)
     saver = _Saver(store if stored else None, items, context, request_key_hash(request))
