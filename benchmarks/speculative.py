@@ -76,13 +76,13 @@ async def main(args: argparse.Namespace) -> None:
         for e in engines.values():  # warm-up, unmeasured
             await one(e, text, ignore_eos, 16)
         on = engines["ngram"]
-        base = (on.spec_draft_tokens, on.spec_accepted_tokens)
+        base = (on.spec_decode_stats().draft_tokens, on.spec_decode_stats().accepted_tokens)
         got: dict[str, list[tuple[int, float, float]]] = {"off": [], "ngram": []}
         for _ in range(args.rounds):
             for s in ("off", "ngram", "ngram", "off"):
                 got[s].append(await one(engines[s], text, ignore_eos, args.max_tokens))
-        drafted = on.spec_draft_tokens - base[0]
-        accepted = on.spec_accepted_tokens - base[1]
+        drafted = on.spec_decode_stats().draft_tokens - base[0]
+        accepted = on.spec_decode_stats().accepted_tokens - base[1]
         off_d = statistics.median(r[1] for r in got["off"])
         on_d = statistics.median(r[1] for r in got["ngram"])
         off_e = statistics.median(r[2] for r in got["off"])

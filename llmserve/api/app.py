@@ -61,7 +61,8 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
     app = FastAPI(title="llmserve", version=__version__, lifespan=lifespan,
                   openapi_url=None, docs_url=None, redoc_url=None)
     # A Prometheus registry of this app's own (never the process-wide default one).
-    app_metrics = Metrics({m.name: m.scheduler for m in registry})
+    app_metrics = Metrics({m.name: m.scheduler for m in registry},
+                          engines={m.name: m.engine for m in registry})
     state = AppState(settings=settings, registry=registry, metrics=app_metrics, store=store)
     app.state.llmserve = state
     errors.install(app)

@@ -121,6 +121,54 @@ class EngineFacts:
     def token_bytes(self, token_id: int) -> bytes:
         return self.info.token_bytes[token_id]
 
+    def spec_decode_stats(self) -> SpecDecodeStats | None:
+        """Speculative decoding's counters; None where this engine does not speculate."""
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class SpecDecodeStats:
+    """Speculative decoding so far, counted as vLLM counts it: drafts proposed, tokens
+    drafted, drafted tokens accepted, and accepted tokens by their position in the draft."""
+
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_pos: tuple[int, ...] = ()
+
+    def __add__(self, other: SpecDecodeStats) -> SpecDecodeStats:
+        a, b = self.accepted_per_pos, other.accepted_per_pos
+        n = max(len(a), len(b))
+        a, b = a + (0,) * (n - len(a)), b + (0,) * (n - len(b))
+        return SpecDecodeStats(self.drafts + other.drafts,
+                               self.draft_tokens + other.draft_tokens,
+                               self.accepted_tokens + other.accepted_tokens,
+                               tuple(x + y for x, y in zip(a, b)))
+
+
+class SpecCounter:
+    """An engine's running `SpecDecodeStats` (decode-thread side)."""
+
+    __slots__ = ("accepted_per_pos", "accepted_tokens", "draft_tokens", "drafts")
+
+    def __init__(self) -> None:
+        self.drafts = self.draft_tokens = self.accepted_tokens = 0
+        self.accepted_per_pos: list[int] = []
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """One draft of `drafted` tokens of which the first `accepted` were taken."""
+        self.drafts += 1
+        self.draft_tokens += drafted
+        self.accepted_tokens += accepted
+        if len(self.accepted_per_pos) < drafted:
+            self.accepted_per_pos.extend([0] * (drafted - len(self.accepted_per_pos)))
+        for i in range(accepted):
+            self.accepted_per_pos[i] += 1
+
+    def snapshot(self) -> SpecDecodeStats:
+        return SpecDecodeStats(self.drafts, self.draft_tokens, self.accepted_tokens,
+                               tuple(self.accepted_per_pos))
+
 
 @dataclass(frozen=True, slots=True)
 class EngineHealth:
@@ -205,6 +253,9 @@ class Engine(Protocol):
     async def stop(self) -> None: ...
 
     def health(self) -> EngineHealth: ...
+
+    def spec_decode_stats(self) -> SpecDecodeStats | None:
+        """Speculative decoding's counters; None where this engine does not speculate."""
 
     def generate(
         self, prompt: list[int], params: list[SamplingParams], *, request_id: str | None = None

@@ -35,7 +35,13 @@ import numpy as np
 
 from llmserve.engines import grammar, slots
 from llmserve.engines.ngram_draft import NgramIndex
-from llmserve.engines.base import EngineError, FinishReason, SamplingParams, TokenOutput
+from llmserve.engines.base import (
+    EngineError,
+    FinishReason,
+    SamplingParams,
+    SpecCounter,
+    TokenOutput,
+)
 from llmserve.engines.stepping import EngineRequest, StepLoopEngine, StepOutputs, finish_reason
 
 log = logging.getLogger(__name__)
@@ -101,8 +107,7 @@ class LlamaCppEngine(StepLoopEngine):
         # A single token's last continuation is a poor guess: with 1 the bundled model's free
         # generation ran at 0.49x, with 2 at 0.83x, copying a paragraph at 1.2x either way.
         self._draft_ngram_min = max(1, min(speculative_ngram_min, self._draft_ngram))
-        # drafts proposed, tokens drafted, drafted tokens accepted (emitted as guessed)
-        self.spec_drafts = self.spec_draft_tokens = self.spec_accepted_tokens = 0
+        self._spec = SpecCounter() if self._speculative else None
 
         _route_llama_logs()
         lc.llama_backend_init()
@@ -405,8 +410,6 @@ class LlamaCppEngine(StepLoopEngine):
         seeded; only the logits come from a wider batch. The cells of drafted tokens not
         taken leave the KV cache."""
         draft, seq.draft = seq.draft, []
-        self.spec_drafts += 1
-        self.spec_draft_tokens += len(draft)
         accepted = 0
         try:
             while True:
@@ -428,7 +431,8 @@ class LlamaCppEngine(StepLoopEngine):
                 if seq.matcher is not None:
                     seq.mask = self._grammars.fill([seq.matcher])[0]
         finally:
-            self.spec_accepted_tokens += accepted
+            assert self._spec is not None
+            self._spec.record(len(draft), accepted)
             if accepted < len(draft) and not lc.llama_memory_seq_rm(
                 self._mem, seq.seq_id, seq.n_past, -1
             ):

@@ -29,6 +29,7 @@ from llmserve.engines.base import (
     EngineHealth,
     EngineInfo,
     SamplingParams,
+    SpecDecodeStats,
     check_request,
 )
 from llmserve.engines.outbox import Outbox, OutboxClosed, OutboxFull
@@ -340,6 +341,9 @@ class EngineProcess(EngineFacts):
         )
         self.info: EngineInfo = self._child.launch()
         self._streams: dict[Hashable, QueueStream] = {}
+        # the child's counters, and those of children before it (a counter never goes back)
+        self._spec: SpecDecodeStats | None = None
+        self._spec_before = SpecDecodeStats()
         self._keys = itertools.count()
 
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
@@ -380,11 +384,18 @@ class EngineProcess(EngineFacts):
             except EngineDown:
                 pass
 
+    def spec_decode_stats(self) -> SpecDecodeStats | None:
+        return self._spec_before + self._spec if self._spec is not None else None
+
     def _on_message(self, msg: tuple) -> None:
         if msg[0] == "step":
             route(self._streams, [(key, decode(payload)) for key, payload in msg[1]])
+        elif msg[0] == "spec" and msg[1] is not None:
+            self._spec = msg[1]
 
     def _on_lost(self, reason: str) -> str:
+        if self._spec is not None:
+            self._spec_before, self._spec = self._spec_before + self._spec, SpecDecodeStats()
         streams, self._streams = self._streams, {}
         err = self._child.down_error()
         for stream in streams.values():

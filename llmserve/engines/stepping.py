@@ -28,6 +28,8 @@ from llmserve.engines.base import (
     EngineInfo,
     FinishReason,
     SamplingParams,
+    SpecCounter,
+    SpecDecodeStats,
     TokenOutput,
     check_request,
 )
@@ -123,6 +125,7 @@ class StepLoopEngine(EngineFacts):
     _eos_token: str
     _add_bos: bool
     _grammars: Grammars | None = None  # None: this engine takes no grammar
+    _spec: SpecCounter | None = None  # set by an engine that speculates
 
     def _init_loop(self) -> None:
         self.info = EngineInfo(
@@ -338,6 +341,9 @@ class StepLoopEngine(EngineFacts):
             await asyncio.to_thread(self._thread.join)
             self._thread = None
         self.close()
+
+    def spec_decode_stats(self) -> SpecDecodeStats | None:
+        return self._spec.snapshot() if self._spec is not None else None
 
     def health(self) -> EngineHealth:
         if self._dead is not None:

@@ -76,8 +76,16 @@ def engine_main(conn: Connection, spec: EngineSpec, fault: str | None, first: bo
     threading.Thread(target=_read_requests, args=(conn, engine, send), daemon=True,
                      name="engine-inbox").start()
 
+    sent_stats = engine.spec_decode_stats()
+    send(("spec", sent_stats))
+
     def deliver(items: list[tuple[Hashable, Payload]]) -> None:
+        nonlocal sent_stats
         send(("step", [(key, encode(payload)) for key, payload in items]))
+        stats = engine.spec_decode_stats()
+        if stats != sent_stats:  # after the step it counts: a scrape then sees both
+            sent_stats = stats
+            send(("spec", stats))
 
     try:
         engine.serve(deliver)

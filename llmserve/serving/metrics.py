@@ -5,6 +5,8 @@ the app's own, never in prometheus_client's global one.
 Where they are taken:
 - the gauges (running, waiting, KV-cache usage) are read from each model's `Scheduler` at
   scrape time, so they cost nothing between scrapes and can never drift;
+- speculative decoding's counters (vLLM's `spec_decode_*`) are read from each engine at
+  scrape time, for the engines that speculate;
 - everything else is reported by the serving core (`Generation`, shared by chat and
   completions) to one `RequestStats` per prompt: one call when its slots are granted, one
   per engine step that gave it tokens, one when it ends.
@@ -33,10 +35,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from llmserve.engines.base import Engine
     from llmserve.serving.generation import ChoiceDelta
     from llmserve.serving.scheduler import Scheduler
 
@@ -59,7 +62,8 @@ class Metrics:
     """The metrics of one app's models: `model(name)` is what its requests report to,
     `exposition()` the text a scrape gets."""
 
-    def __init__(self, schedulers: Mapping[str, Scheduler], *, clock: Clock = time.monotonic):
+    def __init__(self, schedulers: Mapping[str, Scheduler], *,
+                 engines: Mapping[str, Engine] | None = None, clock: Clock = time.monotonic):
         self.registry = CollectorRegistry()
         self._clock = clock
         r = self.registry
@@ -94,6 +98,8 @@ class Metrics:
             "Count of streams dropped because their client took no bytes for --write-timeout "
             "seconds (generation cancelled; a stored one's run goes on).", registry=r)
         r.register(_SchedulerCollector(schedulers))
+        if engines:
+            r.register(_SpecDecodeCollector(engines))
         self._models = {name: ModelMetrics(self, name) for name in schedulers}
 
     def model(self, name: str) -> ModelMetrics:
@@ -225,3 +231,37 @@ class _SchedulerCollector(Collector):
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         return self.collect()  # the registry reserves the names (no clash possible)
+
+
+class _SpecDecodeCollector(Collector):
+    """Speculative decoding's counters, under vLLM's names, read from each engine that
+    speculates when scraped (from 0 once it is configured, as vLLM has them)."""
+
+    def __init__(self, engines: Mapping[str, Engine]) -> None:
+        self._engines = dict(engines)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        drafts = CounterMetricFamily(
+            PREFIX + "spec_decode_num_drafts", "Number of spec decoding drafts.",
+            labels=LABELS)
+        draft_tokens = CounterMetricFamily(
+            PREFIX + "spec_decode_num_draft_tokens", "Number of draft tokens.", labels=LABELS)
+        accepted = CounterMetricFamily(
+            PREFIX + "spec_decode_num_accepted_tokens", "Number of accepted tokens.",
+            labels=LABELS)
+        per_pos = CounterMetricFamily(
+            PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+            "Accepted tokens per draft position.", labels=(*LABELS, "position"))
+        for name, engine in self._engines.items():
+            stats = engine.spec_decode_stats()
+            if stats is None:
+                continue
+            drafts.add_metric([name], stats.drafts)
+            draft_tokens.add_metric([name], stats.draft_tokens)
+            accepted.add_metric([name], stats.accepted_tokens)
+            for pos, n in enumerate(stats.accepted_per_pos):
+                per_pos.add_metric([name, str(pos)], n)
+        yield from (drafts, draft_tokens, accepted, per_pos)
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        return self.collect()

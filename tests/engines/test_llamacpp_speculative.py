@@ -89,22 +89,22 @@ def compare(engines, text: str, params: list[SamplingParams]) -> tuple[list, int
     """What `params` generate for `text` with speculation off and on (asserted equal), and
     how many drafted tokens the speculating engine accepted meanwhile."""
     on = engines["ngram"]
-    accepted = on.spec_accepted_tokens
+    accepted = on.spec_decode_stats().accepted_tokens
 
     async def fn(e):
         return await outputs(e, chat(e, text), params)
 
     off_out, on_out = run_on(engines["off"], fn), run_on(on, fn)
     assert on_out == off_out
-    assert engines["off"].spec_drafts == 0
-    return on_out, on.spec_accepted_tokens - accepted
+    assert engines["off"].spec_decode_stats() is None
+    return on_out, on.spec_decode_stats().accepted_tokens - accepted
 
 
 def test_greedy_repeat_accepts_drafts_and_changes_nothing(engines):
-    drafts = engines["ngram"].spec_drafts
+    drafts = engines["ngram"].spec_decode_stats().drafts
     (out,), accepted = compare(engines, REPEAT, [greedy(logprobs=3)])
     assert len(out) > 40 and out[-1].finish_reason is not None
-    assert engines["ngram"].spec_drafts > drafts
+    assert engines["ngram"].spec_decode_stats().drafts > drafts
     assert accepted > 10, accepted
 
 
