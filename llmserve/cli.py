@@ -70,6 +70,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="tokens drafted per step with --speculative ngram (default 5)")
     p.add_argument("--speculative-ngram", type=int,
                    help="longest run of last tokens looked up for a draft (default 3)")
+    p.add_argument("--speculative-adaptive", action=argparse.BooleanOptionalAction,
+                   help="draft only as many tokens as pay, by the step costs measured at load "
+                        "and each sequence's record of right guesses (default); --no-...: "
+                        "whenever a guess exists")
     p.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429 (default 256)")
     p.add_argument("--queue-timeout", type=float, help="seconds a request may wait (default 600)")
     p.add_argument("--write-timeout", type=float,

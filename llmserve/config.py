@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     speculative_ngram: int = Field(
         3, ge=1, le=16, description="longest run of last tokens looked up for a draft"
     )
+    speculative_adaptive: bool = Field(
+        True, description="draft only as many tokens as pay, by the step costs measured at "
+        "load and each sequence's record of right guesses; false: whenever a guess exists"
+    )
     max_queue: int = Field(256, ge=0, description="requests waiting for a slot before 429")
     queue_timeout: float = Field(600.0, gt=0, description="seconds a request may wait for a slot")
     write_timeout: float = Field(

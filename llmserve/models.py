@@ -188,6 +188,7 @@ def engine_spec(settings: Settings, path: Path, *, show_progress: bool = True) -
             speculative=settings.speculative,
             speculative_tokens=settings.speculative_tokens,
             speculative_ngram=settings.speculative_ngram,
+            speculative_adaptive=settings.speculative_adaptive,
             show_progress=show_progress,
         ))
     if kind == "vllm":

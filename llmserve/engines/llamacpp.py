@@ -24,6 +24,7 @@ import ctypes
 import logging
 import os
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from os.path import commonprefix
@@ -34,6 +35,7 @@ import llama_cpp as lc
 import numpy as np
 
 from llmserve.engines import grammar, slots
+from llmserve.engines.draft_policy import Acceptance, DraftPolicy
 from llmserve.engines.ngram_draft import NgramIndex
 from llmserve.engines.base import (
     EngineError,
@@ -65,6 +67,8 @@ class _Sequence:
     mask: np.ndarray | None = None  # the matcher's token bitmask for this step
     draft: list[int] = field(default_factory=list)  # guessed tokens decoded after `pending`
     ngrams: NgramIndex | None = None  # its context, for drafting (built on first use)
+    acceptance: Acceptance | None = None  # how often its guesses were right (adaptive drafts)
+    guess: int | None = None  # its next token as guessed but not drafted: scored when sampled
 
 
 class LlamaCppEngine(StepLoopEngine):
@@ -86,6 +90,7 @@ class LlamaCppEngine(StepLoopEngine):
         speculative_tokens: int = 5,
         speculative_ngram: int = 3,
         speculative_ngram_min: int = 2,
+        speculative_adaptive: bool = True,
         show_progress: bool = False,
     ) -> None:
         self.model_path = Path(model_path)
@@ -108,6 +113,10 @@ class LlamaCppEngine(StepLoopEngine):
         # generation ran at 0.49x, with 2 at 0.83x, copying a paragraph at 1.2x either way.
         self._draft_ngram_min = max(1, min(speculative_ngram_min, self._draft_ngram))
         self._spec = SpecCounter() if self._speculative else None
+        # Adaptive: draft only as many tokens as pay, by this machine's step costs (measured
+        # once the context exists) and the sequence's record; else whenever a guess exists.
+        self._policy: DraftPolicy | None = None
+        self._adaptive = speculative_adaptive
 
         _route_llama_logs()
         lc.llama_backend_init()
@@ -147,6 +156,11 @@ class LlamaCppEngine(StepLoopEngine):
         self._slot_tokens: list[list[int]] = [[] for _ in range(max_sequences)]  # KV contents
         self._seqs: list[_Sequence] = []  # running
         self._free_ids = list(range(max_sequences))
+        if self._speculative and self._adaptive and self._draft_len:
+            self._policy = DraftPolicy(self._measure_step_costs())
+            log.info("speculative decoding: a step with 1..%d drafted tokens costs %s x one "
+                     "without", self._draft_len,
+                     " ".join(f"{r:.2f}" for r in self._policy.cost_ratio[1:]))
 
         template = lc.llama_model_chat_template(self._model, None)
         self._chat_template = template.decode() if template else None
@@ -284,7 +298,7 @@ class LlamaCppEngine(StepLoopEngine):
         # at every position (only alone: llama.cpp splits a batch whose sequences have
         # unequal token counts into several passes, see _sample).
         if self._speculative and len(running) == 1 and not prefilling:
-            running[0].draft = self._propose(running[0])
+            running[0].draft = self._draft(running[0])
         # Each sequence's tokens: (seq_id, first position, tokens, whose logits the last gives
         # (and each drafted one)).
         rows: list[tuple[int, int, list[int], _Sequence | None]] = [
@@ -323,7 +337,10 @@ class LlamaCppEngine(StepLoopEngine):
                 reader.logits_at = n - 1 - len(reader.draft)
 
         batch.n_tokens = n
+        start = time.perf_counter()
         rc = lc.llama_decode(self._ctx, batch)
+        if self._policy is not None and len(rows) == 1 and rc == 0 and rows[0][3] is not None:
+            self._policy.observe(len(rows[0][3].draft), time.perf_counter() - start)
         if rc != 0:
             # Every request in this batch fails; their slots' contents are unknown now.
             err = EngineError(f"llama_decode failed with code {rc}")
@@ -433,6 +450,8 @@ class LlamaCppEngine(StepLoopEngine):
         finally:
             assert self._spec is not None
             self._spec.record(len(draft), accepted)
+            if seq.acceptance is not None:
+                seq.acceptance.update(accepted, int(accepted < len(draft)))
             if accepted < len(draft) and not lc.llama_memory_seq_rm(
                 self._mem, seq.seq_id, seq.n_past, -1
             ):
@@ -494,6 +513,53 @@ class LlamaCppEngine(StepLoopEngine):
                    self._context_length - seq.n_past - len(seq.pending) - 1)
         return seq.ngrams.propose(room)
 
+    def _draft(self, seq: _Sequence) -> list[int]:
+        """What `seq`, alone in this step, verifies: its guess, cut to the length that pays
+        (nothing when none does; then the guess's first token is still scored)."""
+        guess = self._propose(seq)
+        if self._policy is None or not guess:
+            return guess
+        if seq.acceptance is None:
+            seq.acceptance = Acceptance(self.ACCEPTANCE_PRIOR)
+        d = self._policy.length(seq.acceptance.p, len(guess))
+        if d == 0:
+            seq.guess = guess[0]
+        return guess[:d]
+
+    # Before its first guess is scored a sequence is taken to be right half the time: where
+    # verifying costs nearly a step per token that drafts nothing, where it is almost free
+    # it drafts at once.
+    ACCEPTANCE_PRIOR = 0.5
+
+    def _measure_step_costs(self) -> list[float]:
+        """Seconds of a step decoding 1 to 1 + draft length tokens of one sequence (the
+        fastest of four tries each, the sizes taken in turn so that a burst of other work on
+        the machine skews no size alone), in slot 0 while it is still empty."""
+        batch, n_max = self._batch, self._draft_len + 1
+
+        def decode(n: int) -> float:
+            for j in range(n):
+                batch.token[j] = 0
+                batch.pos[j] = j
+                batch.n_seq_id[j] = 1
+                batch.seq_id[j][0] = 0
+                batch.logits[j] = True
+            batch.n_tokens = n
+            start = time.perf_counter()
+            rc = lc.llama_decode(self._ctx, batch)
+            took = time.perf_counter() - start
+            lc.llama_memory_seq_rm(self._mem, 0, -1, -1)
+            if rc != 0:
+                raise EngineError(f"llama_decode failed with code {rc} measuring step costs")
+            return took
+
+        decode(n_max)  # the first decode sets up buffers: not a step's cost
+        best = [float("inf")] * n_max
+        for _ in range(4):
+            for n in range(1, n_max + 1):
+                best[n - 1] = min(best[n - 1], decode(n))
+        return best
+
     def _alone(self) -> bool:
         return len(self._seqs) <= 1 and not self._prefilling
 
@@ -502,6 +568,11 @@ class LlamaCppEngine(StepLoopEngine):
         """Hand out the next token of `seq` and queue it for decoding; why `seq` ends, if it
         does (`complete`: its grammar is)."""
         p = seq.params
+        if seq.guess is not None:  # the guess not drafted, scored against what came
+            assert seq.acceptance is not None
+            right = token == seq.guess
+            seq.acceptance.update(int(right), int(not right))
+            seq.guess = None
         seq.generated += 1
         eog = token in self._end_tokens and not p.ignore_eos
         # The token goes to position n_past + len(pending) next step: room is what is left

@@ -57,9 +57,12 @@ async def outputs(engine, prompt, params) -> list[list[TokenOutput]]:
     return out
 
 
-def _engine(speculative: str, context_length: int) -> LlamaCppEngine:
+def _engine(speculative: str, context_length: int, adaptive: bool = False) -> LlamaCppEngine:
+    # Not adaptive unless asked: drafting whenever a guess exists puts every path through
+    # verification, whatever this machine's step costs.
     return LlamaCppEngine(bundled_model_path(), context_length=context_length, max_sequences=4,
-                          threads=2, speculative=speculative, speculative_tokens=6)
+                          threads=2, speculative=speculative, speculative_tokens=6,
+                          speculative_adaptive=adaptive)
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +157,20 @@ def test_a_sequence_joined_by_another_is_unchanged(engines):
         return await first, second
 
     assert run_on(engines["ngram"], fn) == run_on(engines["off"], fn)
+
+
+def test_adaptive_drafting_is_unchanged_and_measured_its_costs():
+    # both fresh: a prompt found cached is read again from its last token alone, and that
+    # row's logits differ in their last bits from a whole prompt's
+    adaptive, off = _engine("ngram", 512, adaptive=True), _engine("off", 512)
+    try:
+        ratios = adaptive._policy.cost_ratio
+        assert len(ratios) == 7 and ratios[0] == 1.0
+        assert all(b >= a for a, b in zip(ratios, ratios[1:]))  # never cheaper with more tokens
+        pair = {"off": off, "ngram": adaptive}
+        compare(pair, REPEAT, [greedy(logprobs=2)])
+        compare(pair, FREE, [seeded(2)])
+        compare(pair, RECORD_PROMPT, [greedy(grammar=RECORD_GRAMMAR)])
+    finally:
+        adaptive.close()
+        off.close()
