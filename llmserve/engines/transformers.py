@@ -286,8 +286,8 @@ class TransformersEngine(StepLoopEngine):
         logits: list[torch.Tensor] = []
         decoding = self._decoding()
         # A sequence decoding alone reads a draft of its next tokens in the same pass (only
-        # alone: with others every row would be as wide as the longest draft, and on CPU a
-        # pass costs about what its tokens do).
+        # alone, as in the llama.cpp engine: with others every row would be as wide as the
+        # longest draft, its padding computed for nothing).
         draft = (self._propose(decoding[0])
                  if self._speculative and len(decoding) == 1 else [])
         drafted: torch.Tensor | None = None
