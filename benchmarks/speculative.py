@@ -1,9 +1,10 @@
-"""Prompt-lookup speculation on the llama.cpp engine, in process, at 1 stream: tok/s with it
-on against off on an input-grounded workload (repeat a given paragraph) and on free
-generation. Both engines are loaded at once and run alternately (off, on, on, off per round)
-so that the machine's drift stays out of the ratio.
+"""Prompt-lookup speculation on the llama.cpp engine (or `--engine transformers`), in process,
+at 1 stream: tok/s with it on against off on an input-grounded workload (repeat a given
+paragraph) and on free generation. Both engines are loaded at once and run alternately (off,
+on, on, off per round) so that the machine's drift stays out of the ratio.
 
     PYTHONPATH=. .venv/bin/python benchmarks/speculative.py [--rounds 3] [--tokens 5] [--ngram 3]
+        [--engine transformers [--model DIR]]
 
 decode tok/s: tokens after the first over the time from the first to the last (the prompt's
 reading is the same on and off); end-to-end: all tokens over the request's whole time.
@@ -14,11 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 from llmserve.engines.base import SamplingParams
 from llmserve.engines.cpu import weight_repack_enabled
-from llmserve.engines.llamacpp import LlamaCppEngine
+from llmserve.engines.stepping import StepLoopEngine
 from llmserve.models import bundled_model_path
 
 PARAGRAPH = (
@@ -37,13 +40,13 @@ WORKLOADS = {
 }
 
 
-def chat(engine: LlamaCppEngine, text: str) -> list[int]:
+def chat(engine: StepLoopEngine, text: str) -> list[int]:
     return engine.tokenize(
         f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n", add_bos=False
     )
 
 
-async def one(engine: LlamaCppEngine, text: str, ignore_eos: bool, max_tokens: int
+async def one(engine: StepLoopEngine, text: str, ignore_eos: bool, max_tokens: int
               ) -> tuple[int, float, float]:
     """Tokens, decode tok/s, end-to-end tok/s of one greedy request."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
@@ -58,19 +61,43 @@ async def one(engine: LlamaCppEngine, text: str, ignore_eos: bool, max_tokens: i
     return n, (n - 1) / (last - first) if last > first else 0.0, n / (last - t0)
 
 
+def hf_dir(model: str | None) -> Path:
+    """--model, or the bundled GGUF as a Hugging Face directory (where the tests convert it)."""
+    if model:
+        return Path(model)
+    from llmserve.engines.vllm import convert_gguf
+
+    gguf = bundled_model_path()
+    out = Path(tempfile.gettempdir()) / f"llmserve-hf-smollm2-{gguf.stat().st_size}"
+    if not out.is_dir():
+        convert_gguf(gguf, out)
+    return out
+
+
+def load(args: argparse.Namespace, speculative: str) -> StepLoopEngine:
+    spec = {"speculative": speculative, "speculative_tokens": args.tokens,
+            "speculative_ngram": args.ngram, "speculative_ngram_min": args.ngram_min}
+    if args.engine == "transformers":
+        from llmserve.engines.transformers import TransformersEngine
+
+        return TransformersEngine(hf_dir(args.model), context_length=1024, max_sequences=4,
+                                  threads=args.threads, **spec)
+    from llmserve.engines.llamacpp import LlamaCppEngine
+
+    return LlamaCppEngine(args.model or bundled_model_path(), context_length=1024,
+                          max_sequences=4, threads=args.threads,
+                          weight_repack=weight_repack_enabled(args.weight_repack), **spec)
+
+
 async def main(args: argparse.Namespace) -> None:
-    engines = {
-        s: LlamaCppEngine(bundled_model_path(), context_length=1024, max_sequences=4,
-                          threads=args.threads, speculative=s, speculative_tokens=args.tokens,
-                          speculative_ngram=args.ngram, speculative_ngram_min=args.ngram_min,
-                          weight_repack=weight_repack_enabled(args.weight_repack))
-        for s in ("off", "ngram")
-    }
+    engines = {s: load(args, s) for s in ("off", "ngram")}
     for e in engines.values():
         await e.start()
-    print(f"speculative_tokens={args.tokens} speculative_ngram={args.ngram}..{args.ngram_min} "
-          f"max_tokens={args.max_tokens} rounds={args.rounds} threads={args.threads} "
-          f"weight_repack={weight_repack_enabled(args.weight_repack)}, 1 stream, greedy", flush=True)
+    repack = (f" weight_repack={weight_repack_enabled(args.weight_repack)}"
+              if args.engine == "llamacpp" else "")
+    print(f"engine={args.engine} speculative_tokens={args.tokens} "
+          f"speculative_ngram={args.ngram}..{args.ngram_min} max_tokens={args.max_tokens} "
+          f"rounds={args.rounds} threads={args.threads}{repack}, 1 stream, greedy", flush=True)
     rows = []
     for name, (text, ignore_eos) in WORKLOADS.items():
         for e in engines.values():  # warm-up, unmeasured
@@ -101,6 +128,9 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engine", choices=["llamacpp", "transformers"], default="llamacpp")
+    parser.add_argument("--model", help="GGUF file (llamacpp) or model directory (transformers; "
+                        "default: the bundled GGUF converted)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=5, help="speculative_tokens")
     parser.add_argument("--ngram", type=int, default=3, help="speculative_ngram")

@@ -62,7 +62,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", type=int,
                    help="prompt tokens read per step while others decode (default 64)")
     p.add_argument("--speculative", choices=["ngram", "off"],
-                   help="llama.cpp engine: speculative decoding without a draft model, by "
+                   help="llama.cpp and transformers engines: speculative decoding without a draft model, by "
                         "prompt lookup (ngram: the tokens that followed the latest earlier "
                         "occurrence of the last few), for a sequence decoded alone; output is "
                         "unchanged (default off)")

@@ -61,7 +61,7 @@ class Settings(BaseSettings):
         64, ge=16, description="prompt tokens read per step while others decode"
     )
     speculative: Literal["ngram", "off"] = Field(
-        "off", description="llama.cpp engine: prompt-lookup (n-gram) speculative decoding of a "
+        "off", description="llama.cpp and transformers engines: prompt-lookup (n-gram) speculative decoding of a "
         "sequence decoded alone; off: none"
     )
     speculative_tokens: int = Field(5, ge=1, le=64, description="tokens drafted per step")

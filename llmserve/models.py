@@ -171,9 +171,9 @@ def engine_spec(settings: Settings, path: Path, *, show_progress: bool = True) -
         kind = "llamacpp" if not path.is_dir() else "vllm" if _vllm_on_gpu() else "transformers"
     if kind != "vllm":
         _refuse_vllm_flags(settings)
-    if kind != "llamacpp" and settings.speculative != "off":
-        raise ValueError(f"--speculative {settings.speculative}: for --engine llamacpp only "
-                         f"(the {kind} engine has no speculative decoding yet)")
+    if kind not in ("llamacpp", "transformers") and settings.speculative != "off":
+        raise ValueError(f"--speculative {settings.speculative}: for --engine llamacpp or "
+                         f"transformers only (the {kind} engine has no speculative decoding yet)")
     context_length = settings.context_length or DEFAULT_CONTEXT
     if kind == "llamacpp":
         if not path.is_file():
@@ -209,6 +209,9 @@ def engine_spec(settings: Settings, path: Path, *, show_progress: bool = True) -
         trust_remote_code=settings.trust_remote_code,
         threads=settings.threads,
         prefill_chunk=settings.prefill_chunk,
+        speculative=settings.speculative,
+        speculative_tokens=settings.speculative_tokens,
+        speculative_ngram=settings.speculative_ngram,
     ))
 
 

@@ -110,17 +110,18 @@ def test_vllm_flags_are_refused_on_other_engines():
                     bundled_model_path())
 
 
-def test_speculative_flags_reach_the_llamacpp_engine_and_are_refused_elsewhere(tmp_path):
+def test_speculative_flags_reach_llamacpp_and_transformers_and_are_refused_by_vllm(tmp_path):
     from llmserve.config import Settings
     from llmserve.models import engine_spec
 
     gguf = bundled_model_path()
-    spec = engine_spec(Settings(), gguf)
-    assert spec.options["speculative"] == "off"
-    spec = engine_spec(Settings(speculative="ngram", speculative_tokens=7,
-                                speculative_ngram=2), gguf)
-    assert (spec.options["speculative"], spec.options["speculative_tokens"],
-            spec.options["speculative_ngram"]) == ("ngram", 7, 2)
-    for engine in ("transformers", "vllm"):
-        with pytest.raises(ValueError, match="--speculative ngram: for --engine llamacpp only"):
-            engine_spec(Settings(engine=engine, speculative="ngram"), tmp_path)
+    for engine in ("llamacpp", "transformers"):
+        spec = engine_spec(Settings(engine=engine), gguf)
+        assert (spec.kind, spec.options["speculative"]) == (engine, "off")
+        spec = engine_spec(Settings(engine=engine, speculative="ngram", speculative_tokens=7,
+                                    speculative_ngram=2), gguf)
+        assert (spec.options["speculative"], spec.options["speculative_tokens"],
+                spec.options["speculative_ngram"]) == ("ngram", 7, 2)
+    with pytest.raises(ValueError, match="--speculative ngram: for --engine llamacpp or "
+                                         "transformers only"):
+        engine_spec(Settings(engine="vllm", speculative="ngram"), tmp_path)

@@ -18,6 +18,11 @@ runs over slots `[0, highest in use]`; a free slot among them is computed and ig
 
 Rows with a grammar (`SamplingParams.grammar`, see engines/grammar.py) have their logits
 masked, all in one tensor op, before sampling; forced tokens are sampled one per step here.
+
+With `speculative="ngram"` a sequence decoding alone has a draft of its next tokens
+(engines/ngram_draft.py, prompt lookup) read in the same forward pass as its next token,
+with logits at every position; it is sampled row after row exactly as one token per step
+would be, as long as what it samples is what was drafted (`_sample_drafted`).
 """
 
 from __future__ import annotations
@@ -25,16 +30,17 @@ from __future__ import annotations
 import heapq
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from llmserve.engines import grammar, hf_loading
-from llmserve.engines.base import EngineError, SamplingParams, TokenOutput
+from llmserve.engines.base import EngineError, SamplingParams, SpecCounter, TokenOutput
 from llmserve.engines.hf_cache import Placement, SlotCache, attention_masks
 from llmserve.engines.hf_sampling import Sampler, draw_keys
+from llmserve.engines.ngram_draft import NgramIndex
 from llmserve.engines.stepping import (
     Delivery,
     EngineRequest,
@@ -59,8 +65,10 @@ class _Sequence:
     keys: tuple[int, int]  # its sampling noise's keys (engines.hf_sampling)
     n_past: int = 0  # tokens held in the KV cache: columns [0, n_past) of its slot
     generated: int = 0
-    next_token: int = -1
+    next_token: int = -1  # sampled, not in the KV cache yet: it goes to column n_past
     matcher: Any = None  # its grammar's llguidance matcher; None: unconstrained
+    generated_ids: list[int] = field(default_factory=list)
+    ngrams: NgramIndex | None = None  # its context, for drafting (built on first use)
 
 
 class TransformersEngine(StepLoopEngine):
@@ -81,9 +89,23 @@ class TransformersEngine(StepLoopEngine):
         threads: int | None = None,
         prefill_chunk: int = 256,
         max_prefill: int = 4096,
+        speculative: str = "off",
+        speculative_tokens: int = 5,
+        speculative_ngram: int = 3,
+        speculative_ngram_min: int = 2,
     ) -> None:
         if max_sequences < 1:
             raise ValueError("max_sequences must be at least 1")
+        if speculative not in ("off", "ngram"):
+            raise ValueError(f"speculative: ngram or off, not {speculative!r}")
+        # Prompt-lookup speculation (engines/ngram_draft.py), for a sequence decoding alone;
+        # the shortest n-gram is 2 by default, as in the llama.cpp engine (one token's last
+        # continuation is a poor guess).
+        self._speculative = speculative == "ngram" and speculative_tokens > 0
+        self._draft_len = max(0, speculative_tokens)
+        self._draft_ngram = max(1, speculative_ngram)
+        self._draft_ngram_min = max(1, min(speculative_ngram_min, self._draft_ngram))
+        self._spec = SpecCounter() if self._speculative else None
         self._threads = threads
         if threads:
             torch.set_num_threads(threads)
@@ -263,10 +285,19 @@ class TransformersEngine(StepLoopEngine):
         rows: list[_Sequence] = []
         logits: list[torch.Tensor] = []
         decoding = self._decoding()
+        # A sequence decoding alone reads a draft of its next tokens in the same pass (only
+        # alone, as in the llama.cpp engine: with others every row would be as wide as the
+        # longest draft, its padding computed for nothing).
+        draft = (self._propose(decoding[0])
+                 if self._speculative and len(decoding) == 1 else [])
+        drafted: torch.Tensor | None = None
         if decoding:
             try:
-                logits.append(self._decode(decoding))
-                rows += decoding
+                if draft:
+                    drafted = self._decode_drafted(decoding[0], draft)
+                else:
+                    logits.append(self._decode(decoding))
+                    rows += decoding
             except Exception as exc:
                 log.exception("decode step failed")
                 err = EngineError(f"decode step failed: {exc}")
@@ -275,6 +306,8 @@ class TransformersEngine(StepLoopEngine):
                 for req in dict.fromkeys(s.request for s in decoding):
                     req.sequences = []
                     out.end(req, err)
+        if drafted is not None:
+            self._sample_drafted(decoding[0], draft, drafted, out)
         # 2. Pieces of prompts, side by side: `prefill_chunk` tokens per step while at least
         # as many sequences decode as wait for their prompt (their steps stay short), as fast
         # as possible otherwise: while a batch fills up, a few sequences wait one longer step
@@ -312,19 +345,26 @@ class TransformersEngine(StepLoopEngine):
             self._slots[seq.slot] = seq
         return staying
 
-    def _run(self, ids: torch.Tensor, positions: torch.Tensor, where: Placement) -> torch.Tensor:
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, where: Placement,
+             keep: int = 1) -> torch.Tensor:
         self._cache.place(where)
         mask = attention_masks(positions, where.length, kinds=self._layer_kinds,
                                sliding_window=self._sliding_window, additive=self._additive_mask)
-        return self._forward(ids, positions, mask, self._cache)
+        if keep == 1:
+            return self._forward(ids, positions, mask, self._cache)
+        return self._forward(ids, positions, mask, self._cache, keep)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask, cache) -> torch.Tensor:
-        """The last position's logits of every row (float32)."""
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask, cache,
+                 keep: int = 1) -> torch.Tensor:
+        """The last position's logits of every row (float32), `[rows, vocab]`; with `keep`
+        > 1 the last `keep` positions' logits, `[rows, keep, vocab]`."""
         kwargs = {self._cache_kw: cache, "use_cache": True}
         if self._logits_to_keep:
-            kwargs["logits_to_keep"] = 1
+            kwargs["logits_to_keep"] = keep
         out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
-        return out.logits[:, -1, :].float()
+        if keep == 1:
+            return out.logits[:, -1, :].float()
+        return out.logits[:, -keep:, :].float()
 
     def _decode(self, seqs: list[_Sequence]) -> torch.Tensor:
         """Logits `[len(seqs), vocab]`. Rows are slots `[0, highest in use]`: a free slot
@@ -347,6 +387,37 @@ class TransformersEngine(StepLoopEngine):
         if len(seqs) < top:
             logits = logits.index_select(0, torch.tensor(slots, device=dev))
         return logits
+
+    def _decode_drafted(self, seq: _Sequence, draft: list[int]) -> torch.Tensor:
+        """Logits `[1 + len(draft), vocab]` of `seq`'s next token and its draft, read in one
+        pass into columns `n_past...` of its slot. Only its next token counts as held
+        (`n_past` + 1): a drafted column becomes part of the sequence when its token is
+        sampled, and one rejected is beyond `n_past`, masked from every query (each sees
+        columns up to its own position) and overwritten before a later token reads it."""
+        dev = self._device
+        tokens = [seq.next_token, *draft]
+        n = len(tokens)
+        columns = list(range(seq.n_past, seq.n_past + n))
+        # slot 0 is row 0: read in place; another slot is gathered
+        where = _placement([0] * n, list(range(n)), [seq.slot] * n, columns, columns[-1] + 1,
+                           dev, slots=[seq.slot], in_place=seq.slot == 0)
+        logits = self._run(torch.tensor([tokens], device=dev), torch.tensor([columns], device=dev),
+                           where, keep=n)
+        seq.n_past += 1
+        return logits[0]
+
+    def _propose(self, seq: _Sequence) -> list[int]:
+        """A draft of the tokens after `seq`'s next one: what followed the latest earlier
+        occurrence of its last few tokens, no more than it may still generate, nor than the
+        context holds (a token sampled in its last column ends the sequence unread)."""
+        prompt = seq.request.prompt
+        if seq.ngrams is None:
+            seq.ngrams = NgramIndex(self._draft_ngram, self._draft_ngram_min)
+            seq.ngrams.extend(prompt)
+        seq.ngrams.extend(seq.generated_ids[len(seq.ngrams) - len(prompt):])
+        room = min(self._draft_len, seq.params.max_tokens - seq.generated - 1,
+                   self._context_length - seq.n_past - 2)
+        return seq.ngrams.propose(room)
 
     def _prefill(self, budget: int, out: StepOutputs) -> tuple[list[EngineRequest], list[torch.Tensor]]:
         """Read up to `budget` prompt tokens, first come first served, each prompt's piece a
@@ -400,9 +471,30 @@ class TransformersEngine(StepLoopEngine):
 
     # -- sampling --------------------------------------------------------------------------
 
-    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor, out: StepOutputs) -> None:
+    def _sample_drafted(self, seq: _Sequence, draft: list[int], logits: torch.Tensor,
+                        out: StepOutputs) -> None:
+        """`_sample` for a sequence whose draft was read after its next token: row after row,
+        each by the same `_sample` call as one token per step (its sampler's state, its seeded
+        noise, which is keyed by the tokens it has generated, its grammar, its logprobs), for
+        as long as what it samples is what was drafted; the first token that differs, or the
+        one after the whole draft, is emitted too and read next step. Only the logits differ
+        from one token per step: they come from a wider pass."""
+        accepted = 0
+        try:
+            for row in range(len(draft) + 1):
+                if not self._sample([seq], logits[row:row + 1], out)[0]:
+                    break  # finished, or failed
+                if row == len(draft) or seq.next_token != draft[row]:
+                    break
+                accepted += 1  # its column, read as drafted, is right
+                seq.n_past += 1
+        finally:
+            assert self._spec is not None
+            self._spec.record(len(draft), accepted)
+
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor, out: StepOutputs) -> list[bool]:
         """The next token of each sequence from its row of raw `logits`, all in one draw;
-        finished sequences leave."""
+        finished sequences leave. For each: whether it took a token and goes on."""
         constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
         failed: set[int] = set()
         if constrained:
@@ -423,6 +515,7 @@ class TransformersEngine(StepLoopEngine):
                 failed.add(i)
         draw = self._sampler.sample(logits, [s.slot for s in seqs], [s.params for s in seqs],
                                     [s.keys for s in seqs], [s.generated for s in seqs])
+        going = [False] * len(seqs)
         for i, seq in enumerate(seqs):
             if i in failed:
                 continue  # leaves with its request at the next step's cancels
@@ -446,8 +539,12 @@ class TransformersEngine(StepLoopEngine):
             out.add(seq.request, TokenOutput(seq.index, token, draw.logprobs[i], draw.top[i],
                                              eog, finish))
             seq.next_token = token
+            seq.generated_ids.append(token)
             if finish is not None:
                 self._leave(seq, out)
+            else:
+                going[i] = True
+        return going
 
     def _mask(self, logits: torch.Tensor, rows: list[int], masks) -> torch.Tensor:
         """`logits` with the tokens each constrained row's grammar forbids at -inf."""
