@@ -62,10 +62,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", type=int,
                    help="prompt tokens read per step while others decode (default 64)")
     p.add_argument("--speculative", choices=["ngram", "off"],
-                   help="llama.cpp and transformers engines: speculative decoding without a draft model, by "
-                        "prompt lookup (ngram: the tokens that followed the latest earlier "
-                        "occurrence of the last few), for a sequence decoded alone; output is "
-                        "unchanged (default off)")
+                   help="speculative decoding without a draft model, by prompt lookup (ngram: "
+                        "the tokens that followed the latest earlier occurrence of the last "
+                        "few; on llama.cpp and transformers for a sequence decoded alone, on "
+                        "vllm vLLM's own proposer); output is unchanged (default off)")
     p.add_argument("--speculative-tokens", type=int,
                    help="tokens drafted per step with --speculative ngram (default 5)")
     p.add_argument("--speculative-ngram", type=int,
@@ -108,6 +108,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     vllm.add_argument("--quantization", help="awq, gptq, fp8, ... (default: the model's own)")
     vllm.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                       help="reuse the KV cache of shared prompt prefixes (default on)")
+    vllm.add_argument("--speculative-config", metavar="JSON",
+                      help="vLLM's speculative decoding config, passed as given (e.g. "
+                           '\'{"method": "ngram", "num_speculative_tokens": 5, '
+                           '"prompt_lookup_max": 3}\'); wins over --speculative')
     p.add_argument("--log-level", help="critical|error|warning|info|debug (default info)")
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -61,8 +62,8 @@ class Settings(BaseSettings):
         64, ge=16, description="prompt tokens read per step while others decode"
     )
     speculative: Literal["ngram", "off"] = Field(
-        "off", description="llama.cpp and transformers engines: prompt-lookup (n-gram) speculative decoding of a "
-        "sequence decoded alone; off: none"
+        "off", description="prompt-lookup (n-gram) speculative decoding (llama.cpp and "
+        "transformers: of a sequence decoded alone; vllm: vLLM's own proposer); off: none"
     )
     speculative_tokens: int = Field(5, ge=1, le=64, description="tokens drafted per step")
     speculative_ngram: int = Field(
@@ -112,6 +113,10 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool | None = Field(
         None, description="vllm: reuse the KV cache of shared prompt prefixes (default on)"
     )
+    speculative_config: Annotated[dict[str, Any] | None, NoDecode] = Field(
+        None, description="vllm: vLLM's speculative config (JSON), as given; wins over "
+        "--speculative"
+    )
     log_level: str = "info"
     # Test-only fault injection (engines/faults.py); deliberately not a CLI flag.
     test_fault: str | None = None
@@ -122,6 +127,18 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @field_validator("speculative_config", mode="before")
+    @classmethod
+    def _json_object(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        if value.strip().lower() in ("", "none"):
+            return None
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not JSON: {exc}") from None
 
     @field_validator("store_ttl", mode="before")
     @classmethod

