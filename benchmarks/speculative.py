@@ -1,7 +1,8 @@
 """Prompt-lookup speculation on the llama.cpp engine (or `--engine transformers`), in process,
-at 1 stream: tok/s with it on against off on an input-grounded workload (repeat a given
-paragraph) and on free generation. Both engines are loaded at once and run alternately (off,
-on, on, off per round) so that the machine's drift stays out of the ratio.
+at 1 stream: tok/s with it off, on with a draft whenever a guess exists (`always`), and on
+with adaptive drafts (llama.cpp), on an input-grounded workload (repeat a given paragraph)
+and on free generation. The engines are loaded at once and run in palindromic rounds (off,
+always, adaptive, adaptive, always, off) so that the machine's drift stays out of the ratio.
 
     PYTHONPATH=. .venv/bin/python benchmarks/speculative.py [--rounds 3] [--tokens 5] [--ngram 3]
         [--engine transformers [--model DIR]]
@@ -74,9 +75,12 @@ def hf_dir(model: str | None) -> Path:
     return out
 
 
-def load(args: argparse.Namespace, speculative: str) -> StepLoopEngine:
-    spec = {"speculative": speculative, "speculative_tokens": args.tokens,
-            "speculative_ngram": args.ngram, "speculative_ngram_min": args.ngram_min}
+def load(args: argparse.Namespace, variant: str) -> StepLoopEngine:
+    """`off`, `always` (a draft whenever a guess exists) or `adaptive` (llama.cpp: drafts
+    only the lengths that pay, see engines/draft_policy.py)."""
+    spec = {"speculative": "off" if variant == "off" else "ngram",
+            "speculative_tokens": args.tokens, "speculative_ngram": args.ngram,
+            "speculative_ngram_min": args.ngram_min}
     if args.engine == "transformers":
         from llmserve.engines.transformers import TransformersEngine
 
@@ -86,11 +90,13 @@ def load(args: argparse.Namespace, speculative: str) -> StepLoopEngine:
 
     return LlamaCppEngine(args.model or bundled_model_path(), context_length=1024,
                           max_sequences=4, threads=args.threads,
-                          weight_repack=weight_repack_enabled(args.weight_repack), **spec)
+                          weight_repack=weight_repack_enabled(args.weight_repack),
+                          speculative_adaptive=variant == "adaptive", **spec)
 
 
 async def main(args: argparse.Namespace) -> None:
-    engines = {s: load(args, s) for s in ("off", "ngram")}
+    variants = ["off", "always"] + (["adaptive"] if args.engine == "llamacpp" else [])
+    engines = {v: load(args, v) for v in variants}
     for e in engines.values():
         await e.start()
     repack = (f" weight_repack={weight_repack_enabled(args.weight_repack)}"
@@ -98,30 +104,33 @@ async def main(args: argparse.Namespace) -> None:
     print(f"engine={args.engine} speculative_tokens={args.tokens} "
           f"speculative_ngram={args.ngram}..{args.ngram_min} max_tokens={args.max_tokens} "
           f"rounds={args.rounds} threads={args.threads}{repack}, 1 stream, greedy", flush=True)
-    rows = []
+    policy = getattr(engines.get("adaptive"), "_policy", None)
+    if policy is not None:
+        print("adaptive: step cost with 1..k drafted tokens, x a plain step, measured at load: "
+              + " ".join(f"{r:.2f}" for r in policy.cost_ratio[1:]), flush=True)
+    print(f"{'workload':8} {'variant':8} {'tokens':>6} {'decode':>7} {'ratio':>6} "
+          f"{'e2e':>7} {'ratio':>6} {'accept':>7} {'from drafts':>11}")
+    order = variants + variants[::-1]  # palindromic: the machine's drift cancels
     for name, (text, ignore_eos) in WORKLOADS.items():
         for e in engines.values():  # warm-up, unmeasured
             await one(e, text, ignore_eos, 16)
-        on = engines["ngram"]
-        base = (on.spec_decode_stats().draft_tokens, on.spec_decode_stats().accepted_tokens)
-        got: dict[str, list[tuple[int, float, float]]] = {"off": [], "ngram": []}
+        base = {v: engines[v].spec_decode_stats() for v in variants}
+        got: dict[str, list[tuple[int, float, float]]] = {v: [] for v in variants}
         for _ in range(args.rounds):
-            for s in ("off", "ngram", "ngram", "off"):
-                got[s].append(await one(engines[s], text, ignore_eos, args.max_tokens))
-        drafted = on.spec_decode_stats().draft_tokens - base[0]
-        accepted = on.spec_decode_stats().accepted_tokens - base[1]
+            for v in order:
+                got[v].append(await one(engines[v], text, ignore_eos, args.max_tokens))
         off_d = statistics.median(r[1] for r in got["off"])
-        on_d = statistics.median(r[1] for r in got["ngram"])
         off_e = statistics.median(r[2] for r in got["off"])
-        on_e = statistics.median(r[2] for r in got["ngram"])
-        rows.append((name, got["off"][0][0], off_d, on_d, off_e, on_e,
-                     accepted / drafted if drafted else 0.0,
-                     accepted / sum(r[0] for r in got["ngram"])))
-    print(f"{'workload':8} {'tokens':>6} {'decode off':>10} {'on':>7} {'ratio':>6} "
-          f"{'e2e off':>8} {'on':>7} {'ratio':>6} {'accept':>7} {'from drafts':>11}")
-    for name, n, off_d, on_d, off_e, on_e, rate, share in rows:
-        print(f"{name:8} {n:6d} {off_d:10.1f} {on_d:7.1f} {on_d / off_d:5.2f}x "
-              f"{off_e:8.1f} {on_e:7.1f} {on_e / off_e:5.2f}x {rate:7.0%} {share:11.0%}")
+        for v in variants:
+            d = statistics.median(r[1] for r in got[v])
+            e = statistics.median(r[2] for r in got[v])
+            stats, before = engines[v].spec_decode_stats(), base[v]
+            drafted = stats.draft_tokens - before.draft_tokens if stats else 0
+            accepted = stats.accepted_tokens - before.accepted_tokens if stats else 0
+            rate = f"{accepted / drafted:7.0%}" if drafted else f"{'-':>7}"
+            share = accepted / sum(r[0] for r in got[v])
+            print(f"{name:8} {v:8} {got[v][0][0]:6d} {d:7.1f} {d / off_d:5.2f}x "
+                  f"{e:7.1f} {e / off_e:5.2f}x {rate} {share:11.0%}", flush=True)
     for e in engines.values():
         await e.stop()
 
