@@ -61,11 +61,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="tokens per decode step at most (default 512)")
     p.add_argument("--prefill-chunk", type=int,
                    help="prompt tokens read per step while others decode (default 64)")
-    p.add_argument("--speculative", choices=["ngram", "off"],
+    p.add_argument("--speculative", choices=["auto", "ngram", "off"],
                    help="speculative decoding without a draft model, by prompt lookup (ngram: "
                         "the tokens that followed the latest earlier occurrence of the last "
                         "few; on llama.cpp and transformers for a sequence decoded alone, on "
-                        "vllm vLLM's own proposer); output is unchanged (default off)")
+                        "vllm vLLM's own proposer); output is unchanged (default auto: ngram on "
+                        "llama.cpp, whose drafts are adaptive, off on the others)")
     p.add_argument("--speculative-tokens", type=int,
                    help="tokens drafted per step with --speculative ngram (default 5)")
     p.add_argument("--speculative-ngram", type=int,

@@ -61,8 +61,9 @@ class Settings(BaseSettings):
     prefill_chunk: int = Field(
         64, ge=16, description="prompt tokens read per step while others decode"
     )
-    speculative: Literal["ngram", "off"] = Field(
-        "off", description="prompt-lookup (n-gram) speculative decoding (llama.cpp and "
+    speculative: Literal["auto", "ngram", "off"] = Field(
+        "auto", description="auto: ngram on the llama.cpp engine (whose drafts are adaptive), "
+        "off on the others; prompt-lookup (n-gram) speculative decoding (llama.cpp and "
         "transformers: of a sequence decoded alone; vllm: vLLM's own proposer); off: none"
     )
     speculative_tokens: int = Field(5, ge=1, le=64, description="tokens drafted per step")

@@ -182,7 +182,8 @@ def engine_spec(settings: Settings, path: Path, *, show_progress: bool = True) -
             batch_size=settings.batch_size,
             prefill_chunk=settings.prefill_chunk,
             weight_repack=weight_repack_enabled(settings.weight_repack),
-            speculative=settings.speculative,
+            # auto: on, since its drafts are adaptive (only what pays on this machine)
+            speculative="ngram" if settings.speculative == "auto" else settings.speculative,
             speculative_tokens=settings.speculative_tokens,
             speculative_ngram=settings.speculative_ngram,
             speculative_adaptive=settings.speculative_adaptive,
@@ -206,7 +207,8 @@ def engine_spec(settings: Settings, path: Path, *, show_progress: bool = True) -
         trust_remote_code=settings.trust_remote_code,
         threads=settings.threads,
         prefill_chunk=settings.prefill_chunk,
-        speculative=settings.speculative,
+        # auto: off, its drafts are not adaptive yet
+        speculative="off" if settings.speculative == "auto" else settings.speculative,
         speculative_tokens=settings.speculative_tokens,
         speculative_ngram=settings.speculative_ngram,
     ))

@@ -110,14 +110,17 @@ def test_vllm_flags_are_refused_on_other_engines():
                     bundled_model_path())
 
 
-def test_speculative_flags_reach_llamacpp_and_transformers_and_are_refused_by_vllm(tmp_path):
+def test_speculative_flags_reach_llamacpp_and_transformers(tmp_path):
     from llmserve.config import Settings
     from llmserve.models import engine_spec
 
     gguf = bundled_model_path()
-    for engine in ("llamacpp", "transformers"):
+    # auto: on where drafts are adaptive (llama.cpp), off elsewhere
+    for engine, auto in (("llamacpp", "ngram"), ("transformers", "off")):
         spec = engine_spec(Settings(engine=engine), gguf)
-        assert (spec.kind, spec.options["speculative"]) == (engine, "off")
+        assert (spec.kind, spec.options["speculative"]) == (engine, auto)
+        spec = engine_spec(Settings(engine=engine, speculative="off"), gguf)
+        assert spec.options["speculative"] == "off"
         spec = engine_spec(Settings(engine=engine, speculative="ngram", speculative_tokens=7,
                                     speculative_ngram=2), gguf)
         assert (spec.options["speculative"], spec.options["speculative_tokens"],
