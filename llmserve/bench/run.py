@@ -3,7 +3,9 @@ baselines measured in the same run, level by level so that machine drift cancels
 engine in-process with no HTTP (the limit), the engine's own OpenAI server on the same model
 (llama.cpp's `llama-server` and llama-cpp-python's for llama.cpp, `vllm serve` for vLLM), and
 for the transformers engine Hugging Face `model.generate` on static batches of the same
-prompts."""
+prompts. Every system meets its measured prompts in the same cache state, cold or warm
+(`run_block`), on a workload of open questions or of texts to copy from (`workloads.py`), with
+llmserve's speculative decoding off or on."""
 
 from __future__ import annotations
 

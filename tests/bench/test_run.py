@@ -104,15 +104,15 @@ def test_blocks_run_palindromically_each_with_conversations_of_its_own():
 
 
 def test_spec_counters_read_from_metrics_text():
-    text = "\n".join([
-        "# HELP llmserve:spec_decode_num_draft_tokens_total Number of draft tokens.",
-        "# TYPE llmserve:spec_decode_num_draft_tokens_total counter",
-        'llmserve:spec_decode_num_draft_tokens_total{model_name="a"} 40.0',
-        'llmserve:spec_decode_num_draft_tokens_total{model_name="b"} 2.0',
-        'llmserve:spec_decode_num_accepted_tokens_total{model_name="a"} 30.0',
-        'llmserve:spec_decode_num_accepted_tokens_per_pos_total{model_name="a",position="0"} 9.0',
-        "llmserve:num_requests_running 3.0",
-    ])
+    text = """\
+# HELP llmserve:spec_decode_num_draft_tokens_total Number of draft tokens.
+# TYPE llmserve:spec_decode_num_draft_tokens_total counter
+llmserve:spec_decode_num_draft_tokens_total{model_name="a"} 40.0
+llmserve:spec_decode_num_draft_tokens_total{model_name="b"} 2.0
+llmserve:spec_decode_num_accepted_tokens_total{model_name="a"} 30.0
+llmserve:spec_decode_num_accepted_tokens_per_pos_total{model_name="a",position="0"} 9.0
+llmserve:num_requests_running 3.0
+"""
     assert metric_totals(text, SPEC_METRICS) == {SPEC_METRICS[0]: 42.0, SPEC_METRICS[1]: 30.0}
     assert metric_totals(text, ("llmserve:num_requests_running",)) == {
         "llmserve:num_requests_running": 3.0}
