@@ -49,10 +49,13 @@ async def run_level(
     return results, time.perf_counter() - t0
 
 
-def chat_body(model: str, prompt: str, max_tokens: int, extra: dict) -> dict:
+def chat_body(model: str, prompt: str | list[dict], max_tokens: int, extra: dict) -> dict:
+    """A streamed greedy chat request: `prompt` is one user message, or the whole
+    conversation."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     return {
         "model": model,
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
@@ -109,3 +112,14 @@ async def engine_stream(engine: Engine, prompt: list[int], max_tokens: int) -> T
             t.tokens += 1
     t.end = time.perf_counter()
     return t
+
+
+def metric_totals(text: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Each of `names` in a Prometheus text page, summed over its label sets; absent names
+    are left out."""
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in names:
+            totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals

@@ -35,9 +35,20 @@ class LevelResult:
     api_cpu_s: float | None = None  # the server's own process (the API layer), not its children
     peak_rss_mb: float | None = None
     first_error: str | None = None
+    workload: str = "free"  # workloads.py
+    cache: str = "cold"  # what the system's cache held of the measured prompts: cold or warm
+    spec_draft_tokens: int | None = None  # speculative decoding, where the system counts it
+    spec_accepted_tokens: int | None = None
+
+    @property
+    def acceptance(self) -> float | None:
+        """Drafted tokens accepted, where any were drafted."""
+        if not self.spec_draft_tokens or self.spec_accepted_tokens is None:
+            return None
+        return self.spec_accepted_tokens / self.spec_draft_tokens
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "acceptance": self.acceptance}
 
 
 def summarize(system: str, concurrency: int, timings: list[Timing], wall: float) -> LevelResult:
@@ -70,36 +81,50 @@ def _f(v: float | None, digits: int = 0) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0%}"
+
+
 def table(results: list[LevelResult]) -> str:
     head = (
-        f"{'system':<20} {'conc':>4} {'req':>4} {'err':>3} {'tok/s':>7} {'req/s':>6} "
+        f"{'system':<20} {'workload':<8} {'cache':<5} {'conc':>4} {'req':>4} {'err':>3} "
+        f"{'tok/s':>7} {'req/s':>6} "
         f"{'TTFT p50/p95/p99 ms':>21} {'ITL p50/p95/p99 ms':>19} {'gap ms':>7} "
-        f"{'e2e p50 s':>9} {'cpu s':>6} {'api s':>6} {'rss MB':>7}"
+        f"{'e2e p50 s':>9} {'cpu s':>6} {'api s':>6} {'rss MB':>7} {'accept':>6}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
         ttft = "/".join(_f(v) for v in r.ttft_ms)
         itl = "/".join(_f(v, 1) for v in r.itl_ms)
         lines.append(
-            f"{r.system:<20} {r.concurrency:>4} {r.requests:>4} {r.errors:>3} {r.tok_s:>7.1f} "
+            f"{r.system:<20} {r.workload:<8} {r.cache:<5} {r.concurrency:>4} {r.requests:>4} "
+            f"{r.errors:>3} {r.tok_s:>7.1f} "
             f"{r.req_s:>6.2f} {ttft:>21} {itl:>19} {_f(r.max_gap_ms):>7} "
             f"{_f(r.e2e_s[0], 2):>9} {_f(r.cpu_s, 1):>6} {_f(r.api_cpu_s, 2):>6} "
-            f"{_f(r.peak_rss_mb):>7}"
+            f"{_f(r.peak_rss_mb):>7} {_pct(r.acceptance):>6}"
         )
     return "\n".join(lines)
 
 
 def ratios(results: list[LevelResult], subject: str, baselines: list[str]) -> tuple[str, list[dict]]:
-    by = {(r.system, r.concurrency): r for r in results}
+    """`subject` against each of `baselines`, row by row of the same workload, cache state
+    and concurrency."""
+    by = {(r.system, r.workload, r.cache, r.concurrency): r for r in results}
     rows, out = [], []
-    for conc in sorted({r.concurrency for r in results}):
-        s = by.get((subject, conc))
+    cases = sorted({(r.workload, r.cache, r.concurrency) for r in results},
+                   key=lambda c: (c[2], c[0], c[1]))
+    for workload, cache, conc in cases:
+        s = by.get((subject, workload, cache, conc))
         if s is None:
             continue
-        row: dict = {"concurrency": conc}
-        parts = [f"conc {conc:>3}:"]
+        row: dict = {"system": subject, "workload": workload, "cache": cache,
+                     "concurrency": conc}
+        parts = [f"{workload:<8} {cache:<4} conc {conc:>3}:"]
+        if s.acceptance is not None:
+            row["acceptance"] = s.acceptance
+            parts.append(f"{subject} accepted {s.acceptance:.0%} of drafts")
         for base in baselines:
-            b = by.get((base, conc))
+            b = by.get((base, workload, cache, conc))
             if b is None or not b.tok_s:
                 continue
             row[f"tok_s_vs_{base}"] = s.tok_s / b.tok_s

@@ -3,7 +3,9 @@ baselines measured in the same run, level by level so that machine drift cancels
 engine in-process with no HTTP (the limit), the engine's own OpenAI server on the same model
 (llama.cpp's `llama-server` and llama-cpp-python's for llama.cpp, `vllm serve` for vLLM), and
 for the transformers engine Hugging Face `model.generate` on static batches of the same
-prompts."""
+prompts. Every system meets its measured prompts in the same cache state, cold or warm
+(`run_block`), on a workload of open questions or of texts to copy from (`workloads.py`), with
+llmserve's speculative decoding off or on."""
 
 from __future__ import annotations
 
@@ -17,17 +19,32 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from llmserve.bench.load import Timing, chat_body, engine_stream, http_stream, run_level
+from llmserve.bench.load import (
+    Timing,
+    chat_body,
+    engine_stream,
+    http_stream,
+    metric_totals,
+    run_level,
+)
 from llmserve.bench.report import LevelResult, ratios, summarize, table
+from llmserve.bench.workloads import (
+    CACHE_MODES,
+    PROBE,
+    WORKLOADS,
+    Messages,
+    PromptMaker,
+    workload_prompts,
+)
 
 if TYPE_CHECKING:
     from llmserve.config import Settings
@@ -42,6 +59,7 @@ LLAMA_SERVER = "llama-server"
 # response"). Asking for the close up front opens a connection per request, as it does anyway.
 LLAMA_SERVER_HEADERS = {"Connection": "close"}
 VLLM = "vllm serve"
+SPECULATIVE = ("off", "ngram")  # llmserve's --speculative
 CONSTRAINED = "llmserve json_schema"
 # Free text inside a structure, never complete within the bench's answers: every stream
 # runs to max_tokens under its grammar, as the unconstrained ones do.
@@ -55,7 +73,7 @@ NOTES_FORMAT = {"type": "json_schema", "json_schema": {"name": "notes", "schema"
 
 
 def shipped_prompts() -> list[str]:
-    return json.loads(resources.files("llmserve.bench").joinpath("prompts.json").read_text())
+    return workload_prompts("free")
 
 
 def _free_port() -> int:
@@ -148,101 +166,199 @@ def start_process(args: list[str], ready_path: str, log_path: Path,
 
 
 @dataclass
+class SpecCounts:
+    """Speculative decoding's counters of a system so far."""
+
+    draft_tokens: int
+    accepted_tokens: int
+
+
+SPEC_METRICS = ("llmserve:spec_decode_num_draft_tokens_total",
+                "llmserve:spec_decode_num_accepted_tokens_total")
+
+Stream = Callable[[Any, int], Awaitable[Timing]]  # one prepared request, its max_tokens
+
+
+class System(ABC):
+    """Something measured: a row's name, how its requests are sent, what it spent."""
+
+    name: str
+    engine_apart = False  # the engine runs in child processes: the top one is the API
+
+    def prepare(self, conversations: list[Messages]) -> list[Any]:
+        """The requests as `connect`'s stream takes them, made before any timing."""
+        return conversations
+
+    @abstractmethod
+    def connect(self, concurrency: int) -> AbstractAsyncContextManager[Stream]: ...
+
+    def cpu_s(self) -> tuple[float | None, float | None]:
+        """CPU seconds so far: the whole system's, and its API process's alone."""
+        return None, None
+
+    def peak_rss_mb(self) -> float | None:
+        return None
+
+    async def spec_counts(self) -> SpecCounts | None:
+        return None
+
+
+@dataclass
+class HttpSystem(System):
+    """A system over HTTP: its server, the body fields it gets."""
+
+    name: str
+    url: str
+    model: str
+    extra: dict
+    proc: Proc | None
+    engine_apart: bool = True
+    headers: dict[str, str] | None = None  # sent with every request
+    spec_metrics: bool = False  # llmserve's /metrics counts speculative decoding
+
+    @asynccontextmanager
+    async def connect(self, concurrency: int) -> AsyncIterator[Stream]:
+        limits = httpx.Limits(max_connections=concurrency + 4,
+                              max_keepalive_connections=concurrency + 4)
+        async with httpx.AsyncClient(base_url=self.url, timeout=600, limits=limits,
+                                     headers=self.headers) as client:
+            yield lambda conversation, max_tokens: http_stream(
+                client, chat_body(self.model, conversation, max_tokens, self.extra))
+
+    def cpu_s(self) -> tuple[float | None, float | None]:
+        if self.proc is None:
+            return None, None
+        return self.proc.cpu_s(), self.proc.cpu_s(tree=False) if self.engine_apart else None
+
+    def peak_rss_mb(self) -> float | None:
+        return self.proc.peak_rss_mb() if self.proc is not None else None
+
+    async def spec_counts(self) -> SpecCounts | None:
+        if not self.spec_metrics:
+            return None
+        try:
+            async with httpx.AsyncClient(base_url=self.url, timeout=30,
+                                         headers=self.headers) as client:
+                text = (await client.get("/metrics")).text
+        except httpx.HTTPError:
+            return None
+        found = metric_totals(text, SPEC_METRICS)
+        if len(found) < len(SPEC_METRICS):
+            return None  # not speculating
+        return SpecCounts(*(int(found[n]) for n in SPEC_METRICS))
+
+
+@dataclass
+class EngineSystem(System):
+    """The engine driven in this process: no HTTP, no text handling."""
+
+    name: str
+    engine: Any  # Engine
+    template: Any  # ChatTemplate
+
+    def prepare(self, conversations: list[Messages]) -> list[list[int]]:
+        return [self.engine.tokenize(self.template.render(c), add_bos=False)
+                for c in conversations]
+
+    @asynccontextmanager
+    async def connect(self, concurrency: int) -> AsyncIterator[Stream]:
+        yield lambda prompt, max_tokens: engine_stream(self.engine, prompt, max_tokens)
+
+    def cpu_s(self) -> tuple[float | None, float | None]:
+        return time.process_time(), None
+
+    async def spec_counts(self) -> SpecCounts | None:
+        stats = self.engine.spec_decode_stats()
+        return SpecCounts(stats.draft_tokens, stats.accepted_tokens) if stats else None
+
+
+@dataclass
 class _Run:
-    """One block of requests against a server: what `summarize` needs, and what the server's
-    process tree spent on it."""
+    """One block of requests against a system: what `summarize` needs, and what the system
+    spent on it."""
 
     timings: list[Timing]
     wall: float
     cpu_s: float | None
     api_cpu_s: float | None
     peak_rss_mb: float | None
+    spec: SpecCounts | None = None  # drafted and accepted during the block
 
 
-async def _run_http(
-    url: str, model: str, prompts: list[str], conc: int, requests: int, max_tokens: int,
-    extra: dict, proc: Proc | None, headers: dict[str, str] | None = None,
-) -> _Run:
-    limits = httpx.Limits(max_connections=conc + 4, max_keepalive_connections=conc + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits,
-                                 headers=headers) as client:
-        # One short request first: connections and caches warm, nothing measured.
-        await http_stream(client, chat_body(model, prompts[0], 4, extra))
-        cpu0 = proc.cpu_s() if proc else None
-        api0 = proc.cpu_s(tree=False) if proc else None
-
-        async def one(i: int):
-            return await http_stream(
-                client, chat_body(model, prompts[i % len(prompts)], max_tokens, extra)
-            )
-
-        timings, wall = await run_level(one, conc, requests)
-    cpu1 = proc.cpu_s() if proc else None
-    api1 = proc.cpu_s(tree=False) if proc else None
-    return _Run(timings, wall, cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None,
-                api1 - api0 if api0 is not None and api1 is not None else None,
-                proc.peak_rss_mb() if proc else None)
+def _delta(a: float | None, b: float | None) -> float | None:
+    return b - a if a is not None and b is not None else None
 
 
-def _result(name: str, conc: int, runs: list[_Run]) -> LevelResult:
+async def run_block(system: System, conversations: list[Messages], probe: Messages,
+                    concurrency: int, max_tokens: int, *, warm: bool) -> _Run:
+    """`conversations` sent to `system`, `concurrency` at a time, timed. First one short
+    request of its own (`probe`, new to every cache: connections open, nothing measured),
+    then, when `warm`, every one of `conversations` once for a single token, untimed: the
+    measured requests then find their prompts in whatever cache the system keeps, as they
+    would for a client sending them again. Cold, they are new to it."""
+    requests = system.prepare(conversations)
+    (first,) = system.prepare([probe])
+    async with system.connect(concurrency) as stream:
+        await stream(first, 4)
+        if warm:
+            await run_level(lambda i: stream(requests[i], 1), concurrency, len(requests))
+        spec0 = await system.spec_counts()
+        cpu0, api0 = system.cpu_s()
+        timings, wall = await run_level(lambda i: stream(requests[i], max_tokens),
+                                        concurrency, len(requests))
+        cpu1, api1 = system.cpu_s()
+        spec1 = await system.spec_counts()
+    spec = (SpecCounts(spec1.draft_tokens - spec0.draft_tokens,
+                       spec1.accepted_tokens - spec0.accepted_tokens)
+            if spec0 is not None and spec1 is not None else None)
+    return _Run(timings, wall, _delta(cpu0, cpu1), _delta(api0, api1), system.peak_rss_mb(),
+                spec)
+
+
+def _result(name: str, conc: int, runs: list[_Run], workload: str, cache: str) -> LevelResult:
     """One row of several blocks of the same system: their requests over their summed time."""
     result = summarize(name, conc, [t for r in runs for t in r.timings], sum(r.wall for r in runs))
+    result.workload, result.cache = workload, cache
     cpus = [r.cpu_s for r in runs]
     result.cpu_s = None if None in cpus else sum(cpus)  # type: ignore[arg-type]
     api = [r.api_cpu_s for r in runs]
     result.api_cpu_s = None if None in api else sum(api)  # type: ignore[arg-type]
     result.peak_rss_mb = max((r.peak_rss_mb for r in runs if r.peak_rss_mb is not None), default=None)
+    specs = [r.spec for r in runs]
+    if specs and None not in specs:
+        result.spec_draft_tokens = sum(s.draft_tokens for s in specs)  # type: ignore[union-attr]
+        result.spec_accepted_tokens = sum(s.accepted_tokens for s in specs)  # type: ignore[union-attr]
     return result
 
 
-@dataclass
-class _Http:
-    """A system measured over HTTP: a row's name, its server, the body fields it gets."""
-
-    name: str
-    url: str
-    extra: dict
-    proc: Proc | None
-    engine_apart: bool = True  # the engine runs in child processes: the top one is the API
-    headers: dict[str, str] | None = None  # sent with every request
-
-
-async def _measure_interleaved(
-    systems: list[_Http], model: str, prompts: list[str], conc: int, requests: int,
-    max_tokens: int, rounds: int = 1,
+async def measure_interleaved(
+    systems: list[System], maker: PromptMaker, prompts: list[str], conc: int, requests: int,
+    max_tokens: int, *, workload: str, cache: str, rounds: int = 1, lead_in: bool = True,
 ) -> list[LevelResult]:
     """Every system in `2 * rounds` blocks (the requests split evenly, at least one per
-    stream), in the order A, B, ..., ..., B, A (`rounds` times), after one unmeasured block
-    of the first. The machine's speed drifts by a third within a minute here, and runs just
-    after a quiet spell (a server's start) are faster: the warm-up block and this order keep
-    both out of the ratios; more rounds average out what drifts faster than a block."""
+    stream), in the order A, B, ..., ..., B, A (`rounds` times), after (`lead_in`) one
+    unmeasured block of the first. The machine's speed drifts by a third within a minute
+    here, and runs just after a quiet spell (a server's start) are faster: the lead-in block
+    and this order keep both out of the ratios; more rounds average out what drifts faster
+    than a block. Every block asks the same questions in new conversations (`maker`), cold
+    or warm (`run_block`), so no system's cache holds more of them than another's."""
     block = max(conc, -(-requests // (2 * rounds)))
-    first = systems[0]
-    await _run_http(first.url, model, prompts, conc, conc, max_tokens, first.extra, first.proc,
-                    first.headers)
+    if lead_in:
+        await run_block(systems[0], maker.block(prompts, conc), maker.conversation(PROBE),
+                        conc, max_tokens, warm=False)
     runs: dict[str, list[_Run]] = {s.name: [] for s in systems}
     for s in (systems + systems[::-1]) * rounds:
-        runs[s.name].append(await _run_http(s.url, model, prompts, conc, block, max_tokens,
-                                            s.extra, s.proc, s.headers))
-    results = [_result(s.name, conc, runs[s.name]) for s in systems]
-    for s, result in zip(systems, results, strict=True):
-        if not s.engine_apart:
-            result.api_cpu_s = None
-    return results
+        runs[s.name].append(await run_block(
+            s, maker.block(prompts, block), maker.conversation(PROBE), conc, max_tokens,
+            warm=cache == "warm"))
+    return [_result(s.name, conc, runs[s.name], workload, cache) for s in systems]
 
 
-async def _measure_engine(engine, prompts: list[list[int]], conc: int, requests: int,
-                          max_tokens: int) -> LevelResult:
-    await engine_stream(engine, prompts[0], 4)
-
-    async def one(i: int):
-        return await engine_stream(engine, prompts[i % len(prompts)], max_tokens)
-
-    cpu0 = time.process_time()
-    timings, wall = await run_level(one, conc, requests)
-    result = summarize(LIMIT, conc, timings, wall)
-    result.cpu_s = time.process_time() - cpu0
-    return result
+def _speculative_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    if not modes or any(m not in SPECULATIVE for m in modes) or len(set(modes)) < len(modes):
+        raise argparse.ArgumentTypeError(f"modes among {', '.join(SPECULATIVE)}, comma-separated")
+    return modes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,7 +373,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levels", default="1,4,16,64", help="concurrency sweep (default 1,4,16,64)")
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request")
     p.add_argument("--rounds", type=int, default=1,
-                   help="A,B,..,B,A rounds of the HTTP systems; the requests split among them")
+                   help="A,B,..,B,A rounds of the systems; the requests split among them")
+    p.add_argument("--cache", default="both", choices=["cold", "warm", "both"],
+                   help="what every system's cache holds of the measured prompts: nothing "
+                        "(cold: each request opens with a nonce never sent before), or each "
+                        "of them (warm: the block's requests sent once, untimed, just "
+                        "before); both (default) measures each, as rows of their own")
+    p.add_argument("--workload", default="free", choices=["free", "grounded", "both"],
+                   help="free: open questions (default); grounded: rewrite, copy-edit or "
+                        "extract from a text in the prompt, the answer mostly copied from it")
+    p.add_argument("--speculative", default="off", type=_speculative_modes,
+                   help="llmserve's --speculative, one server each: off (default), ngram, "
+                        "or off,ngram to measure both in the same run (llama.cpp engine); "
+                        "the in-process engine likewise")
+    p.add_argument("--seed", type=int,
+                   help="seed of the conversations' nonces (default: random, so that a "
+                        "server given by --url has seen none of them)")
     p.add_argument("--requests", type=int, default=0,
                    help="requests per level (default: max(4, concurrency))")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -291,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     soak.add_argument("--slow-hold", type=float, default=45,
                       help="seconds each slow reader keeps its connection (default 45)")
     args = p.parse_args(argv)
+    if args.url and len(args.speculative) > 1:
+        p.error("--speculative with several modes: needs servers the bench starts, not --url")
     return asyncio.run(_soak(args) if args.soak else _main(args))
 
 
@@ -327,13 +460,21 @@ async def _main(args: argparse.Namespace) -> int:
 
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
     model_path = Path(args.model) if args.model else bundled_model_path()
-    prompts = shipped_prompts()
+    workloads = list(WORKLOADS) if args.workload == "both" else [args.workload]
+    caches = list(CACHE_MODES) if args.cache == "both" else [args.cache]
+    modes: list[str] = args.speculative
+    maker = PromptMaker(args.seed)
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
+    # Every stream of the highest level gets a sequence of its own, in every server.
     max_seq = max(levels)
     engine_kind = args.engine
     if engine_kind == "auto":
         engine_kind = "transformers" if model_path.is_dir() else "llamacpp"
+    if engine_kind != "llamacpp" and modes != ["off"]:
+        print(f"--speculative {','.join(modes)}: for the llama.cpp engine only",
+              file=sys.stderr)
+        return 2
     # llama-cpp-python serves GGUF files only: it is the baseline for the llama.cpp engine.
     want_lcp = not args.no_llama_cpp_python and engine_kind == "llamacpp"
     if want_lcp and importlib.util.find_spec("llama_cpp.server") is None:
@@ -349,8 +490,7 @@ async def _main(args: argparse.Namespace) -> int:
         from llmserve.bench.hf_generate import HFGenerate
 
         hf = HFGenerate(model_path, threads=args.threads)
-        hf_prompts = _token_prompts(hf, prompts)
-    engine = None
+    engines: dict[str, Any] = {}  # the in-process engine, by speculative mode
     results: list[LevelResult] = []
     from llmserve.config import Settings
 
@@ -360,18 +500,22 @@ async def _main(args: argparse.Namespace) -> int:
                          max_sequences=max_seq, threads=args.threads)
                 if llama_server is not None or not args.no_limit else None)
     with ExitStack() as stack:
+        ours: dict[str, tuple[str, Proc | None]] = {}  # llmserve's URL and process, by mode
         if args.url:
-            ours_url, ours_proc = args.url.rstrip("/"), None
+            ours[modes[0]] = args.url.rstrip("/"), None
             model = args.served_model_name or served_name_for(model_path)
         else:
-            ours_proc = stack.enter_context(start_process(
-                [sys.executable, "-m", "llmserve.cli", "serve", "--port", "{port}",
-                 "--model", str(model_path), "--engine", engine_kind,
-                 "--embedding-model", "none", "--store", "none", "--max-sequences", str(max_seq),
-                 "--context-length", str(args.context_length), "--threads", str(args.threads),
-                 "--log-level", "warning"],
-                "/health", logs / "llmserve.log"))
-            ours_url, model = ours_proc.url, served_name_for(model_path)
+            for mode in modes:
+                proc = stack.enter_context(start_process(
+                    [sys.executable, "-m", "llmserve.cli", "serve", "--port", "{port}",
+                     "--model", str(model_path), "--engine", engine_kind,
+                     "--embedding-model", "none", "--store", "none",
+                     "--max-sequences", str(max_seq), "--context-length", str(args.context_length),
+                     "--threads", str(args.threads), "--speculative", mode,
+                     "--log-level", "warning"],
+                    "/health", logs / f"{_named('llmserve', mode).replace(' ', '-')}.log"))
+                ours[mode] = proc.url, proc
+            model = served_name_for(model_path)
         vllm_proc = None
         if engine_kind == "vllm" and not args.no_vllm_serve:
             from llmserve.bench.vllm_serve import serve_command
@@ -396,73 +540,98 @@ async def _main(args: argparse.Namespace) -> int:
         if settings is not None and not args.no_limit:
             from llmserve.models import load_engine
 
-            engine = load_engine(settings, model_path, show_progress=False)
-            await engine.start()
-            token_prompts = _token_prompts(engine, prompts)
+            for mode in modes:
+                engine = load_engine(settings.model_copy(update={"speculative": mode}),
+                                     model_path, show_progress=False)
+                await engine.start()
+                engines[mode] = engine
+        first_engine = next(iter(engines.values()), None)
         # llama-cpp-python knows no ignore_eos: a -100 bias on end tokens keeps lengths equal.
         lcp_extra = (
-            {"logit_bias": {str(t): -100 for t in _end_tokens(engine, model_path)}}
+            {"logit_bias": {str(t): -100 for t in _end_tokens(first_engine, model_path)}}
             if lcp_proc is not None else {}
         )
         ours_extra = {"ignore_eos": True, "stream_options": {"include_usage": True}}
+        systems: list[System] = []
+        for mode, (url, proc) in ours.items():
+            systems.append(HttpSystem(_named(LLMSERVE, mode), url, model, ours_extra, proc,
+                                      spec_metrics=True))
+            if not args.no_constrained and mode == modes[0]:
+                systems.append(HttpSystem(CONSTRAINED, url, model,
+                                          {**ours_extra, "response_format": NOTES_FORMAT}, proc))
+        if vllm_proc is not None:  # it takes ignore_eos too: the same bodies
+            systems.append(HttpSystem(VLLM, vllm_proc.url, model, ours_extra, vllm_proc))
+        if ls_proc is not None:  # ignore_eos and include_usage too
+            systems.append(HttpSystem(LLAMA_SERVER, ls_proc.url, model, ours_extra, ls_proc,
+                                      engine_apart=False, headers=LLAMA_SERVER_HEADERS))
+        if lcp_proc is not None:
+            systems.append(HttpSystem(LCP, lcp_proc.url, model, lcp_extra, lcp_proc,
+                                      engine_apart=False))
+        for mode, engine in engines.items():
+            systems.append(EngineSystem(_named(LIMIT, mode), engine, _template(engine)))
         try:
             for conc in levels:
                 n_req = args.requests or max(4, conc)
                 print(f"-- concurrency {conc}: {n_req} requests x {args.max_tokens} tokens",
                       file=sys.stderr, flush=True)
-                systems = [_Http(LLMSERVE, ours_url, ours_extra, ours_proc)]
-                if not args.no_constrained:
-                    systems.append(_Http(CONSTRAINED, ours_url,
-                                         {**ours_extra, "response_format": NOTES_FORMAT},
-                                         ours_proc))
-                if vllm_proc is not None:  # it takes ignore_eos too: the same bodies
-                    systems.append(_Http(VLLM, vllm_proc.url, ours_extra, vllm_proc))
-                if ls_proc is not None:  # ignore_eos and include_usage too
-                    systems.append(_Http(LLAMA_SERVER, ls_proc.url, ours_extra, ls_proc,
-                                         engine_apart=False, headers=LLAMA_SERVER_HEADERS))
-                if lcp_proc is not None:
-                    systems.append(_Http(LCP, lcp_proc.url, lcp_extra, lcp_proc, engine_apart=False))
-                results += await _measure_interleaved(systems, model, prompts, conc, n_req,
-                                                      args.max_tokens, args.rounds)
-                if engine is not None:
-                    results.append(await _measure_engine(engine, token_prompts, conc, n_req,
-                                                         args.max_tokens))
-                if hf is not None:
-                    results.append(hf.measure(hf_prompts, conc, n_req, args.max_tokens))
-                shown = len(systems) + (engine is not None) + (hf is not None)
-                print(table(results[-shown:]),
-                      file=sys.stderr, flush=True)
+                level: list[LevelResult] = []
+                for workload in workloads:
+                    prompts = workload_prompts(workload)
+                    for cache in caches:
+                        level += await measure_interleaved(
+                            systems, maker, prompts, conc, n_req, args.max_tokens,
+                            workload=workload, cache=cache, rounds=args.rounds,
+                            lead_in=not level)
+                        if hf is not None:  # no cache kept between batches: warm is cold
+                            row = hf.measure(_token_prompts(hf, maker.block(prompts, n_req)),
+                                             conc, n_req, args.max_tokens)
+                            row.workload, row.cache = workload, cache
+                            level.append(row)
+                print(table(level), file=sys.stderr, flush=True)
+                results += level
         finally:
-            if engine is not None:
+            for engine in engines.values():
                 await engine.stop()
 
+    ratio_text, ratio_rows = "", []
     hf_name = [hf.system] if hf is not None else []
-    baselines = [b for b in (LIMIT, LLAMA_SERVER, LCP, VLLM, *hf_name)
-                 if any(r.system == b for r in results)]
-    ratio_text, ratio_rows = ratios(results, LLMSERVE, baselines)
-    if hf is not None and engine is not None:  # the engine alone against plain generate
+    for mode in ours:
+        baselines = [b for b in (_named(LIMIT, mode), LLAMA_SERVER, LCP, VLLM, *hf_name)
+                     if any(r.system == b for r in results)]
+        text, rows = ratios(results, _named(LLMSERVE, mode), baselines)
+        ratio_text, ratio_rows = ratio_text + text + "\n", ratio_rows + rows
+    if hf is not None and engines:  # the engine alone against plain generate
         text, _ = ratios(results, LIMIT, hf_name)
-        ratio_text += "\n" + text
+        ratio_text += text + "\n"
+    speculative_rows: list[dict] = []
+    if len(modes) > 1:  # speculation on against off, over HTTP and in-process
+        for base in (LLMSERVE, LIMIT):
+            for mode in modes[1:]:
+                text, rows = ratios(results, _named(base, mode), [_named(base, modes[0])])
+                ratio_text, speculative_rows = ratio_text + text + "\n", speculative_rows + rows
     constrained_rows: list[dict] = []
     if any(r.system == CONSTRAINED for r in results):
-        text, constrained_rows = ratios(results, CONSTRAINED, [LLMSERVE])
-        ratio_text += "\n" + text
+        text, constrained_rows = ratios(results, CONSTRAINED, [_named(LLMSERVE, modes[0])])
+        ratio_text += text + "\n"
     print()
     print(f"model {model_path.name}, {engine_kind} engine, {args.max_tokens} output tokens per request, greedy, "
           f"{args.threads} threads, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
+    print("cache: cold = prompts no system has seen (a nonce opens each conversation); "
+          "warm = each prompt sent once, untimed, just before")
     print(table(results))
     print()
-    print(ratio_text)
+    print(ratio_text.rstrip("\n"))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "model": str(model_path), "engine": engine_kind, "max_tokens": args.max_tokens, "threads": args.threads,
-        "cores": os.cpu_count(), "levels": levels,
+        "cores": os.cpu_count(), "levels": levels, "workloads": workloads, "cache": caches,
+        "speculative": modes,
         "results": [r.to_json() for r in results], "ratios": ratio_rows,
-        "constrained_ratios": constrained_rows,
+        "speculative_ratios": speculative_rows, "constrained_ratios": constrained_rows,
     }, indent=1))
     print(f"\nJSON: {out}")
-    return 1 if any(r.errors for r in results if r.system == LLMSERVE) else 0
+    return 1 if any(r.errors for r in results if r.system.startswith(LLMSERVE)) else 0
 
 
 def _llama_server_binary(path: str | None) -> Path | None:
@@ -504,15 +673,23 @@ def _start_llama_server(stack: ExitStack, binary: Path, model_path: Path, name: 
         return None
 
 
-def _token_prompts(model, prompts: list[str]) -> list[list[int]]:
-    """Each prompt as one user message in `model`'s chat template (an engine, or the
-    hf generate baseline), tokenized."""
+def _template(model):
+    """`model`'s chat template (an engine, or the hf generate baseline)."""
     from llmserve.serving.chat_template import CHATML_TEMPLATE, ChatTemplate
 
-    template = ChatTemplate(model.chat_template or CHATML_TEMPLATE,
-                            bos_token=model.bos_token, eos_token=model.eos_token)
-    return [model.tokenize(template.render([{"role": "user", "content": q}]), add_bos=False)
-            for q in prompts]
+    return ChatTemplate(model.chat_template or CHATML_TEMPLATE,
+                        bos_token=model.bos_token, eos_token=model.eos_token)
+
+
+def _token_prompts(model, conversations: list[Messages]) -> list[list[int]]:
+    """Each conversation in `model`'s chat template, tokenized."""
+    template = _template(model)
+    return [model.tokenize(template.render(c), add_bos=False) for c in conversations]
+
+
+def _named(system: str, speculative: str) -> str:
+    """A row's name: the system's, and its speculative decoding where it has any."""
+    return system if speculative == "off" else f"{system} {speculative}"
 
 
 def _end_tokens(engine, model_path: Path) -> list[int]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from llmserve.bench.load import Timing, chat_body, http_stream
+from llmserve.bench.load import Timing, chat_body, http_stream, metric_totals
 from llmserve.bench.report import percentile
 
 
@@ -88,11 +88,8 @@ async def _spread(n: int, seconds: float, action) -> None:
 
 async def _slots_in_use(client: httpx.AsyncClient) -> tuple[float, float]:
     text = (await client.get("/metrics")).text
-    values = {}
-    for line in text.splitlines():
-        for name in ("llmserve:num_requests_running", "llmserve:num_requests_waiting"):
-            if line.startswith(name):
-                values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    values = metric_totals(text, ("llmserve:num_requests_running",
+                                  "llmserve:num_requests_waiting"))
     return (values.get("llmserve:num_requests_running", float("nan")),
             values.get("llmserve:num_requests_waiting", float("nan")))
 
