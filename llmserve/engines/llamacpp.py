@@ -36,7 +36,7 @@ import numpy as np
 
 from llmserve.engines import grammar, slots
 from llmserve.engines.draft_policy import Acceptance, DraftPolicy
-from llmserve.engines.ngram_draft import NgramIndex
+from llmserve.engines.ngram_draft import NgramIndex, PromptLookup
 from llmserve.engines.base import (
     EngineError,
     FinishReason,
@@ -107,16 +107,12 @@ class LlamaCppEngine(StepLoopEngine):
             raise ValueError(f"speculative: ngram or off, not {speculative!r}")
         # Prompt-lookup speculation (engines/ngram_draft.py), for a sequence alone in a step.
         self._speculative = speculative == "ngram" and speculative_tokens > 0
-        self._draft_len = max(0, min(speculative_tokens, batch_size - 2))
-        self._draft_ngram = max(1, speculative_ngram)
-        # A single token's last continuation is a poor guess: with 1 the bundled model's free
-        # generation ran at 0.49x, with 2 at 0.83x, copying a paragraph at 1.2x either way.
-        self._draft_ngram_min = max(1, min(speculative_ngram_min, self._draft_ngram))
+        self._lookup = PromptLookup(min(speculative_tokens, batch_size - 2), speculative_ngram,
+                                    speculative_ngram_min)
         self._spec = SpecCounter() if self._speculative else None
         # Adaptive: draft only as many tokens as pay, by this machine's step costs (measured
         # once the context exists) and the sequence's record; else whenever a guess exists.
         self._policy: DraftPolicy | None = None
-        self._adaptive = speculative_adaptive
 
         _route_llama_logs()
         lc.llama_backend_init()
@@ -156,10 +152,10 @@ class LlamaCppEngine(StepLoopEngine):
         self._slot_tokens: list[list[int]] = [[] for _ in range(max_sequences)]  # KV contents
         self._seqs: list[_Sequence] = []  # running
         self._free_ids = list(range(max_sequences))
-        if self._speculative and self._adaptive and self._draft_len:
+        if self._speculative and speculative_adaptive and self._lookup.tokens:
             self._policy = DraftPolicy(self._measure_step_costs())
             log.info("speculative decoding: a step with 1..%d drafted tokens costs %s x one "
-                     "without", self._draft_len,
+                     "without", self._lookup.tokens,
                      " ".join(f"{r:.2f}" for r in self._policy.cost_ratio[1:]))
 
         template = lc.llama_model_chat_template(self._model, None)
@@ -504,14 +500,11 @@ class LlamaCppEngine(StepLoopEngine):
     def _propose(self, seq: _Sequence) -> list[int]:
         """A draft of the tokens after `seq`'s pending ones: what followed the latest earlier
         occurrence of its last few tokens, no more than it may still generate."""
-        prompt = seq.request.prompt
         if seq.ngrams is None:
-            seq.ngrams = NgramIndex(self._draft_ngram, self._draft_ngram_min)
-            seq.ngrams.extend(prompt)
-        seq.ngrams.extend(seq.generated_ids[len(seq.ngrams) - len(prompt):])
-        room = min(self._draft_len, seq.params.max_tokens - seq.generated - 1,
+            seq.ngrams = self._lookup.new_index()
+        room = min(seq.params.max_tokens - seq.generated - 1,
                    self._context_length - seq.n_past - len(seq.pending) - 1)
-        return seq.ngrams.propose(room)
+        return self._lookup.propose(seq.ngrams, seq.request.prompt, seq.generated_ids, room)
 
     def _draft(self, seq: _Sequence) -> list[int]:
         """What `seq`, alone in this step, verifies: its guess, cut to the length that pays
@@ -535,7 +528,7 @@ class LlamaCppEngine(StepLoopEngine):
         """Seconds of a step decoding 1 to 1 + draft length tokens of one sequence (the
         fastest of four tries each, the sizes taken in turn so that a burst of other work on
         the machine skews no size alone), in slot 0 while it is still empty."""
-        batch, n_max = self._batch, self._draft_len + 1
+        batch, n_max = self._batch, self._lookup.tokens + 1
 
         def decode(n: int) -> float:
             for j in range(n):

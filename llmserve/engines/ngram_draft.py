@@ -8,7 +8,7 @@ draft costs a few dict look-ups however long the context is.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 
 class NgramIndex:
@@ -48,3 +48,28 @@ class NgramIndex:
             if at is not None:
                 return toks[at:at + k]
         return []
+
+
+class PromptLookup:
+    """An engine's drafting settings, and the draft for any of its sequences: each sequence
+    keeps its own `NgramIndex`, brought up to date with what it generated before each draft."""
+
+    __slots__ = ("tokens", "ngram_max", "ngram_min")
+
+    def __init__(self, tokens: int = 5, ngram_max: int = 3, ngram_min: int = 2) -> None:
+        self.tokens = max(0, tokens)
+        self.ngram_max = max(1, ngram_max)
+        # One token's last continuation is a poor guess: with 1 the bundled model's free
+        # generation ran at 0.49x, with 2 at 0.83x, copying a paragraph at 1.2x either way.
+        self.ngram_min = max(1, min(ngram_min, self.ngram_max))
+
+    def new_index(self) -> NgramIndex:
+        return NgramIndex(self.ngram_max, self.ngram_min)
+
+    def propose(self, index: NgramIndex, prompt: Sequence[int], generated: Sequence[int],
+                room: int) -> list[int]:
+        """Up to `room` (and the configured length) tokens to follow prompt + generated."""
+        if not index.tokens:
+            index.extend(prompt)
+        index.extend(generated[len(index) - len(prompt):])
+        return index.propose(min(self.tokens, room))

@@ -40,7 +40,7 @@ from llmserve.engines import grammar, hf_loading
 from llmserve.engines.base import EngineError, SamplingParams, SpecCounter, TokenOutput
 from llmserve.engines.hf_cache import Placement, SlotCache, attention_masks
 from llmserve.engines.hf_sampling import Sampler, draw_keys
-from llmserve.engines.ngram_draft import NgramIndex
+from llmserve.engines.ngram_draft import NgramIndex, PromptLookup
 from llmserve.engines.stepping import (
     Delivery,
     EngineRequest,
@@ -98,13 +98,9 @@ class TransformersEngine(StepLoopEngine):
             raise ValueError("max_sequences must be at least 1")
         if speculative not in ("off", "ngram"):
             raise ValueError(f"speculative: ngram or off, not {speculative!r}")
-        # Prompt-lookup speculation (engines/ngram_draft.py), for a sequence decoding alone;
-        # the shortest n-gram is 2 by default, as in the llama.cpp engine (one token's last
-        # continuation is a poor guess).
+        # Prompt-lookup speculation (engines/ngram_draft.py), for a sequence decoding alone.
         self._speculative = speculative == "ngram" and speculative_tokens > 0
-        self._draft_len = max(0, speculative_tokens)
-        self._draft_ngram = max(1, speculative_ngram)
-        self._draft_ngram_min = max(1, min(speculative_ngram_min, self._draft_ngram))
+        self._lookup = PromptLookup(speculative_tokens, speculative_ngram, speculative_ngram_min)
         self._spec = SpecCounter() if self._speculative else None
         self._threads = threads
         if threads:
@@ -410,14 +406,10 @@ class TransformersEngine(StepLoopEngine):
         """A draft of the tokens after `seq`'s next one: what followed the latest earlier
         occurrence of its last few tokens, no more than it may still generate, nor than the
         context holds (a token sampled in its last column ends the sequence unread)."""
-        prompt = seq.request.prompt
         if seq.ngrams is None:
-            seq.ngrams = NgramIndex(self._draft_ngram, self._draft_ngram_min)
-            seq.ngrams.extend(prompt)
-        seq.ngrams.extend(seq.generated_ids[len(seq.ngrams) - len(prompt):])
-        room = min(self._draft_len, seq.params.max_tokens - seq.generated - 1,
-                   self._context_length - seq.n_past - 2)
-        return seq.ngrams.propose(room)
+            seq.ngrams = self._lookup.new_index()
+        room = min(seq.params.max_tokens - seq.generated - 1, self._context_length - seq.n_past - 2)
+        return self._lookup.propose(seq.ngrams, seq.request.prompt, seq.generated_ids, room)
 
     def _prefill(self, budget: int, out: StepOutputs) -> tuple[list[EngineRequest], list[torch.Tensor]]:
         """Read up to `budget` prompt tokens, first come first served, each prompt's piece a

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmserve.engines.ngram_draft import NgramIndex
+from llmserve.engines.ngram_draft import NgramIndex, PromptLookup
 
 
 def index(tokens, ngram_max=3, ngram_min=1) -> NgramIndex:
@@ -57,3 +57,21 @@ def test_bad_sizes_are_refused():
         NgramIndex(2, 3)
     with pytest.raises(ValueError):
         NgramIndex(3, 0)
+
+
+def test_prompt_lookup_follows_what_the_sequence_generated():
+    lookup = PromptLookup(tokens=4, ngram_max=3, ngram_min=2)
+    ix = lookup.new_index()
+    prompt = [1, 2, 3, 4, 5, 6]
+    assert lookup.propose(ix, prompt, [], room=10) == []  # (5, 6) never continued
+    # generated 1, 2: the pair seen at the prompt's start continues with 3, 4, 5, 6
+    assert lookup.propose(ix, prompt, [1, 2], room=10) == [3, 4, 5, 6]
+    assert lookup.propose(ix, prompt, [1, 2], room=2) == [3, 4]  # bounded by the room left
+    assert len(ix) == len(prompt) + 2  # each token read once, however often it drafts
+    assert lookup.propose(ix, prompt, [1, 2, 3, 4, 5], room=10) == [6, 1, 2, 3]
+
+
+def test_prompt_lookup_never_trusts_a_single_token_below_its_minimum():
+    lookup = PromptLookup(tokens=4, ngram_max=3, ngram_min=2)
+    assert lookup.propose(lookup.new_index(), [7, 8, 9], [7], room=10) == []
+    assert PromptLookup(ngram_max=1, ngram_min=5).ngram_min == 1  # clamped, not an error
