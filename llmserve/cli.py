@@ -1,4 +1,9 @@
-"""`llmserve serve | models`: builds Settings from flags (over env and .env) and runs uvicorn."""
+"""llmserve: open language models behind the OpenAI HTTP API, streaming first.
+
+Any OpenAI client (the official SDKs, LangChain, curl) talks to it unchanged; it runs
+GGUF models on llama.cpp (the default, CPU first), Hugging Face checkpoints on
+transformers, and vLLM on GPUs. A small model comes bundled, so `llmserve chat` works
+out of the box."""
 
 from __future__ import annotations
 
@@ -22,12 +27,40 @@ log = logging.getLogger("llmserve")
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve a model over the OpenAI API",
-                       argument_default=argparse.SUPPRESS)
+    p = sub.add_parser(
+        "serve", help="serve a model over the OpenAI API (chat, completions, responses, ...)",
+        description="Serve a model over the OpenAI HTTP API at http://HOST:PORT/v1.\n"
+                    "Flags win over LLMSERVE_* environment variables, which win over a .env "
+                    "file.",
+        epilog=_examples(
+            "llmserve serve                                   # the bundled model on :8000",
+            "llmserve serve --model ./Qwen2.5-0.5B-Instruct-Q4_K_M.gguf --api-key secret",
+            "llmserve serve --engine vllm --model ./Llama-3.1-8B-Instruct "
+            "--tensor-parallel-size 2"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS)
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
-    p.add_argument("--model", help="GGUF file or Hugging Face model directory "
-                                   "(default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--model", action="append", metavar="[NAME=]PATH",
+                   help="GGUF file or Hugging Face model directory (default: the bundled "
+                        "SmolLM2-135M-Instruct); repeat for several models, each loaded on "
+                        "its first request, named NAME or from its file")
+    p.add_argument("--models-dir", metavar="DIR",
+                   help="serve every GGUF file and model directory in DIR, each named from "
+                        "its file or folder, loaded on its first request")
+    p.add_argument("--models-file", metavar="TOML",
+                   help="models with settings of their own ([models.NAME] tables: path, "
+                        "aliases, kind, engine, context_length, max_sequences, dtype, device, "
+                        "chat_template, threads, load_at_start); see the README")
+    p.add_argument("--max-loaded-models", type=int, metavar="N",
+                   help="models loaded at once at most: the least recently used idle one is "
+                        "unloaded to make room (default: no limit)")
+    p.add_argument("--keep-alive", metavar="DURATION",
+                   help="how long a model loaded on demand stays loaded with no request: "
+                        "seconds, or 5m, 1h, or `none` for ever (default 5m)")
+    p.add_argument("--memory-limit", metavar="SIZE",
+                   help="memory the loaded models may take together, e.g. 8G, 512M; a model "
+                        "that would not fit is refused with 503 (default: MemAvailable)")
     p.add_argument("--engine", choices=["auto", "llamacpp", "transformers", "vllm"],
                    help="auto (default): llama.cpp for .gguf files; for directories vLLM where "
                         "it is installed and a GPU is present, else transformers")
@@ -52,6 +85,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedding-model",
                    help="sentence-transformers directory for /v1/embeddings, or `none` "
                         "(default: the bundled all-MiniLM-L6-v2 when installed)")
+    p.add_argument("--rerank-model", metavar="DIR",
+                   help="cross-encoder directory (sentence-transformers CrossEncoder, "
+                        "...ForSequenceClassification) for /v1/rerank and /v1/score (default "
+                        "none: those score with the embedding model, by cosine similarity)")
     p.add_argument("--context-length", type=int, help="tokens per sequence (default min(model, 4096))")
     p.add_argument("--max-sequences", type=int, help="sequences decoded together (default 16)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
@@ -113,7 +150,65 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                       help="vLLM's speculative decoding config, passed as given (e.g. "
                            '\'{"method": "ngram", "num_speculative_tokens": 5, '
                            '"prompt_lookup_max": 3}\'); wins over --speculative')
+    p.add_argument("--playground", action=argparse.BooleanOptionalAction,
+                   help="the chat page in the browser at / and /playground (default on; "
+                        "with --api-key the page loads without it and asks for it)")
     p.add_argument("--log-level", help="critical|error|warning|info|debug (default info)")
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join("  " + line for line in lines)
+
+
+def _chat_parser(sub: argparse._SubParsersAction) -> None:
+    from llmserve.client.local_server import DEFAULT_BASE_URL
+
+    p = sub.add_parser(
+        "chat", help="chat in the terminal with llmserve or any OpenAI-compatible server",
+        description=(
+            "An interactive chat over the OpenAI API: answers stream as they come, Ctrl-C\n"
+            "stops one, Ctrl-D or /exit leaves, /help lists the commands. Against llmserve\n"
+            "an answer whose connection drops is resumed where it was, not generated again.\n"
+            "With no --base-url and nothing listening on the default, it starts a server on\n"
+            "the bundled model for the chat's length. Piped input is answered once, and only\n"
+            "the answer is printed."),
+        epilog=_examples(
+            "llmserve chat",
+            "llmserve chat --base-url http://gpu-box:8000/v1 --model qwen2.5-7b-instruct",
+            "echo 'Name three rivers.' | llmserve chat --temperature 0"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-url", help=f"the API's address, ending in /v1 (default "
+                                      f"$LLMSERVE_BASE_URL, else {DEFAULT_BASE_URL})")
+    p.add_argument("--model", help="model to talk to (default: the first the server lists)")
+    p.add_argument("--api-key", help="bearer key (default $LLMSERVE_API_KEY)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--temperature", type=float, help="sampling temperature (server default)")
+    p.add_argument("--max-tokens", type=int, help="longest answer in tokens (server default)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmserve", description=__doc__,
+        epilog=_examples("llmserve serve", "llmserve chat", "llmserve serve --help"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"llmserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands",
+                                metavar="COMMAND")
+    _serve_parser(sub)
+    _chat_parser(sub)
+    models = sub.add_parser(
+        "models", help="list a running server's models and their state",
+        description="Print each model of a running server (GET /v1/models/status): its "
+                    "kind, state, memory, slots in use, loads. Without a server at the default "
+                    "address, the bundled model's served name and path.",
+        epilog=_examples("llmserve models", "llmserve models --base-url http://host:8000"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    models.add_argument("--base-url", help="the server (default http://127.0.0.1:8000)")
+    models.add_argument("--api-key", help="its API key (default: $LLMSERVE_API_KEY)")
+    # Parsed by llmserve.bench.run (see main); here for the list of commands.
+    sub.add_parser("bench", help="measure serving speed against baselines, in one run "
+                                 "(bench --help)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,27 +217,44 @@ def main(argv: list[str] | None = None) -> int:
         from llmserve.bench.run import main as bench_main
 
         return bench_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="llmserve", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"llmserve {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _serve_parser(sub)
-    sub.add_parser("models", help="print the bundled model's path")
-    sub.add_parser("bench", help="benchmark serving speed against two baselines (see bench --help)")
+    parser = _parser()
     args = vars(parser.parse_args(argv))
     command = args.pop("command")
 
     if command == "models":
-        from llmserve.models import bundled_model_path, served_name_for
+        from llmserve.models.table import print_models
 
-        path = bundled_model_path()
-        print(f"{served_name_for(path)}\t{path}")
-        return 0
+        return print_models(args.get("base_url"), args.get("api_key"))
+    if command == "chat":
+        return chat(args)
+
+    given = args.pop("model", None)
+    if given:  # one plain PATH: the one-model flag as ever; else the list
+        if len(given) == 1 and "=" not in given[0]:
+            args["model"] = given[0]
+        else:
+            args["models"] = given
 
     try:
         settings = Settings(**args)
     except ValidationError as exc:
         parser.error(str(exc))
     return serve(settings)
+
+
+def chat(args: dict) -> int:
+    import os
+
+    from llmserve.client.app import run
+    from llmserve.client.local_server import default_base_url
+    from llmserve.client.terminal import ChatOptions
+
+    options = ChatOptions(
+        base_url=args["base_url"] or default_base_url(),
+        api_key=args["api_key"] or os.environ.get("LLMSERVE_API_KEY") or None,
+        model=args["model"], system=args["system"], temperature=args["temperature"],
+        max_tokens=args["max_tokens"])
+    return run(options, base_url_given=args["base_url"] is not None)
 
 
 def serve(settings: Settings) -> int:
@@ -159,13 +271,15 @@ def serve(settings: Settings) -> int:
     except (FileNotFoundError, ValueError, EngineError) as exc:
         log.error("%s", exc)
         return 2
-    for m in registry:
-        log.info(
-            "model %s: %d tokens per sequence, %d sequences together",
-            m.name, m.engine.context_length, m.engine.max_sequences,
-        )
-    for card in registry.cards():
-        log.info("serving %s", card.name)
+    for name, m in registry.loaded().items():
+        engine = getattr(m, "engine", None)
+        if engine is not None:
+            log.info("model %s: %d tokens per sequence, %d sequences together",
+                     name, engine.context_length, engine.max_sequences)
+    for entry in registry.entries():
+        log.info("serving %s%s (%s, %s)", entry.name,
+                 "".join(f", alias {a}" for a in entry.names[1:]), entry.kind,
+                 "loaded" if entry.name in registry.loaded() else "loaded on demand")
     app = create_app(settings, registry)
     log.info("OpenAI API at http://%s:%d/v1", settings.host, settings.port)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,

@@ -8,7 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}  # --store-ttl suffixes
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}  # --store-ttl, --keep-alive suffixes
+_BYTES = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}  # --memory-limit suffixes
 
 
 class Settings(BaseSettings):
@@ -46,8 +47,33 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="browser origins allowed by CORS; none: CORS off"
     )
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="several models: PATH or NAME=PATH each (repeated "
+        "--model; env: comma-separated)"
+    )
+    models_dir: str | None = Field(
+        None, description="serve every GGUF file and model directory found in this directory"
+    )
+    models_file: str | None = Field(
+        None, description="TOML file listing models with settings of their own"
+    )
+    max_loaded_models: int | None = Field(
+        None, ge=1, description="models loaded at once at most (least recently used idle "
+        "one unloaded first); default no limit"
+    )
+    keep_alive: float | None = Field(
+        300.0, ge=0, description="seconds (or 5m, 1h) a model loaded on demand stays loaded "
+        "with no request, or none: for ever; default 5m"
+    )
+    memory_limit: int | None = Field(
+        None, gt=0, description="bytes (or 8G, 512M) the loaded models may take together; "
+        "default: what /proc/meminfo says is available"
+    )
     embedding_model: str | None = Field(
         None, description="sentence-transformers directory, or none; default: bundled all-MiniLM-L6-v2"
+    )
+    rerank_model: str | None = Field(
+        None, description="cross-encoder directory for /v1/rerank and /v1/score, or none"
     )
     context_length: int | None = Field(
         None, ge=16, description="tokens per sequence; default min(model's, 4096)"
@@ -118,11 +144,12 @@ class Settings(BaseSettings):
         None, description="vllm: vLLM's speculative config (JSON), as given; wins over "
         "--speculative"
     )
+    playground: bool = Field(True, description="the chat page at / and /playground")
     log_level: str = "info"
     # Test-only fault injection (engines/faults.py); deliberately not a CLI flag.
     test_fault: str | None = None
 
-    @field_validator("api_keys", "allowed_hosts", "cors_origins", mode="before")
+    @field_validator("api_keys", "allowed_hosts", "cors_origins", "models", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
@@ -141,7 +168,7 @@ class Settings(BaseSettings):
         except json.JSONDecodeError as exc:
             raise ValueError(f"not JSON: {exc}") from None
 
-    @field_validator("store_ttl", mode="before")
+    @field_validator("store_ttl", "keep_alive", mode="before")
     @classmethod
     def _duration(cls, value: object) -> object:
         if not isinstance(value, str):
@@ -158,6 +185,22 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"not a duration: {value!r} (seconds, or e.g. 30d, 12h, 15m)"
             ) from None
+
+    @field_validator("memory_limit", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        text = value.strip().lower().removesuffix("ib").removesuffix("b")
+        if text in ("", "none"):
+            return None
+        unit = _BYTES.get(text[-1:])
+        if unit is None:
+            return text  # plain bytes, or pydantic's own error
+        try:
+            return int(float(text[:-1]) * unit)
+        except ValueError:
+            raise ValueError(f"not a size: {value!r} (bytes, or e.g. 8G, 512M)") from None
 
     @field_validator("log_level")
     @classmethod

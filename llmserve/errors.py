@@ -124,3 +124,18 @@ class EngineUnavailable(LLMServeError):
 
 class ClientGone(Exception):
     """The client hung up before its answer was ready; nobody is left to answer."""
+
+
+class ModelNotLoaded(LLMServeError):
+    """A servable model that cannot be loaded now: its load failed (the reason in the
+    message), it would not fit in memory (the numbers in the message), or no loaded model
+    could make room for it in time."""
+
+    status_code = 503
+    type = "server_error"
+    code = "model_not_loaded"
+
+
+class ModelListError(ValueError):
+    """The model list (--model, --models-dir, --models-file) is wrong: the server does not
+    start, and says why."""

@@ -17,7 +17,7 @@ SERVE_FLAGS = [
     "--host", "--port", "--model", "--served-model-name", "--api-key", "--max-request-bytes",
     "--allowed-hosts", "--cors-origins", "--context-length",
     "--max-sequences", "--threads", "--store", "--store-ttl", "--engine-stall-timeout",
-    "--log-level",
+    "--log-level", "--no-playground",
     "--tensor-parallel-size", "--pipeline-parallel-size", "--distributed-executor-backend",
     "--gpu-memory-utilization", "--max-model-len", "--quantization", "--enable-prefix-caching",
 ]
@@ -48,6 +48,28 @@ def test_help():
     assert "usage:" in r.stdout
     for command in ("serve", "models"):
         assert command in r.stdout
+
+
+def test_help_says_what_llmserve_is_and_lists_every_command_with_its_purpose():
+    out = cli("--help").stdout
+    assert "open language models behind the OpenAI HTTP API" in out
+    assert "builds Settings" not in out  # no developer's note
+    commands = out.split("commands:")[1].split("examples:")[0]
+    for command in ("serve", "chat", "models", "bench"):
+        line = next(ln for ln in commands.splitlines() if ln.split()[:1] == [command])
+        assert len(line.split()) > 3, line  # a purpose beside the name
+    assert "  llmserve chat" in out.split("examples:")[1]
+
+
+@pytest.mark.parametrize("command", ["serve", "chat", "models", "bench"])
+def test_every_command_help_ends_with_examples(command):
+    r = cli(command, "--help")
+    assert r.returncode == 0, r.stderr
+    examples = r.stdout.rstrip().split("\nexamples:\n")
+    assert len(examples) == 2, r.stdout[-400:]
+    lines = examples[1].splitlines()
+    assert lines and all(ln.startswith(f"  llmserve {command}") or ln.startswith("  echo ")
+                         for ln in lines), lines
 
 
 def test_serve_help_lists_every_flag():
@@ -160,6 +182,17 @@ def test_speculative_flags_over_environment(parsed, monkeypatch):
     assert cli_module.main(["serve", "--speculative", "off", "--speculative-ngram", "2"]) == 0
     assert [(s.speculative, s.speculative_tokens, s.speculative_ngram) for s in parsed] == [
         ("off", 5, 3), ("ngram", 8, 3), ("off", 5, 2)]
+
+
+def test_playground_flag_over_environment(parsed, monkeypatch):
+    from llmserve import cli as cli_module
+
+    assert cli_module.main(["serve"]) == 0
+    assert cli_module.main(["serve", "--no-playground"]) == 0
+    monkeypatch.setenv("LLMSERVE_PLAYGROUND", "false")
+    assert cli_module.main(["serve"]) == 0
+    assert cli_module.main(["serve", "--playground"]) == 0
+    assert [s.playground for s in parsed] == [True, False, False, True]
 
 
 def test_speculative_config_flag_over_environment(parsed, monkeypatch):

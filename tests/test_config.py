@@ -40,6 +40,7 @@ def test_defaults():
     assert s.max_sequences == 16
     assert s.max_queue == 256
     assert s.queue_timeout == 600.0
+    assert s.playground is True
     assert s.log_level == "info"
 
 

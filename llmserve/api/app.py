@@ -17,6 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from llmserve import __version__
 from llmserve.api import errors
 from llmserve.api.guards import Guards, require_json
+from llmserve.api.lookup import LeaseMiddleware
 from llmserve.api.routes import (
     chat,
     completions,
@@ -25,14 +26,20 @@ from llmserve.api.routes import (
     health,
     metrics,
     models,
+    playground,
     responses,
+    scores,
     stored_chat,
+    tokenize,
 )
 from llmserve.api.state import AppState, app_state
 from llmserve.config import Settings
 from llmserve.errors import AuthenticationFailed
-from llmserve.models import ModelRegistry
+from llmserve.models.registry import ModelRegistry
+from llmserve.engines.base import Engine
+from llmserve.models import ServedModel
 from llmserve.serving.metrics import Metrics
+from llmserve.serving.scheduler import Scheduler
 from llmserve.store import Store, store_path
 
 
@@ -61,8 +68,9 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
     app = FastAPI(title="llmserve", version=__version__, lifespan=lifespan,
                   openapi_url=None, docs_url=None, redoc_url=None)
     # A Prometheus registry of this app's own (never the process-wide default one).
-    app_metrics = Metrics({m.name: m.scheduler for m in registry},
-                          engines={m.name: m.engine for m in registry})
+    # Read at each scrape: the loaded models come and go.
+    app_metrics = Metrics(lambda: _schedulers(registry), engines=lambda: _engines(registry),
+                          models=registry)
     state = AppState(settings=settings, registry=registry, metrics=app_metrics, store=store)
     app.state.llmserve = state
     errors.install(app)
@@ -77,6 +85,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID"],
         )
+    app.add_middleware(LeaseMiddleware)
     app.add_middleware(_RequestIdMiddleware)
 
     app.include_router(health.router)
@@ -88,8 +97,20 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
     app.include_router(completions.router, dependencies=v1)
     app.include_router(responses.router, dependencies=v1)
     app.include_router(embeddings.router, dependencies=v1)
+    app.include_router(tokenize.router, dependencies=v1)  # at the root, as vLLM: same key rule
+    app.include_router(scores.router, dependencies=v1)
     app.include_router(docs.router, dependencies=v1)
+    if settings.playground:  # no key: the page holds no secret, and its calls need the key
+        app.include_router(playground.router)
     return app
+
+
+def _schedulers(registry: ModelRegistry) -> dict[str, Scheduler]:
+    return {n: m.scheduler for n, m in registry.loaded().items() if isinstance(m, ServedModel)}
+
+
+def _engines(registry: ModelRegistry) -> dict[str, Engine]:
+    return {n: m.engine for n, m in registry.loaded().items() if isinstance(m, ServedModel)}
 
 
 def key_hash(key: str) -> str:

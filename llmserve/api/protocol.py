@@ -7,6 +7,7 @@ gets a 200 that silently ignored what it asked for.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -278,7 +279,55 @@ ResponseFormat = Annotated[
 ]
 
 
-class ChatCompletionRequest(_Sampling):
+class _ToolFields(_Request):
+    """The tools of a chat request, which shape its prompt (and its answer)."""
+
+    tools: Annotated[list[FunctionTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _check_tools(self) -> _ToolFields:
+        names = [t.function.name for t in self.tools or ()]
+        if self.tool_choice is not None and not names:
+            raise InvalidRequest(
+                "tool_choice is only allowed when tools are specified.", param="tool_choice"
+            )
+        named = self.tool_choice if isinstance(self.tool_choice, NamedToolChoice) else None
+        check_tool_names(names, named.function.name if named else None)
+        return self
+
+    def tool_list(self) -> list[Tool]:
+        return [t.function.tool() for t in self.tools or ()]
+
+    def choice(self) -> ToolChoice:
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return ToolChoice("named", self.tool_choice.function.name)
+        return ToolChoice(self.tool_choice or "auto")
+
+    def output_request(self) -> OutputRequest:
+        return OutputRequest(tools=self.tool_list(), choice=self.choice(),
+                             parallel=self.parallel_tool_calls)
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template reads them."""
+    out = []
+    for i, m in enumerate(messages):
+        msg = {**(m.model_extra or {}), "role": m.role, "content": m.text(f"messages.{i}")}
+        if m.tool_calls:
+            msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.role == "developer":  # templates know "system"; OpenAI's newer name for it
+            msg["role"] = "system"
+        if msg["content"] is None:
+            msg["content"] = ""
+        out.append(msg)
+    return out
+
+
+class ChatCompletionRequest(_Sampling, _ToolFields):
     unsupported_fields: ClassVar[tuple[str, ...]] = (
         "functions", "function_call", "modalities", "audio", "prediction", "reasoning_effort",
         "web_search_options", "verbosity", "suffix", "service_tier", "moderation",
@@ -288,9 +337,6 @@ class ChatCompletionRequest(_Sampling):
     }
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
-    tools: Annotated[list[FunctionTool], Field(max_length=MAX_TOOLS)] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -311,47 +357,15 @@ class ChatCompletionRequest(_Sampling):
             )
         return self
 
-    @model_validator(mode="after")
-    def _check_tools(self) -> ChatCompletionRequest:
-        names = [t.function.name for t in self.tools or ()]
-        if self.tool_choice is not None and not names:
-            raise InvalidRequest(
-                "tool_choice is only allowed when tools are specified.", param="tool_choice"
-            )
-        named = self.tool_choice if isinstance(self.tool_choice, NamedToolChoice) else None
-        check_tool_names(names, named.function.name if named else None)
-        return self
-
-    def tool_list(self) -> list[Tool]:
-        return [t.function.tool() for t in self.tools or ()]
-
-    def choice(self) -> ToolChoice:
-        if isinstance(self.tool_choice, NamedToolChoice):
-            return ToolChoice("named", self.tool_choice.function.name)
-        return ToolChoice(self.tool_choice or "auto")
-
     def output_request(self) -> OutputRequest:
         fmt = self.response_format
-        return OutputRequest(
-            tools=self.tool_list(), choice=self.choice(),
-            parallel=self.parallel_tool_calls,
+        return dataclasses.replace(
+            super().output_request(),
             response_format=fmt.model_dump(by_alias=True) if fmt is not None else None,
         )
 
     def template_messages(self) -> list[dict[str, Any]]:
-        out = []
-        for i, m in enumerate(self.messages):
-            msg = {**(m.model_extra or {}), "role": m.role, "content": m.text(f"messages.{i}")}
-            if m.tool_calls:
-                msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
-            if m.tool_call_id is not None:
-                msg["tool_call_id"] = m.tool_call_id
-            if m.role == "developer":  # templates know "system"; OpenAI's newer name for it
-                msg["role"] = "system"
-            if msg["content"] is None:
-                msg["content"] = ""
-            out.append(msg)
-        return out
+        return template_messages(self.messages)
 
     def to_sampling(self) -> SamplingRequest:
         max_tokens = self.max_completion_tokens or self.max_tokens
@@ -428,3 +442,118 @@ def _texts_or_token_lists(
     if all(isinstance(x, int) for x in value):
         return [list(value)]  # type: ignore[arg-type]
     return list(value)  # type: ignore[arg-type]
+
+
+# -- tokenize, detokenize (vLLM's) ----------------------------------------------------------
+
+
+class TokenizeRequest(_ToolFields):
+    """POST /tokenize: vLLM's two shapes in one model, a `prompt` or chat `messages`
+    (rendered with the model's template as a chat completion renders them)."""
+
+    # vLLM's that we do not serve: a template sent by the client (vLLM too refuses it unless
+    # told to trust it), and multimodal inputs.
+    unsupported_fields: ClassVar[tuple[str, ...]] = (
+        "chat_template", "mm_processor_kwargs", "media_io_kwargs",
+    )
+    _CHAT_ONLY: ClassVar[tuple[str, ...]] = (
+        "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "tools",
+        "tool_choice", "parallel_tool_calls",
+    )
+
+    model: Name
+    prompt: str | None = None
+    messages: Annotated[
+        list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
+    # None: vLLM's defaults, true for a prompt (BOS as a completion adds it), false for
+    # messages (the template writes what it wants)
+    add_special_tokens: bool | None = None
+    return_token_strs: bool | None = None
+    add_generation_prompt: bool | None = None  # None: true, unless continue_final_message
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequest("Send either 'prompt' or 'messages', not both or neither.",
+                                 param="prompt" if self.prompt is not None else "messages")
+        if self.prompt is not None:
+            given = next((f for f in self._CHAT_ONLY if getattr(self, f) is not None), None)
+            if given is not None:
+                raise InvalidRequest(f"'{given}' goes with 'messages', not 'prompt'.", param=given)
+        if self.continue_final_message and self.add_generation_prompt:
+            raise InvalidRequest(
+                "continue_final_message and add_generation_prompt cannot both be true.",
+                param="continue_final_message",
+            )
+        return self
+
+    @property
+    def chat(self) -> bool:
+        return self.messages is not None
+
+    @property
+    def special_tokens(self) -> bool:
+        if self.add_special_tokens is not None:
+            return self.add_special_tokens
+        return not self.chat
+
+    @property
+    def generation_prompt(self) -> bool:
+        if self.add_generation_prompt is not None:
+            return self.add_generation_prompt
+        return not self.continue_final_message
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return template_messages(self.messages or [])
+
+
+class DetokenizeRequest(_Request):
+    """POST /detokenize (vLLM's)."""
+
+    model: Name
+    tokens: list[int]
+
+
+# -- rerank and score (vLLM's, Jina's and Cohere's shapes) ---------------------------------
+
+MAX_SCORE_TEXTS = 2048  # documents of a rerank, texts on either side of a score
+
+
+class TextDocument(BaseModel):
+    """A document sent as Cohere's `{"text": ...}` object rather than a string."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str
+
+
+class _ScoreFields(_Request):
+    # vLLM's own extensions: refused by name unless asking for nothing more than served.
+    unsupported_fields: ClassVar[tuple[str, ...]] = (
+        "truncate_prompt_tokens", "priority", "use_activation", "mm_processor_kwargs",
+    )
+    harmless_values: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "priority": (0,), "use_activation": (True,),
+    }
+
+    model: Name
+
+
+class RerankRequest(_ScoreFields):
+    query: str
+    documents: Annotated[list[str | TextDocument], Field(max_length=MAX_SCORE_TEXTS)]
+    top_n: Annotated[int, Field(ge=0)] | None = None  # None or 0: every document
+    return_documents: bool = True
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
+class ScoreRequest(_ScoreFields):
+    text_1: str | Annotated[list[str], Field(max_length=MAX_SCORE_TEXTS)]
+    text_2: str | Annotated[list[str], Field(max_length=MAX_SCORE_TEXTS)]
+
+    def sides(self) -> tuple[list[str], list[str]]:
+        return tuple([t] if isinstance(t, str) else list(t)  # type: ignore[return-value]
+                     for t in (self.text_1, self.text_2))

@@ -9,7 +9,7 @@ from starlette.requests import Request
 
 from llmserve.api.drain import Inflight
 from llmserve.config import Settings
-from llmserve.models import ModelRegistry
+from llmserve.models.registry import ModelRegistry
 from llmserve.serving.metrics import Metrics
 from llmserve.serving.runs import Runs
 from llmserve.store import Store

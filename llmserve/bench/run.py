@@ -362,7 +362,14 @@ def _speculative_modes(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="llmserve bench", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="llmserve bench", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  llmserve bench                          # the bundled model, 1 to 64 streams\n"
+               "  llmserve bench --levels 1,8 --max-tokens 64 --no-llama-server\n"
+               "  llmserve bench --url http://127.0.0.1:8000 --served-model-name my-model\n"
+               "  llmserve bench --plot-from benchmarks/results/bench.json --plot bench.png")
     p.add_argument("--model", help="GGUF file or model directory (default: the bundled model)")
     p.add_argument("--engine", default="auto",
                    choices=["auto", "llamacpp", "transformers", "vllm"],
@@ -408,6 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-hf-generate", action="store_true",
                    help="skip Hugging Face model.generate's baseline (transformers engine)")
     p.add_argument("--json", default="benchmarks/results/bench.json", help="where to write JSON")
+    p.add_argument("--plot", metavar="PNG",
+                   help="also draw tok/s, TTFT and ITL against concurrency, one colour per "
+                        "system, into this image (needs matplotlib: the bench extra)")
+    p.add_argument("--plot-from", metavar="JSON",
+                   help="run nothing: draw --plot (default: beside it, .png) from a JSON "
+                        "file an earlier run wrote")
     p.add_argument("--logs", default="benchmarks/results", help="folder for server logs")
     soak = p.add_argument_group("soak (--soak): healthy and hostile clients for minutes")
     soak.add_argument("--soak", action="store_true", help="run the soak instead of the sweep")
@@ -422,6 +435,15 @@ def main(argv: list[str] | None = None) -> int:
     soak.add_argument("--slow-hold", type=float, default=45,
                       help="seconds each slow reader keeps its connection (default 45)")
     args = p.parse_args(argv)
+    if args.plot_from or args.plot:
+        from llmserve.bench.plot import PlotUnavailable, require_matplotlib
+
+        try:
+            require_matplotlib()  # known now, not after the run
+        except PlotUnavailable as exc:
+            p.error(str(exc))
+    if args.plot_from:
+        return _plot_from(Path(args.plot_from), Path(args.plot) if args.plot else None)
     if args.url and len(args.speculative) > 1:
         p.error("--speculative with several modes: needs servers the bench starts, not --url")
     return asyncio.run(_soak(args) if args.soak else _main(args))
@@ -631,7 +653,18 @@ async def _main(args: argparse.Namespace) -> int:
         "speculative_ratios": speculative_rows, "constrained_ratios": constrained_rows,
     }, indent=1))
     print(f"\nJSON: {out}")
+    if args.plot:
+        _plot_from(out, Path(args.plot))
     return 1 if any(r.errors for r in results if r.system.startswith(LLMSERVE)) else 0
+
+
+def _plot_from(source: Path, out: Path | None) -> int:
+    from llmserve.bench.plot import save_plot, title_of
+
+    run = json.loads(source.read_text())
+    out = save_plot(run["results"], out or source.with_suffix(".png"), title_of(run))
+    print(f"plot: {out}")
+    return 0
 
 
 def _llama_server_binary(path: str | None) -> Path | None:

@@ -237,6 +237,13 @@ class Engine(Protocol):
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
         """Tokens of `text`; special-token text (e.g. `<|im_start|>`) becomes special tokens."""
 
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of `ids` (each within the vocabulary) as the model's tokenizer decodes
+        it, special tokens written out (`<|im_start|>`)."""
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        """Each token as its vocabulary writes it (`Ġword`, `▁word`, `<0x0A>`)."""
+
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes a token stands for (may be part of a UTF-8 character)."""
 

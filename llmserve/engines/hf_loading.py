@@ -79,6 +79,15 @@ class HFTokenizer:
             ids.insert(0, self._bos_id)
         return ids
 
+    def detokenize(self, ids: list[int]) -> str:
+        # special tokens written out, and no space "cleaned up": the text that tokenizes back
+        return self.tokenizer.decode(ids, skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        # a model's vocabulary may be larger than its tokenizer's: such ids have no string
+        return [t if t is not None else "" for t in self.tokenizer.convert_ids_to_tokens(ids)]
+
 
 def load_tokenizer(path: Path, gguf_file: str | None, trust_remote_code: bool):
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}

@@ -150,6 +150,8 @@ class LlamaCppEngine(StepLoopEngine):
         )
         self._batch = lc.llama_batch_init(batch_size, 0, 1)
         self._slot_tokens: list[list[int]] = [[] for _ in range(max_sequences)]  # KV contents
+        self._slot_used = [-1] * max_sequences  # release stamp of each slot's cache (-1: empty)
+        self._releases = 0
         self._seqs: list[_Sequence] = []  # running
         self._free_ids = list(range(max_sequences))
         if self._speculative and speculative_adaptive and self._lookup.tokens:
@@ -177,6 +179,12 @@ class LlamaCppEngine(StepLoopEngine):
 
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
         return _tokenize(self._vocab, text, add_bos)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return _detokenize(self._vocab, ids)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        return _token_strs(self._vocab, ids)
 
     def _piece(self, token: int, special: bool = False) -> bytes:
         return _piece(self._vocab, token, special)
@@ -243,8 +251,9 @@ class LlamaCppEngine(StepLoopEngine):
         wants = [({sid: min(len(commonprefix([self._slot_tokens[sid], req.prompt])),
                             len(req.prompt) - 1) for sid in free_ids}, len(req.params))
                  for req in admitted]
-        for req, (choice, others) in zip(admitted, slots.plan(free_ids, wants, busy),
-                                         strict=True):
+        caches = slots.SlotCaches(used={s: self._slot_used[s] for s in free_ids})
+        planned = slots.plan(free_ids, wants, busy, caches=caches)
+        for req, (choice, others) in zip(admitted, planned, strict=True):
             first, reused = self._take(choice)
             for sid in others:  # overwritten by a copy of the first once its prompt is read
                 free_ids.remove(sid)
@@ -269,11 +278,17 @@ class LlamaCppEngine(StepLoopEngine):
             lc.llama_memory_seq_cp(self._mem, choice.source, sid, -1, -1)
             self._slot_tokens[sid] = list(self._slot_tokens[choice.source])
         cached = self._slot_tokens[sid]
-        if keep < len(cached):
-            if keep == 0 or not lc.llama_memory_seq_rm(self._mem, sid, keep, -1):
-                self._clear_slot(sid)
-                return sid, 0
-            del cached[keep:]
+        if keep == 0 or not lc.llama_memory_seq_rm(self._mem, sid, keep, -1):
+            self._clear_slot(sid)
+            return sid, 0
+        del cached[keep:]
+        # The cache must end where this engine's note of it does (llama.cpp refuses a batch
+        # whose positions do not follow on, failing every request in it): a slip read again.
+        if lc.llama_memory_seq_pos_max(self._mem, sid) != keep - 1:
+            log.warning("slot %d: the KV cache does not hold the %d tokens noted; read again",
+                        sid, keep)
+            self._clear_slot(sid)
+            return sid, 0
         return sid, keep
 
     def _step(self, out: StepOutputs) -> None:
@@ -645,6 +660,8 @@ class LlamaCppEngine(StepLoopEngine):
             held = []
         if keep_cache and held:
             self._slot_tokens[seq.seq_id] = held
+            self._releases += 1
+            self._slot_used[seq.seq_id] = self._releases
         else:
             self._clear_slot(seq.seq_id)
         lc.llama_sampler_free(seq.sampler)
@@ -653,6 +670,7 @@ class LlamaCppEngine(StepLoopEngine):
     def _clear_slot(self, seq_id: int) -> None:
         lc.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
         self._slot_tokens[seq_id] = []
+        self._slot_used[seq_id] = -1
 
 class LlamaCppVocab:
     """The model's vocabulary alone (no weights): tokenizing in the server process while
@@ -671,6 +689,19 @@ class LlamaCppVocab:
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
         return _tokenize(self._vocab, text, add_bos)
 
+    def __del__(self) -> None:
+        # llama.cpp's memory, not Python's: a server that loads and unloads models on demand
+        # would otherwise keep every vocabulary it ever read
+        model, self._model = getattr(self, "_model", None), None
+        if model:
+            lc.llama_model_free(model)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return _detokenize(self._vocab, ids)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        return _token_strs(self._vocab, ids)
+
 
 def _tokenize(vocab, text: str, add_bos: bool) -> list[int]:
     data = text.encode()
@@ -681,6 +712,26 @@ def _tokenize(vocab, text: str, add_bos: bool) -> list[int]:
         if n >= 0:
             return buf[:n]
         size = -n
+
+
+def _detokenize(vocab, ids: list[int]) -> str:
+    """The text of `ids` (ids checked by the caller), special tokens written out, as a
+    tokenizer's decode: a SentencePiece vocabulary's leading space dropped, cut characters
+    replaced."""
+    tokens = (lc.llama_token * len(ids))(*ids)
+    size = 4 * len(ids) + 16
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = lc.llama_detokenize(vocab, tokens, len(ids), buf, size, False, True)
+        if n >= 0:
+            return buf.raw[:n].decode("utf-8", "replace")
+        size = -n
+
+
+def _token_strs(vocab, ids: list[int]) -> list[str]:
+    """Each token as the vocabulary writes it (`Ġword`, `▁word`, `<0x0A>`), as Hugging Face's
+    convert_ids_to_tokens."""
+    return [(lc.llama_vocab_get_text(vocab, t) or b"").decode("utf-8", "replace") for t in ids]
 
 
 def _piece(vocab, token: int, special: bool) -> bytes:

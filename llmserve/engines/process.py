@@ -5,8 +5,8 @@ never the server.
 `ChildProcess` starts a worker (see `engines.worker`), writes to it on a thread of its own
 (engines.outbox) and reads its messages on another that hands each one to the event loop,
 notices its death (the pipe closes) or its stall (a ping its decode loop leaves unanswered),
-and restarts it with backoff; `EngineProcess` and `EmbedderProcess` speak their worker's
-messages.
+and restarts it with backoff; `EngineProcess` and `BatchProcess` (an embedder's, a
+cross-encoder's) speak their worker's messages.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from llmserve.engines.base import (
 )
 from llmserve.engines.outbox import Outbox, OutboxClosed, OutboxFull
 from llmserve.engines.restarts import Crashes, RestartPolicy
-from llmserve.engines.spec import EmbedderSpec, EngineSpec
+from llmserve.engines.spec import BatchSpec, CrossEncoderSpec, EmbedderSpec, EngineSpec
 from llmserve.engines.stepping import QueueStream, route
-from llmserve.engines.worker import decode, embedder_main, engine_main
+from llmserve.engines.worker import batch_main, decode, engine_main
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +301,11 @@ class ChildProcess:
         for task in (self._restarter, self._watchdog):
             if task is not None:
                 task.cancel()
+        # No reference cycle outlives the stop (a cancelled task's traceback holds its frame,
+        # the callbacks their owner): a model unloaded on demand goes, its vocabulary with it,
+        # when its last reference does, not at some later full collection.
+        self._restarter = self._watchdog = None
+        self._on_message, self._on_lost = _ignore, _ignore
         proc, outbox = self._proc, self._outbox
         if proc is None:
             return
@@ -314,6 +319,10 @@ class ChildProcess:
         await asyncio.to_thread(_reap, proc, 10)
         if outbox is not None:
             outbox.close()
+
+
+def _ignore(*_: object) -> str:
+    return ""
 
 
 def _reap(proc, timeout: float = 0) -> None:
@@ -348,6 +357,12 @@ class EngineProcess(EngineFacts):
 
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
         return self._tokenizer.tokenize(text, add_bos=add_bos)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self._tokenizer.detokenize(ids)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        return self._tokenizer.token_strs(ids)
 
     @property
     def pid(self) -> int | None:
@@ -404,28 +419,24 @@ class EngineProcess(EngineFacts):
         return f"requests lost: {', '.join(ids)}" if ids else "no request was running"
 
 
-class EmbedderProcess:
-    """A sentence embedder in a child process behind the `Embedder` protocol; `embed` is
-    called off the event loop and waits for the child's answer."""
+class BatchProcess:
+    """A model that answers batches (an embedder, a cross-encoder) in a child process;
+    `call` runs off the event loop and waits for the child's answer."""
 
-    def __init__(self, spec: EmbedderSpec, *, name: str,
+    def __init__(self, spec: BatchSpec, *, name: str, what: str,
                  policy: RestartPolicy = RestartPolicy()) -> None:
-        from llmserve.engines.sentence_embedder import EmbeddingTokenizer
-
-        self._tokenizer = EmbeddingTokenizer(spec.path)
+        self._what = what
         self._child = ChildProcess(
-            f"embedder {name}", embedder_main, lambda n: (spec,),
+            f"{what} {name}", batch_main, lambda n: (spec,),
             on_message=self._on_message, on_lost=self._on_lost, policy=policy,
         )
-        facts = self._child.launch()
-        self.dimensions: int = facts["dimensions"]
-        self.max_input_tokens: int = facts["max_input_tokens"]
-        self.vocab_size: int = facts["vocab_size"]
+        self.facts: dict[str, Any] = self._child.launch()
         self._pending: dict[int, concurrent.futures.Future] = {}
         self._keys = itertools.count()
 
-    def tokenize(self, text: str) -> list[int]:
-        return self._tokenizer.tokenize(text)
+    @property
+    def pid(self) -> int | None:
+        return self._child.pid
 
     def health(self) -> EngineHealth:
         return self._child.health()
@@ -437,12 +448,12 @@ class EmbedderProcess:
         await self._child.stop()
         self._on_lost("the server is stopping")
 
-    def embed(self, inputs: list[list[int]]):
+    def call(self, inputs: list[Any]) -> Any:
         key = next(self._keys)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._pending[key] = fut
         try:
-            self._child.send(("embed", key, inputs))
+            self._child.send(("run", key, inputs))
         except EngineDown:
             self._pending.pop(key, None)
             raise
@@ -464,4 +475,43 @@ class EmbedderProcess:
         err = self._child.down_error()
         for fut in pending.values():
             fut.set_exception(err)
-        return f"{len(pending)} embedding batches lost" if pending else "no batch was running"
+        return f"{len(pending)} {self._what} batches lost" if pending else "no batch was running"
+
+
+class EmbedderProcess(BatchProcess):
+    """A sentence embedder in a child process behind the `Embedder` protocol."""
+
+    def __init__(self, spec: EmbedderSpec, *, name: str,
+                 policy: RestartPolicy = RestartPolicy()) -> None:
+        from llmserve.engines.sentence_embedder import EmbeddingTokenizer
+
+        self._tokenizer = EmbeddingTokenizer(spec.path)
+        super().__init__(spec, name=name, what="embedder", policy=policy)
+        self.dimensions: int = self.facts["dimensions"]
+        self.max_input_tokens: int = self.facts["max_input_tokens"]
+        self.vocab_size: int = self.facts["vocab_size"]
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenizer.tokenize(text)
+
+    def embed(self, inputs: list[list[int]]):
+        return self.call(inputs)
+
+
+class CrossEncoderProcess(BatchProcess):
+    """A cross-encoder in a child process behind the `PairScorer` protocol
+    (serving/scores.py): pairs are tokenized here, scored there."""
+
+    def __init__(self, spec: CrossEncoderSpec, *, name: str,
+                 policy: RestartPolicy = RestartPolicy()) -> None:
+        from llmserve.engines.cross_encoder import PairTokenizer
+
+        self._tokenizer = PairTokenizer(spec.path)
+        super().__init__(spec, name=name, what="reranker", policy=policy)
+        self.max_input_tokens: int = self.facts["max_input_tokens"]
+
+    def tokenize_pair(self, query: str, document: str):
+        return self._tokenizer.tokenize_pair(query, document)
+
+    def score(self, pairs: list) -> list[float]:
+        return self.call(pairs)

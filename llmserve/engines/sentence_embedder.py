@@ -67,6 +67,14 @@ class SentenceEmbedder:
         """With the model's own special tokens (e.g. [CLS] ... [SEP]) around the text."""
         return list(self._tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
 
+    def facts(self) -> dict[str, int]:
+        """What the server process needs to know, sent once loaded (engines.worker)."""
+        return {"dimensions": self.dimensions, "max_input_tokens": self.max_input_tokens,
+                "vocab_size": self.vocab_size}
+
+    def run(self, inputs: list[list[int]]) -> np.ndarray:
+        return self.embed(inputs)
+
     def health(self) -> EngineHealth:
         return EngineHealth("running")
 

@@ -15,6 +15,10 @@ EngineKind = Literal["llamacpp", "transformers", "vllm"]
 class Tokenizer(Protocol):
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]: ...
 
+    def detokenize(self, ids: list[int]) -> str: ...
+
+    def token_strs(self, ids: list[int]) -> list[str]: ...
+
 
 @dataclass(frozen=True)
 class EngineSpec:
@@ -50,11 +54,35 @@ class EngineSpec:
                            trust_remote_code=self.options.get("trust_remote_code", False))
 
 
+class BatchModel(Protocol):
+    """A model that answers batches in a child process (engines.worker.batch_main)."""
+
+    def facts(self) -> dict[str, Any]: ...
+
+    def run(self, inputs: list[Any]) -> Any: ...
+
+
+class BatchSpec(Protocol):
+    path: Path
+
+    def build(self) -> BatchModel: ...
+
+
 @dataclass(frozen=True)
 class EmbedderSpec:
     path: Path
 
-    def build(self):
+    def build(self) -> BatchModel:
         from llmserve.engines.sentence_embedder import SentenceEmbedder
 
         return SentenceEmbedder(self.path)
+
+
+@dataclass(frozen=True)
+class CrossEncoderSpec:
+    path: Path
+
+    def build(self) -> BatchModel:
+        from llmserve.engines.cross_encoder import CrossEncoderModel
+
+        return CrossEncoderModel(self.path)

@@ -205,6 +205,12 @@ class TransformersEngine(StepLoopEngine):
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
         return self._text.tokenize(text, add_bos=add_bos)
 
+    def detokenize(self, ids: list[int]) -> str:
+        return self._text.detokenize(ids)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        return self._text.token_strs(ids)
+
     # -- lifecycle -------------------------------------------------------------------------
 
     def close(self) -> None:

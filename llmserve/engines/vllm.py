@@ -192,6 +192,12 @@ class VllmEngine(EngineFacts):
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
         return self._text.tokenize(text, add_bos=add_bos)
 
+    def detokenize(self, ids: list[int]) -> str:
+        return self._text.detokenize(ids)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        return self._text.token_strs(ids)
+
     def health(self) -> EngineHealth:
         if self._state == "running" and self._llm is not None and self._llm.errored:
             # the watchdog has not looked yet

@@ -2,16 +2,16 @@
 its facts, then run its decode loop, one message per step each way.
 
 Messages to the server are tuples over a `multiprocessing` pipe (pickled):
-  ("ready", info)             loaded; `info` is EngineInfo (or the embedder's facts)
+  ("ready", info)             loaded; `info` is EngineInfo (or a batch model's facts)
   ("failed", kind, message)   could not load (FileNotFoundError, ...)
   ("step", [(key, payload)])  one decode step: each request's new tokens, as tuples, or
                               its end (None: finished; an EngineError: failed)
-  ("result", key, value)      embedder: one batch's vectors, or an EngineError
+  ("result", key, value)      batch model: one batch's answer, or an EngineError
   ("fatal", traceback)        the decode loop raised; the process exits right after
   ("pong", n)                 the answer to ping n, from the decode loop between two steps
-                              (the embedder: between two batches)
+                              (a batch model: between two batches)
 and from it:
-  ("add", key, prompt, params) | ("cancel", key, index) | ("embed", key, inputs) |
+  ("add", key, prompt, params) | ("cancel", key, index) | ("run", key, inputs) |
   ("ping", n) | ("stop",)
 
 A child dies with its server: when the pipe closes (the server exited, however) it exits.
@@ -29,7 +29,7 @@ from multiprocessing.connection import Connection
 
 from llmserve.engines.base import EngineError, TokenOutput
 from llmserve.engines.faults import Faults
-from llmserve.engines.spec import EmbedderSpec, EngineSpec
+from llmserve.engines.spec import BatchSpec, EngineSpec
 from llmserve.engines.stepping import Payload, StepLoopEngine
 
 
@@ -128,12 +128,11 @@ def _serve_requests(conn: Connection, engine: StepLoopEngine, send) -> None:
             return
 
 
-def embedder_main(conn: Connection, spec: EmbedderSpec) -> None:
+def batch_main(conn: Connection, spec: BatchSpec) -> None:
+    """A model that answers batches (an embedder, a cross-encoder): one batch at a time."""
     _child_setup()
-    embedder = _load(conn, spec.build)
-    conn.send(("ready", {"dimensions": embedder.dimensions,
-                         "max_input_tokens": embedder.max_input_tokens,
-                         "vocab_size": embedder.vocab_size}))
+    model = _load(conn, spec.build)
+    conn.send(("ready", model.facts()))
     while True:
         try:
             msg = conn.recv()
@@ -146,7 +145,7 @@ def embedder_main(conn: Connection, spec: EmbedderSpec) -> None:
             continue
         _, key, inputs = msg
         try:
-            result: object = embedder.embed(inputs)
-        except Exception as exc:  # noqa: BLE001 - that batch fails, the embedder goes on
+            result: object = model.run(inputs)
+        except Exception as exc:  # noqa: BLE001 - that batch fails, the model goes on
             result = EngineError(f"{type(exc).__name__}: {exc}")
         conn.send(("result", key, result))

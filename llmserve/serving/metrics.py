@@ -7,6 +7,8 @@ Where they are taken:
   scrape time, so they cost nothing between scrapes and can never drift;
 - speculative decoding's counters (vLLM's `spec_decode_*`) are read from each engine at
   scrape time, for the engines that speculate;
+- the models' loads, unloads, latest load time and memory are read from the registry at
+  scrape time; the gauges and speculation's counters of a model appear while it is loaded;
 - everything else is reported by the serving core (`Generation`, shared by chat and
   completions) to one `RequestStats` per prompt: one call when its slots are granted, one
   per engine step that gave it tokens, one when it ends.
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -40,9 +42,11 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from llmserve.engines.base import Engine
+    from llmserve.models.registry import ModelStatus
     from llmserve.serving.generation import ChoiceDelta
     from llmserve.serving.scheduler import Scheduler
 
+T = TypeVar("T")
 PREFIX = "llmserve:"
 LABELS = ("model_name",)
 FINISHED_REASONS = ("stop", "length", "abort", "error")
@@ -56,14 +60,24 @@ REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
                            50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
 Clock = Callable[[], float]
+Source = Mapping[str, T] | Callable[[], Mapping[str, T]]  # fixed, or read at each scrape
+
+
+class StatusSource(Protocol):
+    def status(self) -> list[ModelStatus]: ...
+
+
+def _read(source: Source[T]) -> Mapping[str, T]:
+    return source() if callable(source) else source
 
 
 class Metrics:
     """The metrics of one app's models: `model(name)` is what its requests report to,
     `exposition()` the text a scrape gets."""
 
-    def __init__(self, schedulers: Mapping[str, Scheduler], *,
-                 engines: Mapping[str, Engine] | None = None, clock: Clock = time.monotonic):
+    def __init__(self, schedulers: Source[Scheduler], *,
+                 engines: Source[Engine] | None = None, models: StatusSource | None = None,
+                 clock: Clock = time.monotonic):
         self.registry = CollectorRegistry()
         self._clock = clock
         r = self.registry
@@ -100,10 +114,16 @@ class Metrics:
         r.register(_SchedulerCollector(schedulers))
         if engines:
             r.register(_SpecDecodeCollector(engines))
-        self._models = {name: ModelMetrics(self, name) for name in schedulers}
+        if models is not None:
+            r.register(_ModelsCollector(models))
+        self._models = {name: ModelMetrics(self, name) for name in _read(schedulers)}
 
     def model(self, name: str) -> ModelMetrics:
-        return self._models[name]
+        """A model's metrics, made at its first request (models load on demand)."""
+        found = self._models.get(name)
+        if found is None:
+            found = self._models[name] = ModelMetrics(self, name)
+        return found
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -206,8 +226,8 @@ class NoStats:
 class _SchedulerCollector(Collector):
     """The gauges, read from each model's scheduler when scraped."""
 
-    def __init__(self, schedulers: Mapping[str, Scheduler]) -> None:
-        self._schedulers = dict(schedulers)
+    def __init__(self, schedulers: Source[Scheduler]) -> None:
+        self._schedulers = schedulers
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         running = GaugeMetricFamily(
@@ -221,7 +241,7 @@ class _SchedulerCollector(Collector):
             "KV-cache usage. 1 means 100 percent usage. Measured as the fraction of sequence "
             "slots in use: each sequence has a KV stream of its own of context-length cells "
             "(llama.cpp), so a slot in use is that much cache taken.", labels=LABELS)
-        for name, s in self._schedulers.items():
+        for name, s in _read(self._schedulers).items():
             running.add_metric([name], s.slots_in_use)
             waiting.add_metric([name], s.sequences_waiting)
             usage.add_metric([name], s.slots_in_use / s.capacity if s.capacity else 0.0)
@@ -237,8 +257,8 @@ class _SpecDecodeCollector(Collector):
     """Speculative decoding's counters, under vLLM's names, read from each engine that
     speculates when scraped (from 0 once it is configured, as vLLM has them)."""
 
-    def __init__(self, engines: Mapping[str, Engine]) -> None:
-        self._engines = dict(engines)
+    def __init__(self, engines: Source[Engine]) -> None:
+        self._engines = engines
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         drafts = CounterMetricFamily(
@@ -252,7 +272,7 @@ class _SpecDecodeCollector(Collector):
         per_pos = CounterMetricFamily(
             PREFIX + "spec_decode_num_accepted_tokens_per_pos",
             "Accepted tokens per draft position.", labels=(*LABELS, "position"))
-        for name, engine in self._engines.items():
+        for name, engine in _read(self._engines).items():
             stats = engine.spec_decode_stats()
             if stats is None:
                 continue
@@ -265,3 +285,37 @@ class _SpecDecodeCollector(Collector):
 
     def describe(self) -> Iterator[CounterMetricFamily]:
         return self.collect()
+
+
+class _ModelsCollector(Collector):
+    """Every servable model's loads, unloads and latest load time, and the memory of the
+    loaded ones, read from the registry when scraped."""
+
+    def __init__(self, models: StatusSource) -> None:
+        self._models = models
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        loads = CounterMetricFamily(
+            PREFIX + "model_loads", "Number of times the model was loaded.", labels=LABELS)
+        unloads = CounterMetricFamily(
+            PREFIX + "model_unloads",
+            "Number of times the model was unloaded (idle, evicted).", labels=LABELS)
+        load_time = GaugeMetricFamily(
+            PREFIX + "model_load_time_seconds",
+            "Seconds its latest load took (process start to ready).", labels=LABELS)
+        loaded = GaugeMetricFamily(
+            PREFIX + "model_loaded", "1 while the model is loaded, else 0.", labels=LABELS)
+        memory = GaugeMetricFamily(
+            PREFIX + "model_memory_bytes",
+            "Resident memory of the loaded model's engine process tree.", labels=LABELS)
+        for s in self._models.status():
+            loads.add_metric([s.id], s.loads)
+            unloads.add_metric([s.id], s.unloads)
+            load_time.add_metric([s.id], s.load_seconds)
+            loaded.add_metric([s.id], 0.0 if s.state in ("unloaded", "loading", "failed") else 1.0)
+            if s.memory_bytes is not None:
+                memory.add_metric([s.id], s.memory_bytes)
+        yield from (loads, unloads, load_time, loaded, memory)
+
+    def describe(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        return iter(())

@@ -9,6 +9,7 @@ request, not every stream the event loop is serving.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,11 @@ from llmserve.serving.tool_calls import (
 # Special tokens are no token's bytes (their text is parsed from the prompt): a floor for
 # their text's length, so the length check never refuses a prompt that could fit.
 _SPECIAL_TEXT_FLOOR = 64
+
+# The template variables that the request's fields and the model set: no
+# chat_template_kwargs in their place.
+_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt",
+                                 "continue_final_message", "bos_token", "eos_token"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +100,49 @@ class Preparer:
         tokens = await anyio.to_thread.run_sync(self._completion_tokens, prompts)
         return self._prepared(tokens, sampling, stop)
 
+    # -- tokens alone (/tokenize, /detokenize) ------------------------------------------------
+
+    async def chat_tokens(
+        self,
+        messages: list[dict[str, Any]],
+        output: OutputRequest | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        add_special_tokens: bool = False,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """The prompt tokens of `messages`, by the very path of `chat`: with the defaults,
+        exactly the prompt a chat completion of them reads (its usage.prompt_tokens).
+        `add_special_tokens`: the model's BOS on top of what the template writes;
+        `template_kwargs`: more variables for the template."""
+        kwargs = dict(template_kwargs or {})
+        taken = sorted(_TEMPLATE_VARIABLES.intersection(kwargs))
+        if taken:
+            raise InvalidRequest(
+                f"chat_template_kwargs cannot set {', '.join(taken)}: the request's own fields "
+                "and the model decide them.", param="chat_template_kwargs")
+        _, tokens = await anyio.to_thread.run_sync(functools.partial(
+            self._chat_tokens, messages, output or OutputRequest(),
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            add_bos=add_special_tokens and self._engine.add_bos, extra=kwargs,
+        ))
+        return tokens
+
+    async def text_tokens(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """The tokens of a raw prompt; with `add_special_tokens`, as a completion reads it."""
+        engine = self._engine
+        return await anyio.to_thread.run_sync(functools.partial(
+            engine.tokenize, text, add_bos=add_special_tokens and engine.add_bos))
+
+    async def detokenize(self, ids: list[int], param: str = "tokens") -> str:
+        self._check_ids(ids, param)
+        return await anyio.to_thread.run_sync(self._engine.detokenize, ids)
+
+    async def token_strs(self, ids: list[int]) -> list[str]:
+        return await anyio.to_thread.run_sync(self._engine.token_strs, ids)
+
     def prompt_text(self, tokens: list[int]) -> str:
         """A prompt's text, for `echo`."""
         return b"".join(self._engine.token_bytes(t) for t in tokens).decode("utf-8", "replace")
@@ -131,15 +180,27 @@ class Preparer:
     # -- on a worker thread -------------------------------------------------------------------
 
     def _chat_tokens(
-        self, messages: list[dict[str, Any]], output: OutputRequest
+        self, messages: list[dict[str, Any]], output: OutputRequest, *,
+        add_generation_prompt: bool = True, continue_final_message: bool = False,
+        add_bos: bool = False, extra: dict[str, Any] | None = None,
     ) -> tuple[OutputPlan, list[int]]:
         plan = plan_output(messages, output, self._tool_format)
-        extra = {"tools": plan.template_tools} if plan.template_tools else {}
+        variables = dict(extra or {})
+        if plan.template_tools:
+            variables["tools"] = plan.template_tools
         try:
-            text = self._template.render(plan.messages, add_generation_prompt=True, **extra)
+            text = self._template.render(
+                plan.messages, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, **variables)
         except TemplateError as exc:
             raise InvalidRequest(str(exc), param="messages") from None
-        return plan, self._engine.tokenize(text, add_bos=False)
+        return plan, self._engine.tokenize(text, add_bos=add_bos)
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        vocab = self._engine.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"Token id {bad} is outside the vocabulary.", param=param)
 
     def _completion_tokens(self, prompts: list[str | list[int]]) -> list[list[int]]:
         engine = self._engine
@@ -148,10 +209,7 @@ class Preparer:
             if isinstance(p, str):
                 tokens = engine.tokenize(p, add_bos=engine.add_bos)
             else:
-                vocab = engine.vocab_size
-                bad = next((t for t in p if not 0 <= t < vocab), None)
-                if bad is not None:
-                    raise InvalidRequest(f"Token id {bad} is outside the vocabulary.", param="prompt")
+                self._check_ids(p, "prompt")
                 tokens = list(p)
             if not tokens:
                 raise InvalidRequest(f"Prompt {i} is empty.", param="prompt")

@@ -17,6 +17,7 @@ import openai
 import pytest
 from conftest import MODEL, Server, engine_flags, run_server
 from engine_fixtures import *  # engine, server, client, async_client, http
+from greedy import assert_same_greedy
 from openai_schema import validate
 from sse import EventStream, parse_events, stream_post
 
@@ -836,10 +837,13 @@ def test_sixteen_concurrent_streams(server, client):
     for p, got in zip(CONCURRENT_PROMPTS, together):
         c = only(got)
         assert c["usage"]["completion_tokens"] <= 32
-        alone = only(sdk_stream(client, p, max_tokens=32, temperature=0, include_usage=True))
-        assert c["content"] == alone["content"], p
-        assert c["finish_reason"] == alone["finish_reason"], p
-        assert c["usage"] == alone["usage"], p
+        alone = only(sdk_stream(client, p, max_tokens=32, temperature=0, include_usage=True,
+                                logprobs=True, top_logprobs=5))
+        if c["content"] == alone["content"]:
+            assert c["finish_reason"] == alone["finish_reason"], p
+            assert c["usage"] == alone["usage"], p
+        else:  # parted at a near tie (tests/greedy.py): past it either may end first
+            assert_same_greedy(c["content"], alone["logprobs"])
 
 
 # -- a client that hangs up frees its slot --------------------------------------------------

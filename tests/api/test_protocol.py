@@ -10,7 +10,7 @@ import pytest
 from openai_schema import SCHEMAS_PATH
 
 from llmserve.api.errors import validation_error
-from llmserve.api.protocol import ChatCompletionRequest, CompletionRequest
+from llmserve.api.protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest
 from llmserve.api.responses_protocol import CreateResponseRequest
 from llmserve.errors import InvalidRequest, UnsupportedParameter
 from llmserve.serving.sampling import FLOAT_RANGES
@@ -519,3 +519,38 @@ def test_output_request_from_the_fields():
     plain = chat(tools=[{"type": "function", "function": {"name": "g"}}]).output_request()
     assert plain.choice.mode == "auto" and plain.parallel is None  # the format decides
     assert plain.tools[0].parameters == {"type": "object"}
+
+
+# -- /tokenize --------------------------------------------------------------------------------
+
+
+def test_tokenize_defaults_are_vllm_s():
+    prompt = TokenizeRequest.model_validate({"model": "m", "prompt": "Hi"})
+    assert not prompt.chat and prompt.special_tokens  # BOS as a completion adds it
+    chat_ = TokenizeRequest.model_validate({"model": "m", "messages": USER})
+    assert chat_.chat and not chat_.special_tokens and chat_.generation_prompt
+    assert chat_.template_messages() == [{"role": "user", "content": "Hi"}]
+    assert chat_.output_request().tools == []
+    # continue_final_message alone turns the generation prompt off (vLLM would need both)
+    cont = TokenizeRequest.model_validate({"model": "m", "messages": USER,
+                                           "continue_final_message": True})
+    assert not cont.generation_prompt
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "x", "messages": USER}, "prompt"),
+    ({}, "messages"),
+    ({"prompt": "x", "chat_template_kwargs": {}}, "chat_template_kwargs"),
+    ({"messages": USER, "add_generation_prompt": True, "continue_final_message": True},
+     "continue_final_message"),
+])
+def test_tokenize_shapes_refused(body, param):
+    with pytest.raises(InvalidRequest) as err:
+        TokenizeRequest.model_validate({"model": "m", **body})
+    assert err.value.param == param
+
+
+def test_tokenize_client_template_refused_by_name():
+    with pytest.raises(UnsupportedParameter) as err:
+        TokenizeRequest.model_validate({"model": "m", "messages": USER, "chat_template": "x"})
+    assert err.value.param == "chat_template"

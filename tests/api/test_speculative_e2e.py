@@ -14,16 +14,11 @@ import httpx
 import pytest
 from conftest import MODEL, Server, run_server
 from prometheus_client.parser import text_string_to_metric_families
+from speculation_cases import REPEAT
 from sse import parse_events
 
 PATH = "/v1/chat/completions"
-PARAGRAPH = (
-    "The old lighthouse stood at the edge of the cliff for more than a century, guiding ships "
-    "through the narrow strait. Its keeper, a quiet man named Elias, climbed the spiral stairs "
-    "every evening to light the lamp, and every morning he wrote the weather in a worn leather "
-    "book."
-)
-COPY = [{"role": "user", "content": f"Repeat this text exactly: {PARAGRAPH}"}]
+COPY = [{"role": "user", "content": REPEAT}]
 
 
 @pytest.fixture(scope="module")

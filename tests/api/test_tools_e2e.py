@@ -13,6 +13,7 @@ import openai
 import pytest
 from conftest import MODEL, run_server
 from engine_fixtures import *  # engine, server, client, async_client, http
+from greedy import assert_same_greedy
 from openai_schema import validate
 from sse import stream_post
 from test_errors_e2e import CHAT, assert_error, chat_body
@@ -220,14 +221,16 @@ def test_half_constrained_half_free_concurrently(client):
 def test_free_output_is_the_same_beside_constrained(client, http):
     """A free request's greedy text does not change when constrained ones share its batch."""
     messages = [{"role": "user", "content": "Name three colors."}]
-    alone = create(client, messages=messages, max_tokens=24).choices[0].message.content
+    alone = create(client, messages=messages, max_tokens=24, logprobs=True, top_logprobs=5)
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
     with ThreadPoolExecutor(4) as pool:
         others = [pool.submit(create, client, messages=ASK, response_format=fmt)
                   for _ in range(3)]
         beside = create(client, messages=messages, max_tokens=24).choices[0].message.content
         [f.result() for f in others]
-    assert beside == alone
+    # A mask leaking into this row would move its logprobs by nats; batch rounding may tip a
+    # near tie (tests/greedy.py).
+    assert_same_greedy(beside, alone.choices[0].logprobs.content)
 
 
 # -- refusals ---------------------------------------------------------------------------------

@@ -91,6 +91,41 @@ def test_reused_prefix_gives_the_same_tokens_as_a_fresh_slot(run):
     assert same_a[0] == same_a[1]
 
 
+def test_a_slot_whose_cache_differs_from_its_note_is_trimmed_or_read_again(run):
+    """Whatever let the engine's note of a slot and llama.cpp's cache drift apart, the next
+    prompt in that slot gets its answer (llama.cpp would refuse the batch otherwise)."""
+    import llama_cpp as lc
+
+    async def fn(e):
+        p = chat(e, "What is the capital of France?")
+        first = (await tokens(e, p, [greedy()]))[0]
+        # The cache holds more than noted: the note says 5 tokens.
+        del e._slot_tokens[0][5:]
+        more = (await tokens(e, p, [greedy()]))[0]
+        # The cache holds less than noted: all but 5 cells dropped behind the engine's back.
+        lc.llama_memory_seq_rm(e._mem, 0, 5, -1)
+        less = (await tokens(e, p, [greedy()]))[0]
+        return first, more, less
+
+    first, more, less = run(fn, max_sequences=1)
+    assert more == first
+    assert less == first
+
+
+def test_one_client_after_another_each_keeps_its_cache(run):
+    """Conversations taken in turn at one stream each stay cached for their next turn: a new
+    prompt goes to an empty slot, not over the one just released."""
+    async def fn(e):
+        a, b = chat(e, "What is the capital of France?"), chat(e, "Name a large river.")
+        await tokens(e, a, [greedy(8)])
+        await tokens(e, b, [greedy(8)])
+        return [list(t) for t in e._slot_tokens], a, b
+
+    cached, a, b = run(fn)
+    assert any(t[: len(a)] == a for t in cached)
+    assert any(t[: len(b)] == b for t in cached)
+
+
 def test_reused_slots_decode_in_seq_id_order(run, monkeypatch):
     """Prompts that find their cached slots in another order than they arrive still reach
     llama.cpp in ascending seq id order, and their running ids are consecutive: with a KV
@@ -170,10 +205,12 @@ def test_cached_prefix_is_copied_next_to_the_running_sequence(run, monkeypatch):
 def test_long_prompt_is_read_in_pieces_while_others_keep_decoding(run):
     text = "Summarize: " + "The quick brown fox jumps over the lazy dog. " * 30
 
+    async def read_alone(e):
+        return (await tokens(e, chat(e, text), [greedy(8)]))[0]
+
     async def fn(e):
         long_prompt = chat(e, text)
         assert len(long_prompt) > 4 * 64
-        alone = (await tokens(e, long_prompt, [greedy(8)]))[0]
         # A stream already running when the long prompt arrives must keep getting a token
         # every step while the prompt is read 64 tokens at a time.
         runner = e.generate(chat(e, "Count to one hundred."), [greedy(200, ignore_eos=True)])
@@ -194,9 +231,11 @@ def test_long_prompt_is_read_in_pieces_while_others_keep_decoding(run):
             await it.__anext__()
             steps_while_reading += 1
         runner.cancel()
-        return alone, [await reader], len(long_prompt), steps_while_reading
+        return [await reader], len(long_prompt), steps_while_reading
 
-    alone, chunked, n_prompt, steps = run(fn, prefill_chunk=64)
+    # Alone on an engine of its own: this one's cache must not hold the long prompt.
+    alone = run(read_alone, prefill_chunk=64)
+    chunked, n_prompt, steps = run(fn, prefill_chunk=64)
     assert chunked[0] == alone
     assert steps >= n_prompt // 64  # one runner token per 64-token piece of prompt
 
@@ -321,3 +360,46 @@ def test_decoding_with_weight_repack_on_and_off():
         # A CPU where auto turns repacking off (AMX): llama.cpp 0.3.36 crashes there. If a
         # fixed llama.cpp decodes instead, it must decode the same tokens.
         assert on.returncode < 0 or json.loads(on.stdout) == reference, on.stderr
+
+
+TOKENIZE_TEXTS = ["Hello, world!", "你好，世界 大海", "emoji 😀🎉👨‍👩‍👧", "  two spaces\n\ttab",
+                  "<|im_start|>user\nHi<|im_end|>\n"]
+
+
+def test_detokenize_and_token_strs_of_the_vocabulary():
+    """Text back from ids, special tokens written out; each id's string as the vocabulary
+    writes it. The engine and the vocabulary alone (the server process's) agree."""
+    from llmserve.engines.llamacpp import LlamaCppVocab
+
+    vocab = LlamaCppVocab(bundled_model_path())
+    engine = LlamaCppEngine(bundled_model_path(), context_length=256, max_sequences=1, threads=2)
+    try:
+        for text in TOKENIZE_TEXTS:
+            ids = vocab.tokenize(text, add_bos=False)
+            assert vocab.detokenize(ids) == engine.detokenize(ids) == text
+            assert vocab.token_strs(ids) == engine.token_strs(ids)
+        assert vocab.token_strs(vocab.tokenize("Hello world", add_bos=False)) == ["Hello", "Ġworld"]
+        assert vocab.token_strs(vocab.tokenize("<|im_end|>", add_bos=False)) == ["<|im_end|>"]
+        # a character cut in two is replaced, never an error
+        first, _ = vocab.tokenize("你", add_bos=False)  # two bytes, then the third
+        assert vocab.detokenize([first]) == "\ufffd"
+        assert vocab.detokenize([]) == ""
+    finally:
+        engine.close()
+
+
+def test_detokenize_and_token_strs_equal_the_hf_tokenizer_s():
+    """The same model through llama.cpp's vocabulary and through its Hugging Face tokenizer
+    (the directory the tests convert the GGUF to): the same strings, the same text."""
+    pytest.importorskip("transformers", reason="the hf extra is not installed")
+    from conftest import hf_model_dir
+
+    from llmserve.engines.hf_loading import HFTokenizer
+    from llmserve.engines.llamacpp import LlamaCppVocab
+
+    vocab, hf = LlamaCppVocab(bundled_model_path()), HFTokenizer(hf_model_dir())
+    for text in TOKENIZE_TEXTS:
+        ids = vocab.tokenize(text, add_bos=False)
+        assert hf.tokenize(text, add_bos=False) == ids
+        assert hf.token_strs(ids) == vocab.token_strs(ids)
+        assert hf.detokenize(ids) == vocab.detokenize(ids) == text

@@ -8,54 +8,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from llguidance import LLMatcher
+from speculation_cases import (FREE, RECORD_PROMPT, REPEAT, chat, compare, greedy, outputs,
+                               record_grammar, run_on, seeded)
 
-from llmserve.engines.base import SamplingParams, TokenOutput
 from llmserve.engines.llamacpp import LlamaCppEngine
 from llmserve.models import bundled_model_path
 
-PARAGRAPH = (
-    "The old lighthouse stood at the edge of the cliff for more than a century, guiding ships "
-    "through the narrow strait. Its keeper, a quiet man named Elias, climbed the spiral stairs "
-    "every evening to light the lamp, and every morning he wrote the weather in a worn leather "
-    "book."
-)
-REPEAT = f"Repeat this text exactly: {PARAGRAPH}"
-FREE = "Write a short story about a dragon who learns to cook."
-RECORD = {"name": "Elias Marsh", "city": "Port Avery", "job": "lighthouse keeper", "age": 61}
-RECORD_SCHEMA = {
-    "type": "object",
-    "properties": {"name": {"type": "string"}, "city": {"type": "string"},
-                   "job": {"type": "string"}, "age": {"type": "integer"}},
-    "required": ["name", "city", "job", "age"],
-    "additionalProperties": False,
-}
-RECORD_GRAMMAR = LLMatcher.grammar_from_json_schema(RECORD_SCHEMA)
-RECORD_PROMPT = ('Repeat this JSON exactly: {"name": "Elias Marsh", "city": "Port Avery", '
-                 '"job": "lighthouse keeper", "age": 61}')
-
-
-def chat(engine: LlamaCppEngine, text: str) -> list[int]:
-    return engine.tokenize(
-        f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n", add_bos=False
-    )
-
-
-def greedy(max_tokens: int = 96, **kw) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
-
-
-def seeded(seed: int, max_tokens: int = 96, **kw) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=seed, **kw)
-
-
-async def outputs(engine, prompt, params) -> list[list[TokenOutput]]:
-    out: list[list[TokenOutput]] = [[] for _ in params]
-    async for step in engine.generate(prompt, params):
-        for t in step:
-            out[t.index].append(t)
-    return out
-
+RECORD_GRAMMAR = record_grammar()
 
 def _engine(speculative: str, context_length: int, adaptive: bool = False) -> LlamaCppEngine:
     # Not adaptive unless asked: drafting whenever a guess exists puts every path through
@@ -71,36 +30,6 @@ def engines():
     yield pair
     for e in pair.values():
         e.close()
-
-
-def run_on(engine: LlamaCppEngine, fn):
-    """`await fn(engine)` in a fresh event loop with the decode thread started for it."""
-
-    async def main():
-        await engine.start()
-        try:
-            return await fn(engine)
-        finally:
-            engine.shutdown()
-            await asyncio.to_thread(engine._thread.join)
-            engine._thread = None
-
-    return asyncio.run(main())
-
-
-def compare(engines, text: str, params: list[SamplingParams]) -> tuple[list, int]:
-    """What `params` generate for `text` with speculation off and on (asserted equal), and
-    how many drafted tokens the speculating engine accepted meanwhile."""
-    on = engines["ngram"]
-    accepted = on.spec_decode_stats().accepted_tokens
-
-    async def fn(e):
-        return await outputs(e, chat(e, text), params)
-
-    off_out, on_out = run_on(engines["off"], fn), run_on(on, fn)
-    assert on_out == off_out
-    assert engines["off"].spec_decode_stats() is None
-    return on_out, on.spec_decode_stats().accepted_tokens - accepted
 
 
 def test_greedy_repeat_accepts_drafts_and_changes_nothing(engines):

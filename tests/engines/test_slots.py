@@ -4,6 +4,7 @@ running sequences into more runs of consecutive ids than needed."""
 from __future__ import annotations
 
 from llmserve.engines.slots import (
+    SlotCaches,
     SlotChoice,
     added_runs,
     choose_slot,
@@ -92,3 +93,40 @@ def test_added_runs_is_the_change_in_runs():
     taken = {1, 2, 5, 7}
     for sid in (0, 3, 4, 6, 9):
         assert added_runs(taken, sid) == runs(taken | {sid}) - runs(taken)
+
+
+def test_a_new_conversation_takes_an_empty_slot_not_the_last_one_used():
+    """At one stream the slot just released holds the conversation its client is about to
+    continue: an unrelated prompt goes to an empty slot."""
+    free = range(4)
+    caches = SlotCaches(used={0: 5, 1: -1, 2: -1, 3: -1})
+    assert choose_slot(free, {s: 0 for s in free}, busy=[], caches=caches) == SlotChoice(1, 1, 0)
+
+
+def test_with_every_slot_holding_a_cache_the_least_recently_used_is_overwritten():
+    free = range(3)
+    caches = SlotCaches(used={0: 3, 1: 1, 2: 2})
+    assert choose_slot(free, {s: 0 for s in free}, busy=[], caches=caches) == SlotChoice(1, 1, 0)
+
+
+def test_a_shared_system_prompt_is_read_in_place_not_copied_to_keep_the_rest():
+    """Copies are only for saving runs (engines/slots.py says why): a prompt sharing a
+    system prompt with a slot's cache starts from that slot itself."""
+    free = range(4)
+    caches = SlotCaches(used={0: 5, 1: -1, 2: -1, 3: -1})
+    shared = {0: 30, 1: 0, 2: 0, 3: 0}
+    assert choose_slot(free, shared, busy=[], caches=caches) == SlotChoice(0, 0, 30)
+
+
+def test_a_conversation_continued_takes_its_own_slot_in_place():
+    free = range(4)
+    caches = SlotCaches(used={0: 5, 1: -1, 2: -1, 3: -1})
+    shared = {0: 80, 1: 0, 2: 0, 3: 0}
+    assert choose_slot(free, shared, busy=[], caches=caches) == SlotChoice(0, 0, 80)
+
+
+def test_plan_keeps_recent_caches_for_a_burst_of_new_prompts():
+    free = range(6)
+    caches = SlotCaches(used={s: s + 1 if s < 2 else -1 for s in free})
+    planned = plan(free, [({s: 0 for s in free}, 1)] * 2, busy=[], caches=caches)
+    assert sorted(c.slot for c, _ in planned) == [2, 3]

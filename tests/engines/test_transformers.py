@@ -709,3 +709,16 @@ def test_grammar_cancel_frees_the_slot_and_bad_grammar_is_refused(run):
     assert sum(len(s) for s in rest) < 10  # two choices, a few steps under way at most
     assert len(nxt) == 8 and all(e.token_bytes(o.token_id).strip(b" ").isalpha()
                                  or e.token_bytes(o.token_id) == b" " for o in nxt)
+
+
+def test_detokenize_and_token_strs(tiny_model):
+    e = TransformersEngine(tiny_model)
+    try:
+        text = f"<s><|im_start|>user\n{MIXED_TEXT}<|im_end|>\n"
+        ids = e.tokenize(text, add_bos=False)
+        assert e.detokenize(ids) == text  # special tokens written out
+        strs = e.token_strs(ids)
+        assert strs[:2] == ["<s>", "<|im_start|>"] and len(strs) == len(ids)
+        assert e.detokenize([]) == "" and e.token_strs([]) == []
+    finally:
+        e.close()

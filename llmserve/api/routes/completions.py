@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from llmserve.api import sse
+from llmserve.api.lookup import chat_model
 from llmserve.api.protocol import CompletionRequest
 from llmserve.api.requests import (
     cancel_on_disconnect,
@@ -37,7 +38,7 @@ router = APIRouter()
 @router.post("/v1/completions")
 async def create_completion(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest)
-    served = app_state(request).registry.get(body.model)
+    served = await chat_model(request, body.model)
     sampling = body.to_sampling()
     prepared = await served.prepare.completion(body.prompts(), sampling, body.stop_list)
     echoes = [served.prepare.prompt_text(p.tokens) if body.echo else "" for p in prepared.prompts]

@@ -10,9 +10,9 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from llmserve.api.lookup import embedding_model
 from llmserve.api.protocol import EmbeddingRequest
 from llmserve.api.requests import cancel_on_disconnect, parse_body
-from llmserve.api.state import app_state
 from llmserve.errors import InvalidRequest, UnsupportedParameter
 
 router = APIRouter()
@@ -21,7 +21,7 @@ router = APIRouter()
 @router.post("/v1/embeddings")
 async def create_embeddings(request: Request) -> Response:
     body = await parse_body(request, EmbeddingRequest)
-    served = app_state(request).registry.embedding(body.model)
+    served = await embedding_model(request, body.model)
     embedder = served.batcher.embedder
     if body.dimensions is not None and body.dimensions != embedder.dimensions:
         raise UnsupportedParameter(

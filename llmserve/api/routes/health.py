@@ -1,5 +1,7 @@
-"""GET /health: 200 while every model's engine runs; 503 with the reason while one is down
-(crashed or stalled and restarting, or given up on after repeated crashes)."""
+"""GET /health: 200 while every loaded model's engine runs; 503 with the reason while one is
+down (crashed or stalled and restarting, or given up on after repeated crashes). Models not
+loaded (or whose load failed: their own requests say why) leave it at 200; `states` says
+where each model stands."""
 
 from __future__ import annotations
 
@@ -16,11 +18,14 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request) -> Response:
-    engines = app_state(request).registry.health()
+    registry = app_state(request).registry
+    engines = registry.health()
     ok = all(h.ok for h in engines.values())
+    status = registry.status()
     body = {
         "status": "ok" if ok else "unavailable",
-        "models": list(engines),
+        "models": [s.id for s in status],
+        "states": {s.id: s.state for s in status},
         "engines": {name: asdict(h) for name, h in engines.items()},
     }
     return Response(orjson.dumps(body), status_code=200 if ok else 503,

@@ -1,24 +1,36 @@
-"""GET /v1/models, GET /v1/models/{id}"""
+"""GET /v1/models, /v1/models/status, /v1/models/{id}: every model the server can serve,
+loaded or not (each name, aliases too, as OpenAI's model object), and where each stands."""
 
 from __future__ import annotations
+
+from dataclasses import asdict
 
 from fastapi import APIRouter, Request
 
 from llmserve.api.state import app_state
-from llmserve.models import ServedEmbedder, ServedModel
+from llmserve.models.registry import ModelRegistry
 
 router = APIRouter()
 
 
-def _card(m: ServedModel | ServedEmbedder) -> dict:
-    return {"id": m.name, "object": "model", "created": m.created, "owned_by": m.owned_by}
+def _card(registry: ModelRegistry, name: str) -> dict:
+    registry.entry(name)  # 404 for an unknown name
+    return {"id": name, "object": "model", "created": registry.created, "owned_by": "llmserve"}
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
-    return {"object": "list", "data": [_card(m) for m in app_state(request).registry.cards()]}
+    registry = app_state(request).registry
+    return {"object": "list", "data": [_card(registry, n) for n in registry.names()]}
+
+
+# Before /v1/models/{id}, which would take "status" for a model's name.
+@router.get("/v1/models/status")
+async def models_status(request: Request) -> dict:
+    return {"object": "list",
+            "data": [asdict(s) for s in app_state(request).registry.status()]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict:
-    return _card(app_state(request).registry.card(model_id))
+    return _card(app_state(request).registry, model_id)

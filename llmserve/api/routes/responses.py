@@ -22,6 +22,7 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
+from llmserve.api.lookup import chat_model
 from llmserve.api.requests import (
     cancel_on_disconnect,
     event_stream,
@@ -60,7 +61,7 @@ def _sse(event: dict[str, Any]) -> bytes:
 async def create_response(request: Request) -> Response:
     body = await parse_body(request, CreateResponseRequest)
     state = app_state(request)
-    served = state.registry.get(body.model)
+    served = await chat_model(request, body.model)
     store = state.store
     if body.background and store is None:
         raise InvalidRequest("background responses need the store, and this server runs "

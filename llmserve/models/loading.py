@@ -1,11 +1,11 @@
-"""The models a server serves: names, the bundled default, and loading."""
+"""Loading one model: its engine spec and process, the served shapes (chat, embedding,
+rerank), the bundled defaults."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,15 +13,19 @@ from pathlib import Path
 from llmserve.config import Settings
 from llmserve.engines.base import Engine, EngineHealth
 from llmserve.engines.cpu import weight_repack_enabled
-from llmserve.engines.process import EmbedderProcess, EngineProcess
+from llmserve.engines.process import CrossEncoderProcess, EmbedderProcess, EngineProcess
 from llmserve.engines.restarts import RestartPolicy
-from llmserve.engines.spec import EmbedderSpec, EngineSpec
+from llmserve.engines.spec import CrossEncoderSpec, EmbedderSpec, EngineSpec
 from llmserve.engines.stepping import StepLoopEngine
-from llmserve.errors import InvalidRequest, ModelNotFound
+from llmserve.models.memory import memory_budget
+from llmserve.models.entries import ModelEntry, is_many, model_entries
+from llmserve.models.entries import served_name_for as served_name_for  # re-exported
+from llmserve.models.registry import ModelRegistry
 from llmserve.serving.chat_template import CHATML_TEMPLATE, ChatTemplate
 from llmserve.serving.embeddings import EmbeddingBatcher
 from llmserve.serving.prepare import Preparer
 from llmserve.serving.scheduler import Scheduler
+from llmserve.serving.scores import CrossEncoderScorer, EmbeddingScorer
 from llmserve.serving.tool_calls import tool_format
 
 log = logging.getLogger(__name__)
@@ -61,15 +65,10 @@ def bundled_embedding_path() -> Path:
     )
 
 
-def served_name_for(path: Path) -> str:
-    """`SmolLM2-135M-Instruct.Q4_1.gguf` -> `smollm2-135m-instruct`; a directory: its name."""
-    stem = path.name.removesuffix(".gguf")
-    stem = re.sub(r"[.-](?:[QqIi]Q?\d\w*|[Ff]16|[Ff]32|[Bb][Ff]16)$", "", stem)
-    return stem.lower()
-
-
 @dataclass
 class ServedModel:
+    """A loaded chat (generative) model: its engine, prompt preparation and admission."""
+
     name: str
     engine: Engine
     prepare: Preparer
@@ -77,75 +76,78 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     owned_by: str = "llmserve"
 
+    def busy(self) -> bool:
+        return self.scheduler.slots_in_use > 0 or self.scheduler.waiting > 0
+
+    def health(self) -> EngineHealth:
+        return self.engine.health()
+
+    @property
+    def pid(self) -> int | None:
+        return getattr(self.engine, "pid", None)
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def stop(self) -> None:
+        await self.engine.stop()
+
 
 @dataclass
 class ServedEmbedder:
+    """A loaded embedding model behind its batcher."""
+
     name: str
     batcher: EmbeddingBatcher
     created: int = field(default_factory=lambda: int(time.time()))
     owned_by: str = "llmserve"
+    # /v1/rerank and /v1/score with it: cosine similarities, in the embeddings' own line
+    scorer: EmbeddingScorer = field(init=False)
 
+    def __post_init__(self) -> None:
+        self.scorer = EmbeddingScorer(self.name, self.batcher)
 
-class ModelRegistry:
-    """Served models by name: generative ones and embedding ones."""
+    def busy(self) -> bool:
+        return self.batcher.busy
 
-    def __init__(self, models: list[ServedModel], embedders: list[ServedEmbedder] = ()) -> None:
-        self._models = {m.name: m for m in models}
-        self._embedders = {e.name: e for e in embedders}
+    def health(self) -> EngineHealth:
+        return self.batcher.embedder.health()
 
-    def __iter__(self):
-        return iter(self._models.values())
-
-    def cards(self) -> list[ServedModel | ServedEmbedder]:
-        return [*self._models.values(), *self._embedders.values()]
-
-    def get(self, name: str) -> ServedModel:
-        if name in self._models:
-            return self._models[name]
-        if name in self._embedders:
-            raise InvalidRequest(
-                f"The model '{name}' is an embedding model: use /v1/embeddings.", param="model"
-            )
-        raise self._not_found(name)
-
-    def embedding(self, name: str) -> ServedEmbedder:
-        if name in self._embedders:
-            return self._embedders[name]
-        if name in self._models:
-            raise InvalidRequest(
-                f"The model '{name}' does not make embeddings.", param="model"
-            )
-        raise self._not_found(name)
-
-    def card(self, name: str) -> ServedModel | ServedEmbedder:
-        found = self._models.get(name) or self._embedders.get(name)
-        if found is None:
-            raise self._not_found(name)
-        return found
-
-    def _not_found(self, name: str) -> ModelNotFound:
-        served = ", ".join([*self._models, *self._embedders])
-        return ModelNotFound(
-            f"The model '{name}' does not exist. Served: {served}.", param="model"
-        )
-
-    def health(self) -> dict[str, EngineHealth]:
-        return {
-            **{m.name: m.engine.health() for m in self._models.values()},
-            **{e.name: e.batcher.embedder.health() for e in self._embedders.values()},
-        }
+    @property
+    def pid(self) -> int | None:
+        return getattr(self.batcher.embedder, "pid", None)
 
     async def start(self) -> None:
-        for m in self:
-            await m.engine.start()
-        for e in self._embedders.values():
-            await e.batcher.embedder.start()
+        await self.batcher.embedder.start()
 
     async def stop(self) -> None:
-        for m in self:
-            await m.engine.stop()
-        for e in self._embedders.values():
-            await e.batcher.embedder.stop()
+        await self.batcher.embedder.stop()
+
+
+@dataclass
+class ServedReranker:
+    """A loaded cross-encoder for /v1/rerank and /v1/score."""
+
+    name: str
+    scorer: CrossEncoderScorer
+    created: int = field(default_factory=lambda: int(time.time()))
+    owned_by: str = "llmserve"
+
+    def busy(self) -> bool:
+        return self.scorer.busy
+
+    def health(self) -> EngineHealth:
+        return self.scorer.model.health()
+
+    @property
+    def pid(self) -> int | None:
+        return getattr(self.scorer.model, "pid", None)
+
+    async def start(self) -> None:
+        await self.scorer.model.start()
+
+    async def stop(self) -> None:
+        await self.scorer.model.stop()
 
 
 def serve_engine(engine: Engine, name: str, settings: Settings) -> ServedModel:
@@ -278,37 +280,65 @@ def load_engine(settings: Settings, path: Path, *, show_progress: bool = True) -
 
 
 def load_registry(settings: Settings, *, show_progress: bool = True) -> ModelRegistry:
-    """Every model in a child process of its own, loaded before this returns."""
-    path = Path(settings.model) if settings.model else bundled_model_path()
-    spec = engine_spec(settings, path, show_progress=show_progress)
-    name = settings.served_model_name or served_name_for(path)
+    """Every servable model (model_list), those marked to load at start loaded before this
+    returns (in the one-model case: the model and the embedder), each in a child process
+    of its own; the others on their first request."""
+    chat_default = None if settings.model or is_many(settings) else bundled_model_path()
+    entries = model_entries(settings, chat_default=chat_default,
+                            embedding_default=default_embedder(settings),
+                            rerank_default=default_reranker(settings))
+    first = next((e.name for e in entries if e.load_at_start and e.kind == "chat"), None)
+
+    def load(entry: ModelEntry) -> ServedModel | ServedEmbedder | ServedReranker:
+        return load_model(entry, settings, show_progress=show_progress and entry.name == first)
+
+    registry = ModelRegistry(
+        entries, load, max_loaded=settings.max_loaded_models, keep_alive=settings.keep_alive,
+        queue_timeout=settings.queue_timeout, max_queue=settings.max_queue,
+        memory=memory_budget(settings),
+    )
+    registry.preload()
+    return registry
+
+
+def load_model(entry: ModelEntry, settings: Settings, *,
+               show_progress: bool = False) -> ServedModel | ServedEmbedder | ServedReranker:
+    """One model of the list, loaded (blocking) in a child process of its own."""
+    own = entry.settings(settings)
+    if entry.kind == "embedding":
+        return load_embedder(entry.name, entry.path, own)
+    if entry.kind == "rerank":
+        return load_reranker(entry.name, entry.path, own)
+    spec = engine_spec(own, entry.path, show_progress=show_progress)
     if spec.kind == "vllm":
         # in this process: vLLM runs its engine core in a process of its own already
         engine: Engine = spec.build()
     else:
-        engine = EngineProcess(spec, name=name, fault=settings.test_fault,
-                               policy=restart_policy(settings))
-    return ModelRegistry([serve_engine(engine, name, settings)], load_embedders(settings))
+        engine = EngineProcess(spec, name=entry.name, fault=own.test_fault,
+                               policy=restart_policy(own))
+    return serve_engine(engine, entry.name, own)
 
 
-def load_embedders(settings: Settings) -> list[ServedEmbedder]:
+def default_embedder(settings: Settings) -> tuple[str, Path] | None:
     """The embedding model: --embedding-model PATH, `none`, or by default the bundled one
     when its package (and the `hf` extra) is installed."""
     choice = settings.embedding_model
     if choice is not None and choice.lower() == "none":
-        return []
+        return None
     if choice is None:
         try:
             path = bundled_embedding_path()
         except FileNotFoundError as exc:
             log.info("embeddings off: %s", exc)
-            return []
-        name = BUNDLED_EMBEDDING_NAME
-    else:
-        path = Path(choice)
-        if not path.is_dir():
-            raise FileNotFoundError(f"embedding model directory not found: {path}")
-        name = path.name.lower()
+            return None
+        return BUNDLED_EMBEDDING_NAME, path
+    path = Path(choice)
+    if not path.is_dir():
+        raise FileNotFoundError(f"embedding model directory not found: {path}")
+    return path.name.lower(), path
+
+
+def load_embedder(name: str, path: Path, settings: Settings) -> ServedEmbedder:
     try:
         import llmserve.engines.sentence_embedder  # noqa: F401
     except ImportError as exc:
@@ -317,7 +347,30 @@ def load_embedders(settings: Settings) -> list[ServedEmbedder]:
         ) from None
     embedder = EmbedderProcess(EmbedderSpec(path), name=name, policy=restart_policy(settings))
     batcher = EmbeddingBatcher(embedder, max_queue=settings.max_queue)
-    return [ServedEmbedder(name=name, batcher=batcher)]
+    return ServedEmbedder(name=name, batcher=batcher)
+
+
+def default_reranker(settings: Settings) -> tuple[str, Path] | None:
+    """The cross-encoder of --rerank-model DIR (default none), under its directory's name."""
+    choice = settings.rerank_model
+    if choice is None or choice.lower() == "none":
+        return None
+    path = Path(choice)
+    if not path.is_dir():
+        raise FileNotFoundError(f"rerank model directory not found: {path}")
+    return path.name.lower(), path
+
+
+def load_reranker(name: str, path: Path, settings: Settings) -> ServedReranker:
+    try:
+        from llmserve.engines.cross_encoder import check_cross_encoder
+    except ImportError as exc:
+        raise FileNotFoundError(
+            f"rerankers need the hf extra (pip install -e '.[hf]'): {exc}"
+        ) from None
+    check_cross_encoder(path)  # here, before a process is started for it
+    model = CrossEncoderProcess(CrossEncoderSpec(path), name=name, policy=restart_policy(settings))
+    return ServedReranker(name, CrossEncoderScorer(name, model, max_queue=settings.max_queue))
 
 
 def restart_policy(settings: Settings) -> RestartPolicy:

@@ -88,7 +88,7 @@ def test_vllm_engine_spec(tmp_path, monkeypatch):
 def test_auto_engine_picks_vllm_for_a_directory_only_on_a_gpu(tmp_path, monkeypatch):
     import importlib.util
 
-    from llmserve import models
+    from llmserve.models import loading as models
     from llmserve.config import Settings
 
     real = importlib.util.find_spec
