@@ -21,8 +21,8 @@ import statistics
 
 import llama_cpp
 import numpy as np
-
 from api.test_chat_e2e import CONCURRENT_PROMPTS
+
 from llmserve.models import bundled_model_path
 
 SYSTEM = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "

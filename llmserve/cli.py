@@ -51,7 +51,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models-file", metavar="TOML",
                    help="models with settings of their own ([models.NAME] tables: path, "
                         "aliases, kind, engine, context_length, max_sequences, dtype, device, "
-                        "chat_template, threads, load_at_start); see the README")
+                        "chat_template, threads, reasoning_parser, load_at_start); see the README")
     p.add_argument("--max-loaded-models", type=int, metavar="N",
                    help="models loaded at once at most: the least recently used idle one is "
                         "unloaded to make room (default: no limit)")
@@ -73,6 +73,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat-template", metavar="PATH",
                    help="Jinja chat template file used instead of the model's own (its tool "
                         "syntax, if any, decides the tool-call format)")
+    p.add_argument("--reasoning-parser", choices=["auto", "deepseek_r1", "qwen3", "none"],
+                   help="thinking models: the text between <think> and </think> goes to "
+                        "reasoning_content, apart from the answer (auto, the default: when "
+                        "the chat template writes <think>; deepseek_r1: the output always "
+                        "starts inside the reasoning; none: off)")
     p.add_argument("--api-key", dest="api_keys", action="append",
                    help="accepted bearer key; repeat for several (env: comma-separated)")
     p.add_argument("--max-request-bytes", type=int,

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     chat_template: str | None = Field(
         None, description="Jinja chat template file used instead of the model's own"
     )
+    reasoning_parser: Literal["auto", "deepseek_r1", "qwen3", "none"] = Field(
+        "auto", description="thinking models: <think> text as reasoning_content; auto: when "
+        "the chat template writes <think>"
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="accepted bearer keys; none: no auth"
     )

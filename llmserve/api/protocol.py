@@ -327,9 +327,12 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+
+
 class ChatCompletionRequest(_Sampling, _ToolFields):
     unsupported_fields: ClassVar[tuple[str, ...]] = (
-        "functions", "function_call", "modalities", "audio", "prediction", "reasoning_effort",
+        "functions", "function_call", "modalities", "audio", "prediction",
         "web_search_options", "verbosity", "suffix", "service_tier", "moderation",
     )
     harmless_values: ClassVar[dict[str, tuple[Any, ...]]] = {
@@ -344,6 +347,10 @@ class ChatCompletionRequest(_Sampling, _ToolFields):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     store: bool | None = None  # kept, listed and resumable (routes/stored_chat.py)
     metadata: Metadata | None = None
+    # Reach the chat template: vLLM's extension (e.g. {"enable_thinking": false}), and
+    # OpenAI's effort for the templates that read it (refused by name elsewhere).
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: ReasoningEffort | None = None
     # Accepted and harmless: they change nothing about the text.
     prompt_cache_key: Name | None = None
     prompt_cache_retention: Name | None = None

@@ -242,6 +242,7 @@ class CollectedChoice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     tool_calls: list[dict] = field(default_factory=list)  # OpenAI's, assembled
+    reasoning: list[str] = field(default_factory=list)
 
     def add_calls(self, deltas: list[ToolCallDelta]) -> None:
         for d in deltas:
@@ -256,6 +257,8 @@ def collect_batch(choices: list[CollectedChoice], batch: list[ChoiceDelta]) -> N
     for d in batch:
         c = choices[d.index]
         c.text.append(d.text)
+        if d.reasoning:
+            c.reasoning.append(d.reasoning)
         c.logprobs.extend(d.logprobs)
         if d.tool_calls:
             c.add_calls(d.tool_calls)
@@ -272,11 +275,14 @@ async def collect(deltas: AsyncIterator[list[ChoiceDelta]], n: int) -> list[Coll
 
 
 def usage_body(usage: Usage) -> dict:
-    return {
+    body: dict = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
     }
+    if usage.reasoning_tokens is not None:
+        body["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return body
 
 
 def logprob_value(value: float) -> float:
@@ -308,7 +314,7 @@ def start_generations(
                 served.engine, prompt.tokens, prompt.params, stop=prepared.stop,
                 index_offset=i * prepared.n, reservation=served.scheduler.reserve(prepared.n),
                 request_id=request_id, metrics=model_metrics, parser=prepared.parser,
-                calls_finish=prepared.calls_finish,
+                calls_finish=prepared.calls_finish, reasoning=prepared.reasoning,
             ))
     except BaseException:
         close_all(gens)

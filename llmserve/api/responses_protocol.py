@@ -20,6 +20,7 @@ from llmserve.api.protocol import (
     JsonObjectFormat,
     Metadata,
     Name,
+    ReasoningEffort,
     TextFormat,
     _SamplingFields,
     check_tool_names,
@@ -33,6 +34,17 @@ class ResponseFunctionTool(FunctionDefinition):
     """A function tool as the Responses API writes it: flat, not under `function`."""
 
     type: Literal["function"]
+
+
+class ResponseReasoning(BaseModel):
+    """`reasoning`: the effort reaches a chat template that reads `reasoning_effort` (refused
+    where none does); a summary is accepted, but the reasoning comes whole, as
+    `reasoning_text` content, never summarised."""
+
+    model_config = ConfigDict(extra="forbid")
+    effort: ReasoningEffort | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None  # summary's old name
 
 
 class ResponseNamedToolChoice(BaseModel):
@@ -99,7 +111,7 @@ class CreateResponseRequest(_SamplingFields):
     previous_response_id: Name | None = None
     background: bool | None = None
     include: list[str] | None = None
-    reasoning: dict[str, Any] | None = None
+    reasoning: ResponseReasoning | None = None
     truncation: Literal["disabled", "auto"] | None = None
     # Accepted and harmless: they change nothing about the text.
     user: Name | None = None
@@ -117,11 +129,6 @@ class CreateResponseRequest(_SamplingFields):
         if self.include:
             raise UnsupportedParameter(
                 f"include {self.include[0]!r} is not supported by this server.", param="include"
-            )
-        if self.reasoning and any(v is not None for v in self.reasoning.values()):
-            raise UnsupportedParameter(
-                "reasoning is not supported: this server's models do not reason apart from "
-                "their answer.", param="reasoning",
             )
         if self.truncation == "auto":
             raise UnsupportedParameter(
@@ -201,7 +208,9 @@ class CreateResponseRequest(_SamplingFields):
             "truncation": "disabled",
             "store": self.stored,
             "background": bool(self.background),
-            "reasoning": None,
+            "reasoning": ({"effort": self.reasoning.effort,
+                           "summary": self.reasoning.summary or self.reasoning.generate_summary}
+                          if self.reasoning is not None else None),
             "service_tier": "default",
             **({"user": self.user} if self.user is not None else {}),
         }

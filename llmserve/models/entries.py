@@ -38,6 +38,7 @@ class ModelEntry:
     device: str | None = None
     chat_template: str | None = None
     threads: int | None = None
+    reasoning_parser: str | None = None
 
     @property
     def name(self) -> str:
@@ -51,7 +52,7 @@ class ModelEntry:
 
 # The per-model settings that override the server's flags of the same name.
 _OVERRIDES = ("engine", "context_length", "max_sequences", "dtype", "device", "chat_template",
-              "threads")
+              "threads", "reasoning_parser")
 
 
 def served_name_for(path: Path) -> str:
@@ -90,7 +91,7 @@ def scan_models_dir(directory: Path) -> list[ModelEntry]:
 def read_models_file(file: Path) -> list[ModelEntry]:
     """A TOML file of `[models.NAME]` tables: `path` (relative to the file), and optionally
     `aliases`, `kind`, `engine`, `context_length`, `max_sequences`, `dtype`, `device`,
-    `chat_template`, `threads`, `load_at_start`."""
+    `chat_template`, `threads`, `reasoning_parser`, `load_at_start`."""
     try:
         data = tomllib.loads(file.read_text())
     except OSError as exc:
@@ -110,7 +111,7 @@ def read_models_file(file: Path) -> list[ModelEntry]:
 _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "path": str, "aliases": list, "kind": str, "engine": str, "context_length": int,
     "max_sequences": int, "dtype": str, "device": str, "chat_template": str, "threads": int,
-    "load_at_start": bool,
+    "load_at_start": bool, "reasoning_parser": str,
 }
 
 

@@ -17,13 +17,14 @@ from llmserve.engines.process import CrossEncoderProcess, EmbedderProcess, Engin
 from llmserve.engines.restarts import RestartPolicy
 from llmserve.engines.spec import CrossEncoderSpec, EmbedderSpec, EngineSpec
 from llmserve.engines.stepping import StepLoopEngine
-from llmserve.models.memory import memory_budget
 from llmserve.models.entries import ModelEntry, is_many, model_entries
 from llmserve.models.entries import served_name_for as served_name_for  # re-exported
+from llmserve.models.memory import memory_budget
 from llmserve.models.registry import ModelRegistry
 from llmserve.serving.chat_template import CHATML_TEMPLATE, ChatTemplate
 from llmserve.serving.embeddings import EmbeddingBatcher
 from llmserve.serving.prepare import Preparer
+from llmserve.serving.reasoning import reasoning_format
 from llmserve.serving.scheduler import Scheduler
 from llmserve.serving.scores import CrossEncoderScorer, EmbeddingScorer
 from llmserve.serving.tool_calls import tool_format
@@ -159,7 +160,9 @@ def serve_engine(engine: Engine, name: str, settings: Settings) -> ServedModel:
         engine.max_sequences, max_queue=settings.max_queue, queue_timeout=settings.queue_timeout
     )
     return ServedModel(
-        name=name, engine=engine, prepare=Preparer(engine, template, tool_format(source)),
+        name=name, engine=engine,
+        prepare=Preparer(engine, template, tool_format(source),
+                         reasoning_format(settings.reasoning_parser, source)),
         scheduler=scheduler,
     )
 

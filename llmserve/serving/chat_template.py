@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import jinja2
+from jinja2 import meta
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -49,8 +50,13 @@ class ChatTemplate:
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now
         self._template = env.from_string(source)
+        self._variables = frozenset(meta.find_undeclared_variables(env.parse(source)))
         self._bos_token = bos_token
         self._eos_token = eos_token
+
+    def reads(self, variable: str) -> bool:
+        """Whether the template reads `variable` (one it does not set itself)."""
+        return variable in self._variables
 
     def render(
         self,

@@ -5,11 +5,15 @@ is admitted. Engines only apply grammars (engines/grammar.py); building them fro
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 from llguidance import LLMatcher
 
+from llmserve.engines.grammar import as_lark
 from llmserve.errors import InvalidRequest
+from llmserve.serving.reasoning import ReasoningFormat
 from llmserve.serving.schema_bounds import bounded
 
 # Compact JSON as OpenAI writes it (a space after ',' and ':'), and no free whitespace: a
@@ -48,3 +52,20 @@ def check(grammar: str, *, param: str, what: str) -> None:
     failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
     if failed:
         raise InvalidRequest(f"Invalid {what}: {messages[0]}", param=param)
+
+
+def after_reasoning(grammar: str, fmt: ReasoningFormat, *, opened: bool) -> str:
+    """`grammar` from the end of a thinking model's reasoning on, the reasoning itself free
+    (as vLLM applies tools and response_format to such models): `opened`, the output starts
+    inside it and must close it; else it may open and close one first. One Lark grammar, so
+    engines with an llguidance backend of their own take it too."""
+    answer = re.sub(r"(?m)^(\s*)start(\s*:)", r"\1llmserve_answer\2", as_lark(grammar))
+    think = "llmserve_thought llmserve_blank"
+    head = think if opened else f"({json.dumps(fmt.start)} {think})?"
+    return "\n".join([
+        f"start: {head} llmserve_answer",
+        # any text, up to and with the end tag (a lexeme that ends where the tag is written)
+        f"llmserve_thought[suffix={json.dumps(fmt.end)}]: /(?s:.*)/",
+        'llmserve_blank: "" | " " | "\\n" | "\\n\\n"',
+        answer,
+    ])

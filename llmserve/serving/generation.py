@@ -14,6 +14,7 @@ from llmserve.errors import EngineFailure, InvalidRequest, QueueTimeout
 from llmserve.serving.availability import engine_failure
 from llmserve.serving.detokenizer import IncrementalDetokenizer, token_text
 from llmserve.serving.metrics import ModelMetrics, NoStats, RequestStats
+from llmserve.serving.reasoning import ReasoningParser
 from llmserve.serving.scheduler import Reservation
 from llmserve.serving.stops import StopMatcher
 from llmserve.serving.tool_calls import OutputParser, ToolCallDelta
@@ -34,12 +35,14 @@ class ChoiceDelta:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | Literal["tool_calls"] | None = None
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    reasoning: str = ""  # a thinking model's reasoning, apart from `text`
 
 
 @dataclass(slots=True)
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int | None = None  # counted where the model reasons
 
     @property
     def total_tokens(self) -> int:
@@ -48,10 +51,11 @@ class Usage:
 
 class _Choice:
     __slots__ = ("index", "detok", "stops", "pending", "done", "tokens", "want_logprobs",
-                 "parser")
+                 "parser", "reasoning")
 
     def __init__(
-        self, index: int, stops: list[str], want_logprobs: bool, parser: OutputParser | None
+        self, index: int, stops: list[str], want_logprobs: bool, parser: OutputParser | None,
+        reasoning: ReasoningParser | None,
     ) -> None:
         self.index = index
         self.detok = IncrementalDetokenizer()
@@ -61,6 +65,7 @@ class _Choice:
         self.tokens = 0
         self.want_logprobs = want_logprobs
         self.parser = parser
+        self.reasoning = reasoning
 
 
 class Generation:
@@ -85,6 +90,7 @@ class Generation:
         metrics: ModelMetrics | None = None,
         parser: Callable[[], OutputParser] | None = None,
         calls_finish: Literal["tool_calls", "stop"] = "tool_calls",
+        reasoning: Callable[[], ReasoningParser] | None = None,
     ) -> None:
         self._engine = engine
         self._prompt = prompt
@@ -93,11 +99,13 @@ class Generation:
         self._reservation = reservation
         self._request_id = request_id
         self._choices = [
-            _Choice(i, list(stop), p.logprobs is not None, parser() if parser else None)
+            _Choice(i, list(stop), p.logprobs is not None, parser() if parser else None,
+                    reasoning() if reasoning else None)
             for i, p in enumerate(params)
         ]
         self._calls_finish = calls_finish
-        self.usage = Usage(prompt_tokens=len(prompt))
+        self.usage = Usage(prompt_tokens=len(prompt),
+                           reasoning_tokens=0 if reasoning is not None else None)
         self._stats: RequestStats | NoStats = NoStats()
         if metrics is not None:
             self._stats = metrics.request(len(prompt), len(params), index_offset)
@@ -178,6 +186,15 @@ class Generation:
             text += choice.stops.flush()
         if finish is not None:
             choice.done = True
+        thought = ""
+        if choice.reasoning is not None:  # the reasoning first: tools are in the answer
+            thinking = choice.reasoning.reasoning
+            thought, text = choice.reasoning.feed(text)
+            if finish is not None:
+                more_thought, more_text = choice.reasoning.flush()
+                thought, text = thought + more_thought, text + more_text
+            if thinking or choice.reasoning.reasoning:
+                self.usage.reasoning_tokens = (self.usage.reasoning_tokens or 0) + 1
         calls: list[ToolCallDelta] = []
         if choice.parser is not None:
             text, calls = choice.parser.feed(text)
@@ -185,12 +202,12 @@ class Generation:
                 text += choice.parser.flush()
             if finish == "stop" and choice.parser.called:
                 finish = self._calls_finish
-        if not text and not calls and finish is None:
-            return None  # held back: part of a character, a stop string, tool-call syntax
+        if not text and not calls and not thought and finish is None:
+            return None  # held back: part of a character, a stop string, a tag, tool syntax
         logprobs: list[TokenLogprob] = []
-        if choice.pending and (text or calls or not result.stopped):
+        if choice.pending and (text or calls or thought or not result.stopped):
             logprobs, choice.pending = choice.pending, []
-        return ChoiceDelta(choice.index + self._offset, text, logprobs, finish, calls)
+        return ChoiceDelta(choice.index + self._offset, text, logprobs, finish, calls, thought)
 
     def _logprob(self, data: bytes, out: TokenOutput) -> TokenLogprob:
         top = tuple(

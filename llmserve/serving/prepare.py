@@ -19,7 +19,9 @@ import anyio.to_thread
 
 from llmserve.engines.base import Engine, SamplingParams
 from llmserve.errors import ContextLengthExceeded, InvalidRequest
+from llmserve.serving import constraints
 from llmserve.serving.chat_template import ChatTemplate, TemplateError
+from llmserve.serving.reasoning import ReasoningFormat, ReasoningParser
 from llmserve.serving.sampling import SamplingRequest, build_params
 from llmserve.serving.tool_calls import (
     OutputParser,
@@ -54,17 +56,21 @@ class Prepared:
     # Tool calls: each choice's output parser, and the finish_reason once it called.
     parser: Callable[[], OutputParser] | None = None
     calls_finish: Literal["tool_calls", "stop"] = "tool_calls"
+    # A thinking model: each choice's reasoning splitter (serving/reasoning.py).
+    reasoning: Callable[[], ReasoningParser] | None = None
 
 
 class Preparer:
     """One model's prompt rules: its template, its tokenizer, its context."""
 
     def __init__(
-        self, engine: Engine, template: ChatTemplate, tool_format: ToolFormat = "generic"
+        self, engine: Engine, template: ChatTemplate, tool_format: ToolFormat = "generic",
+        reasoning: ReasoningFormat | None = None,
     ) -> None:
         self._engine = engine
         self._template = template
         self._tool_format = tool_format
+        self._reasoning = reasoning
         # No token stands for more bytes than this, so a text of k characters (at least k
         # bytes) is at least k / this many tokens.
         self._max_token_bytes = max(
@@ -78,17 +84,36 @@ class Preparer:
         sampling: SamplingRequest,
         stop: list[str],
         output: OutputRequest | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+        reasoning_effort: str | None = None,
+        effort_param: str = "reasoning_effort",
     ) -> Prepared:
-        """`output`: the tools and response_format that shape the answer (see tool_calls)."""
+        """`output`: the tools and response_format that shape the answer (see tool_calls);
+        `template_kwargs`: more variables for the template (chat_template_kwargs);
+        `reasoning_effort`: for a template that reads it, refused where none does (naming
+        `effort_param`, the request's field)."""
         self._check_n(sampling)
+        template_kwargs = self._template_kwargs(template_kwargs)
+        if reasoning_effort is not None:
+            if not self._template.reads("reasoning_effort"):
+                raise InvalidRequest(
+                    f"{effort_param} is not supported by this model: its chat template does "
+                    "not read reasoning_effort.", param=effort_param)
+            template_kwargs.setdefault("reasoning_effort", reasoning_effort)
         chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
         self._check_length(self._least_tokens(chars), "messages")
-        plan, tokens = await anyio.to_thread.run_sync(
-            self._chat_tokens, messages, output or OutputRequest()
-        )
-        sampling = dataclasses.replace(sampling, grammar=plan.grammar)
+        plan, text, tokens = await anyio.to_thread.run_sync(functools.partial(
+            self._chat_tokens, messages, output or OutputRequest(), extra=template_kwargs))
+        grammar, reasoning = plan.grammar, None
+        if self._reasoning is not None:
+            fmt = self._reasoning
+            opened = fmt.opened_in(text)
+            reasoning = functools.partial(ReasoningParser, fmt, opened=opened)
+            if grammar is not None and not fmt.closed_in(text):
+                grammar = constraints.after_reasoning(grammar, fmt, opened=opened)
+        sampling = dataclasses.replace(sampling, grammar=grammar)
         return dataclasses.replace(self._prepared([tokens], sampling, stop), parser=plan.parser,
-                                   calls_finish=plan.calls_finish)
+                                   calls_finish=plan.calls_finish, reasoning=reasoning)
 
     async def completion(
         self, prompts: list[str | list[int]], sampling: SamplingRequest, stop: list[str]
@@ -116,17 +141,12 @@ class Preparer:
         exactly the prompt a chat completion of them reads (its usage.prompt_tokens).
         `add_special_tokens`: the model's BOS on top of what the template writes;
         `template_kwargs`: more variables for the template."""
-        kwargs = dict(template_kwargs or {})
-        taken = sorted(_TEMPLATE_VARIABLES.intersection(kwargs))
-        if taken:
-            raise InvalidRequest(
-                f"chat_template_kwargs cannot set {', '.join(taken)}: the request's own fields "
-                "and the model decide them.", param="chat_template_kwargs")
-        _, tokens = await anyio.to_thread.run_sync(functools.partial(
+        _, _, tokens = await anyio.to_thread.run_sync(functools.partial(
             self._chat_tokens, messages, output or OutputRequest(),
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
-            add_bos=add_special_tokens and self._engine.add_bos, extra=kwargs,
+            add_bos=add_special_tokens and self._engine.add_bos,
+            extra=self._template_kwargs(template_kwargs),
         ))
         return tokens
 
@@ -152,6 +172,16 @@ class Preparer:
         return parallel_calls(requested, self._tool_format)
 
     # -- checks before any work -------------------------------------------------------------
+
+    @staticmethod
+    def _template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        kwargs = dict(kwargs or {})
+        taken = sorted(_TEMPLATE_VARIABLES.intersection(kwargs))
+        if taken:
+            raise InvalidRequest(
+                f"chat_template_kwargs cannot set {', '.join(taken)}: the request's own fields "
+                "and the model decide them.", param="chat_template_kwargs")
+        return kwargs
 
     def _check_n(self, sampling: SamplingRequest) -> None:
         limit = self._engine.max_sequences
@@ -183,7 +213,7 @@ class Preparer:
         self, messages: list[dict[str, Any]], output: OutputRequest, *,
         add_generation_prompt: bool = True, continue_final_message: bool = False,
         add_bos: bool = False, extra: dict[str, Any] | None = None,
-    ) -> tuple[OutputPlan, list[int]]:
+    ) -> tuple[OutputPlan, str, list[int]]:
         plan = plan_output(messages, output, self._tool_format)
         variables = dict(extra or {})
         if plan.template_tools:
@@ -194,7 +224,7 @@ class Preparer:
                 continue_final_message=continue_final_message, **variables)
         except TemplateError as exc:
             raise InvalidRequest(str(exc), param="messages") from None
-        return plan, self._engine.tokenize(text, add_bos=add_bos)
+        return plan, text, self._engine.tokenize(text, add_bos=add_bos)
 
     def _check_ids(self, ids: list[int], param: str) -> None:
         vocab = self._engine.vocab_size

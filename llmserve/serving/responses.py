@@ -17,7 +17,7 @@ from llmserve.serving.generation import ChoiceDelta, Usage
 
 Item = dict[str, Any]
 
-_TEXT_PARTS = {"input_text", "output_text", "text", "refusal"}
+_TEXT_PARTS = {"input_text", "output_text", "text", "refusal", "reasoning_text"}
 
 
 def new_id(prefix: str) -> str:
@@ -57,9 +57,15 @@ def _item(raw: dict[str, Any], where: str) -> Item:
             output = _text(output, f"{where}.output")
         return {"type": "function_call_output", "id": raw.get("id") or new_id("fco"),
                 "call_id": raw["call_id"], "output": output, "status": "completed"}
+    if kind == "reasoning":  # an earlier turn's, sent back as OpenAI asks
+        content = raw.get("content") or []
+        if not isinstance(content, list):
+            raise InvalidRequest("A reasoning item's content must be a list of parts.",
+                                 param=f"{where}.content")
+        return _reasoning(_text(content, f"{where}.content"), raw.get("id"))
     raise UnsupportedParameter(
         f"Input items of type {kind!r} are not supported; this server takes messages, "
-        "function_call and function_call_output items.", param=f"{where}.type",
+        "function_call, function_call_output and reasoning items.", param=f"{where}.type",
     )
 
 
@@ -91,17 +97,32 @@ def _message(role: str, text: str, id: str | None) -> Item:
             "content": [{"type": "input_text", "text": text}]}
 
 
+def _reasoning(text: str, id: str | None, status: str = "completed") -> Item:
+    return {"type": "reasoning", "id": id or new_id("rs"), "summary": [],
+            "content": [_reasoning_text(text)] if text else [], "status": status}
+
+
+def _reasoning_text(text: str) -> dict[str, Any]:
+    return {"type": "reasoning_text", "text": text}
+
+
 def _output_text(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
 def chat_messages(items: list[Item], instructions: str | None) -> list[dict[str, Any]]:
     """Stored items as the chat template takes messages: consecutive function calls become
-    one assistant message's `tool_calls`, their outputs `tool` messages."""
+    one assistant message's `tool_calls`, their outputs `tool` messages; reasoning becomes
+    the next assistant message's `reasoning_content`, which the template keeps or drops (as
+    chat clients send it back)."""
     out: list[dict[str, Any]] = []
     if instructions:
         out.append({"role": "system", "content": instructions})
+    thought: list[str] = []  # reasoning not yet given to an assistant message
     for item in items:
+        if item["type"] == "reasoning":
+            thought += [p["text"] for p in item["content"]]
+            continue
         if item["type"] == "message":
             role = "system" if item["role"] == "developer" else item["role"]
             out.append({"role": role, "content": "".join(
@@ -117,6 +138,9 @@ def chat_messages(items: list[Item], instructions: str | None) -> list[dict[str,
                 out.append({"role": "assistant", "content": "", "tool_calls": [call]})
         else:
             out.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
+        if thought and out[-1]["role"] == "assistant":
+            out[-1]["reasoning_content"] = "".join(thought)
+            thought = []
     return out
 
 
@@ -132,7 +156,7 @@ class ResponseStream:
         self.response = response
         self._seq = 0
         self._item: Item | None = None  # the output item being written
-        self._text: list[str] = []  # of the open message
+        self._text: list[str] = []  # of the open message or reasoning
         self._finish_reason: str | None = None  # the generation's, once it has one
 
     @property
@@ -172,6 +196,15 @@ class ResponseStream:
 
     def _feed(self, delta: ChoiceDelta) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
+        if delta.reasoning:
+            if self._item is None or self._item["type"] != "reasoning":
+                events += self._close("completed")
+                events += self._open_reasoning()
+            self._text.append(delta.reasoning)
+            events.append(self._event(
+                "response.reasoning_text.delta", item_id=self._item["id"],  # type: ignore[index]
+                output_index=len(self.output) - 1, content_index=0, delta=delta.reasoning,
+            ))
         if delta.text:
             if self._item is None or self._item["type"] != "message":
                 events += self._close("completed")
@@ -210,6 +243,17 @@ class ResponseStream:
                         output_index=index, content_index=0, part=_output_text("")),
         ]
 
+    def _open_reasoning(self) -> list[dict[str, Any]]:
+        self._item = _reasoning("", None, "in_progress")
+        self._text = []
+        self.output.append(self._item)
+        index = len(self.output) - 1
+        return [
+            self._event("response.output_item.added", output_index=index, item=dict(self._item)),
+            self._event("response.content_part.added", item_id=self._item["id"],
+                        output_index=index, content_index=0, part=_reasoning_text("")),
+        ]
+
     def _close(self, status: Literal["completed", "incomplete"]) -> list[dict[str, Any]]:
         item, self._item = self._item, None
         if item is None:
@@ -223,6 +267,16 @@ class ResponseStream:
             events += [
                 self._event("response.output_text.done", item_id=item["id"], output_index=index,
                             content_index=0, text=text, logprobs=[]),
+                self._event("response.content_part.done", item_id=item["id"],
+                            output_index=index, content_index=0, part=dict(part)),
+            ]
+        elif item["type"] == "reasoning":
+            text = "".join(self._text)
+            part = _reasoning_text(text)
+            item["content"] = [part]
+            events += [
+                self._event("response.reasoning_text.done", item_id=item["id"],
+                            output_index=index, content_index=0, text=text),
                 self._event("response.content_part.done", item_id=item["id"],
                             output_index=index, content_index=0, part=dict(part)),
             ]
@@ -272,6 +326,6 @@ def usage_body(usage: Usage) -> dict[str, Any]:
         "input_tokens": usage.prompt_tokens,
         "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
         "output_tokens": usage.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens or 0},
         "total_tokens": usage.total_tokens,
     }

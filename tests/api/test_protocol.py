@@ -54,7 +54,6 @@ CHAT_UNSUPPORTED = {
     "modalities": ["text", "audio"],
     "audio": {"voice": "alloy", "format": "wav"},
     "prediction": {"type": "content", "content": "x"},
-    "reasoning_effort": "low",
     "web_search_options": {},
     "verbosity": "low",
     "suffix": "x",

@@ -124,3 +124,54 @@ def test_cut_off_failed_and_cancelled_endings():
     events = cancelled.cancel()
     assert events[-1]["type"] == "response.output_item.done"  # no event of its own
     assert cancelled.response["status"] == "cancelled"
+
+
+def test_reasoning_streams_as_its_own_item_before_the_message():
+    s = ResponseStream(_response())
+    s.start()
+    events = s.feed([ChoiceDelta(0, "", reasoning="Two and")])
+    events += s.feed([ChoiceDelta(0, "Four.", reasoning=" two.")])
+    events += s.feed([ChoiceDelta(0, "", finish_reason="stop")])
+    events += s.finish(Usage(3, 6, reasoning_tokens=4))
+    assert [e["type"] for e in events] == [
+        "response.output_item.added", "response.content_part.added",
+        "response.reasoning_text.delta", "response.reasoning_text.delta",
+        "response.reasoning_text.done", "response.content_part.done",
+        "response.output_item.done", "response.output_item.added",
+        "response.content_part.added", "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done",
+        "response.output_item.done", "response.completed",
+    ]
+    assert events[4]["text"] == "Two and two." and events[4]["output_index"] == 0
+    thought, message = s.response["output"]
+    assert thought["type"] == "reasoning" and thought["id"].startswith("rs_")
+    assert thought["content"] == [{"type": "reasoning_text", "text": "Two and two."}]
+    assert thought["summary"] == [] and thought["status"] == "completed"
+    assert message["content"][0]["text"] == "Four."
+    assert s.response["usage"]["output_tokens_details"] == {"reasoning_tokens": 4}
+
+
+def test_a_reasoning_cut_off_ends_incomplete_and_kept():
+    s = ResponseStream(_response())
+    s.start()
+    s.feed([ChoiceDelta(0, "", reasoning="Hmm, let", finish_reason="length")])
+    assert s.finish(Usage(1, 3, reasoning_tokens=3))[-1]["type"] == "response.incomplete"
+    [thought] = s.response["output"]
+    assert thought["status"] == "incomplete" and thought["content"][0]["text"] == "Hmm, let"
+
+
+def test_reasoning_sent_back_goes_to_the_next_assistant_message():
+    items = normalize_input([
+        {"role": "user", "content": "2 + 2?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [],
+         "content": [{"type": "reasoning_text", "text": "Two and two."}]},
+        {"type": "message", "role": "assistant",
+         "content": [{"type": "output_text", "text": "Four."}]},
+        {"role": "user", "content": "And 3 + 3?"},
+    ])
+    assert items[1] == {"type": "reasoning", "id": "rs_1", "summary": [], "status": "completed",
+                        "content": [{"type": "reasoning_text", "text": "Two and two."}]}
+    messages = chat_messages(items, None)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    assert messages[1] == {"role": "assistant", "content": "Four.",
+                           "reasoning_content": "Two and two."}

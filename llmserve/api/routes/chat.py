@@ -53,7 +53,8 @@ async def create_chat_completion(request: Request) -> Response:
     served = await chat_model(request, body.model)
     sampling = body.to_sampling()
     prepared = await served.prepare.chat(
-        body.template_messages(), sampling, body.stop_list, body.output_request()
+        body.template_messages(), sampling, body.stop_list, body.output_request(),
+        template_kwargs=body.chat_template_kwargs, reasoning_effort=body.reasoning_effort,
     )
     [gen] = start_generations(
         served, prepared, request_id=request_id(request), metrics=state.metrics
@@ -197,6 +198,8 @@ def _message(c: CollectedChoice) -> dict:
     text = "".join(c.text)
     message = {"role": "assistant", "content": text if text or not c.tool_calls else None,
                "refusal": None}
+    if c.reasoning:  # vLLM's and llama-server's name for a thinking model's reasoning
+        message["reasoning_content"] = "".join(c.reasoning)
     if c.tool_calls:
         message["tool_calls"] = c.tool_calls
     return message
@@ -222,11 +225,20 @@ async def _stream(
                     collect_batch(answer.choices, batch)
                 parts = []
                 for d in batch:
-                    if d.text or d.logprobs:
+                    logprobs = _logprobs(d.logprobs) if d.logprobs else None
+                    if d.reasoning:  # before the answer's text of the same step
+                        parts.append(enc.choice({
+                            "index": d.index,
+                            "delta": {"reasoning_content": d.reasoning},
+                            "logprobs": logprobs,
+                            "finish_reason": None,
+                        }))
+                        logprobs = None
+                    if d.text or logprobs:
                         parts.append(enc.choice({
                             "index": d.index,
                             "delta": {"content": d.text},
-                            "logprobs": _logprobs(d.logprobs) if d.logprobs else None,
+                            "logprobs": logprobs,
                             "finish_reason": None,
                         }))
                     if d.tool_calls:

@@ -73,7 +73,9 @@ async def create_response(request: Request) -> Response:
     items = normalize_input(body.input)
     context = [*context, *items]
     prepared = await served.prepare.chat(
-        chat_messages(context, body.instructions), body.to_sampling(), [], body.output_request()
+        chat_messages(context, body.instructions), body.to_sampling(), [], body.output_request(),
+        reasoning_effort=body.reasoning.effort if body.reasoning else None,
+        effort_param="reasoning.effort",
     )
     [gen] = start_generations(
         served, prepared, request_id=request_id(request), metrics=state.metrics
