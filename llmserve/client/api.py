@@ -32,15 +32,24 @@ class ConnectionLost(ApiError):
     """The connection dropped and the answer could not be resumed."""
 
 
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """A streamed piece of the answer, or of a thinking model's reasoning before it."""
+
+    text: str
+    reasoning: bool = False
+
+
 @dataclass
 class Answer:
     """What one streamed answer gave, and how fast."""
 
     text: str = ""
+    reasoning: str = ""  # a thinking model's, apart from the answer
     completion_id: str | None = None
     finish_reason: str | None = None
     completion_tokens: int | None = None  # from the usage chunk, where the server sends one
-    chunks: int = 0  # chunks that carried text: the token count where usage is missing
+    chunks: int = 0  # chunks that carried text or reasoning: the tokens where usage is missing
     started: float = field(default_factory=time.monotonic)
     first_token: float | None = None
     ended: float | None = None
@@ -119,7 +128,7 @@ class ApiClient:
 
 
 class ChatStream:
-    """A streamed chat completion: iterate for text pieces; `answer` keeps what came.
+    """A streamed chat completion: iterate for its pieces; `answer` keeps what came.
     `close()` (or leaving early, as on Ctrl-C) hangs up and stops the generation: a plain
     stream stops when its client hangs up; a stored one would run on, so it is deleted."""
 
@@ -131,7 +140,7 @@ class ChatStream:
         self._done = False
         self._pieces = self._run()
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[Piece]:
         return self._pieces
 
     def close(self) -> None:
@@ -141,7 +150,7 @@ class ChatStream:
         if not self._done and self.stored and self.answer.completion_id is not None:
             self.api.delete(self.answer.completion_id)
 
-    def _run(self) -> Iterator[str]:
+    def _run(self) -> Iterator[Piece]:
         position: str | None = None
         tries = 0
         while True:
@@ -184,7 +193,7 @@ class ChatStream:
             self.stored = self.api.store = False
             return response
 
-    def _chunk(self, chunk: dict[str, Any]) -> Iterator[str]:
+    def _chunk(self, chunk: dict[str, Any]) -> Iterator[Piece]:
         if "error" in chunk:
             error = chunk["error"] or {}
             raise ApiError(error.get("message") or "the server ended the answer with an error")
@@ -196,13 +205,20 @@ class ChatStream:
                 continue
             if choice.get("finish_reason"):
                 self.answer.finish_reason = choice["finish_reason"]
-            text = (choice.get("delta") or {}).get("content")
-            if text:
+            delta = choice.get("delta") or {}
+            # llmserve's, llama-server's and vLLM's name, and vLLM's newer one
+            thought = delta.get("reasoning_content") or delta.get("reasoning")
+            text = delta.get("content")
+            if thought or text:
                 if self.answer.first_token is None:
                     self.answer.first_token = time.monotonic()
                 self.answer.chunks += 1
+            if thought:
+                self.answer.reasoning += thought
+                yield Piece(thought, reasoning=True)
+            if text:
                 self.answer.text += text
-                yield text
+                yield Piece(text)
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

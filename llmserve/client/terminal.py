@@ -2,7 +2,9 @@
 editing, history across sessions, multi-line input, key bindings), or one answer for piped
 input. Answers are written to stdout as they stream, as plain text: they appear token by
 token, and what is printed is exactly what the model said (rich's Markdown rendering would
-need the whole answer, or a live region that redraws badly once it outgrows the screen)."""
+need the whole answer, or a live region that redraws badly once it outgrows the screen). A
+thinking model's reasoning is shown dimmed before the answer in the terminal, and left out of
+piped output."""
 
 from __future__ import annotations
 
@@ -70,13 +72,21 @@ def _no_echo() -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
-def stream_answer(stream: ChatStream, write: Callable[[str], None]) -> None:
-    """Write the answer's pieces as they come; Ctrl-C (KeyboardInterrupt) hangs up."""
+def stream_answer(stream: ChatStream, write: Callable[[str], None],
+                  think: Callable[[str], None] | None = None) -> None:
+    """Write the answer's pieces as they come, and the reasoning's to `think` (dropped
+    without one); Ctrl-C (KeyboardInterrupt) hangs up."""
     try:
         for piece in stream:
-            write(piece)
+            if not piece.reasoning:
+                write(piece.text)
+            elif think is not None:
+                think(piece.text)
     finally:
         stream.close()
+
+
+DIM, UNDIM = "\x1b[2m", "\x1b[22m"
 
 
 def run_piped(api: ApiClient, options: ChatOptions, stdin: TextIO, stdout: TextIO) -> int:
@@ -157,13 +167,25 @@ def _answer(api: ApiClient, chat: Conversation, text: str,
     chat.ask(text)
     stream = api.stream(chat.request())
 
+    thought = False  # reasoning shown: a blank line before the answer
+
+    def think(piece: str) -> None:
+        nonlocal thought
+        thought = True
+        sys.stdout.write(DIM + piece + UNDIM)  # per piece: Ctrl-C leaves no dim behind
+        sys.stdout.flush()
+
     def write(piece: str) -> None:
+        nonlocal thought
+        if thought:
+            sys.stdout.write("\n\n")
+            thought = False
         sys.stdout.write(piece)
         sys.stdout.flush()
 
     try:
         with _no_echo():
-            stream_answer(stream, write)
+            stream_answer(stream, write, think)
     except KeyboardInterrupt:
         sys.stdout.write("\n")
         note("[stopped]")
@@ -171,7 +193,7 @@ def _answer(api: ApiClient, chat: Conversation, text: str,
             chat.unask()  # nothing was said: as if not asked
             return
     except ApiError as exc:
-        sys.stdout.write("\n" if stream.answer.text else "")
+        sys.stdout.write("\n" if stream.answer.text or stream.answer.reasoning else "")
         note(f"error: {exc}", "fg:ansired")
         if not stream.answer.text:
             chat.unask()

@@ -197,24 +197,10 @@ class ResponseStream:
     def _feed(self, delta: ChoiceDelta) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
         if delta.reasoning:
-            if self._item is None or self._item["type"] != "reasoning":
-                events += self._close("completed")
-                events += self._open_reasoning()
-            self._text.append(delta.reasoning)
-            events.append(self._event(
-                "response.reasoning_text.delta", item_id=self._item["id"],  # type: ignore[index]
-                output_index=len(self.output) - 1, content_index=0, delta=delta.reasoning,
-            ))
+            events += self._append("reasoning", delta.reasoning, "response.reasoning_text.delta")
         if delta.text:
-            if self._item is None or self._item["type"] != "message":
-                events += self._close("completed")
-                events += self._open_message()
-            self._text.append(delta.text)
-            events.append(self._event(
-                "response.output_text.delta", item_id=self._item["id"],  # type: ignore[index]
-                output_index=len(self.output) - 1, content_index=0, delta=delta.text,
-                logprobs=[],
-            ))
+            events += self._append("message", delta.text, "response.output_text.delta",
+                                   logprobs=[])
         for call in delta.tool_calls:
             if call.id is not None:
                 events += self._close("completed")
@@ -231,27 +217,34 @@ class ResponseStream:
                 ))
         return events
 
-    def _open_message(self) -> list[dict[str, Any]]:
-        self._item = {"type": "message", "id": new_id("msg"), "role": "assistant",
-                      "status": "in_progress", "content": []}
-        self._text = []
-        self.output.append(self._item)
-        index = len(self.output) - 1
-        return [
-            self._event("response.output_item.added", output_index=index, item=dict(self._item)),
-            self._event("response.content_part.added", item_id=self._item["id"],
-                        output_index=index, content_index=0, part=_output_text("")),
-        ]
+    def _append(self, kind: str, text: str, event: str, **fields: Any) -> list[dict[str, Any]]:
+        """`text` added to the open item of `kind` (a message, or reasoning), which is opened
+        first where another item is open."""
+        events: list[dict[str, Any]] = []
+        if self._item is None or self._item["type"] != kind:
+            events += self._close("completed")
+            events += self._open(kind)
+        self._text.append(text)
+        events.append(self._event(
+            event, item_id=self._item["id"],  # type: ignore[index]
+            output_index=len(self.output) - 1, content_index=0, delta=text, **fields,
+        ))
+        return events
 
-    def _open_reasoning(self) -> list[dict[str, Any]]:
-        self._item = _reasoning("", None, "in_progress")
+    def _open(self, kind: str) -> list[dict[str, Any]]:
+        if kind == "reasoning":
+            self._item, part = _reasoning("", None, "in_progress"), _reasoning_text("")
+        else:
+            self._item = {"type": "message", "id": new_id("msg"), "role": "assistant",
+                          "status": "in_progress", "content": []}
+            part = _output_text("")
         self._text = []
         self.output.append(self._item)
         index = len(self.output) - 1
         return [
             self._event("response.output_item.added", output_index=index, item=dict(self._item)),
             self._event("response.content_part.added", item_id=self._item["id"],
-                        output_index=index, content_index=0, part=_reasoning_text("")),
+                        output_index=index, content_index=0, part=part),
         ]
 
     def _close(self, status: Literal["completed", "incomplete"]) -> list[dict[str, Any]]:

@@ -1,10 +1,5 @@
-"""End-to-end: a thinking model's reasoning apart from its answer, on every engine.
-
-The bundled model is made a thinking one by a chat template that opens `<think>` after the
-generation prompt (as DeepSeek-R1's does) and a system prompt with an example: greedy, it
-then writes a thought, `</think>` and an answer for the question asked here. The template
-reads `enable_thinking` (Qwen3's switch, through chat_template_kwargs) and `reasoning_effort`.
-"""
+"""End-to-end: a thinking model's reasoning apart from its answer, on every engine: the
+bundled model made a thinking one (tests/thinking.py)."""
 
 from __future__ import annotations
 
@@ -17,23 +12,7 @@ from conftest import MODEL, Server, engine_flags, engines, run_server
 from openai_schema import validate
 from response_events import sse_events
 from sse import stream_post
-
-THINKING_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-    "{%- if (enable_thinking is defined and not enable_thinking)"
-    " or (reasoning_effort is defined and reasoning_effort == 'none') %}"
-    "{{ '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- else %}{{ '<think>' }}{%- endif %}{%- endif %}"
-)
-SYSTEM = ("You think first, inside <think> and </think>, then answer.\n"
-          "Example:\nUser: What is 1 + 1?\n"
-          "Assistant: <think>One plus one makes two.</think>The answer is 2.\n"
-          "User: What colour is the sky?\n"
-          "Assistant: <think>The sky looks blue by day.</think>The sky is blue.")
-ASK = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is 2 + 2?"}]
+from thinking import ASK, SYSTEM, THINKING_TEMPLATE
 
 
 @pytest.fixture(scope="module", params=engines())
@@ -62,14 +41,17 @@ def warm(server: Server, **body) -> dict:
     return chat(server, **body)
 
 
-def chat(server: Server, **body) -> dict:
-    body = {"model": MODEL, "messages": ASK, "max_tokens": 48, "temperature": 0, **body}
-    r = httpx.post(server.base_url + "/chat/completions", json=body, headers=server.headers(),
-                   timeout=300)
+def post(server: Server, path: str, schema: str, body: dict) -> dict:
+    """A 200 answer to `body` at `path`, valid as `schema`."""
+    r = httpx.post(server.base_url + path, json=body, headers=server.headers(), timeout=300)
     assert r.status_code == 200, r.text
-    data = r.json()
-    validate("CreateChatCompletionResponse", data)
-    return data
+    validate(schema, r.json())
+    return r.json()
+
+
+def chat(server: Server, **body) -> dict:
+    return post(server, "/chat/completions", "CreateChatCompletionResponse",
+                {"model": MODEL, "messages": ASK, "max_tokens": 48, "temperature": 0, **body})
 
 
 def streamed(server: Server, **body) -> tuple[list[dict], list[dict]]:
@@ -118,7 +100,8 @@ def test_stream_equals_non_stream_for_both_parts(server):
     assert chunks[-1]["usage"] == whole["usage"]
     assert deltas[-1]["finish_reason"] == "stop"
     # token by token: more than one reasoning delta, never a tag in one
-    pieces = [d["delta"]["reasoning_content"] for d in deltas if d["delta"].get("reasoning_content")]
+    pieces = [d["delta"]["reasoning_content"] for d in deltas
+              if d["delta"].get("reasoning_content")]
     assert len(pieces) > 1
 
 
@@ -237,14 +220,9 @@ def test_response_format_applies_after_thinking(server):
 
 
 def responses(server: Server, **body) -> dict:
-    body = {"model": MODEL, "instructions": SYSTEM, "input": ASK[1]["content"],
-            "max_output_tokens": 48, "temperature": 0, **body}
-    r = httpx.post(server.base_url + "/responses", json=body, headers=server.headers(),
-                   timeout=300)
-    assert r.status_code == 200, r.text
-    data = r.json()
-    validate("Response", data)
-    return data
+    return post(server, "/responses", "Response",
+                {"model": MODEL, "instructions": SYSTEM, "input": ASK[1]["content"],
+                 "max_output_tokens": 48, "temperature": 0, **body})
 
 
 def test_responses_give_a_reasoning_item_before_the_message(server):

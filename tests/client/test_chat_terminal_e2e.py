@@ -18,6 +18,7 @@ import openai
 import pytest
 from conftest import MODEL, Server, run_server
 from cutting_proxy import CuttingProxy
+from thinking import ASK, SYSTEM, THINKING_TEMPLATE
 from tmux_terminal import Terminal
 
 STATS = r"\[(\d+) tokens[^\]]*\]"
@@ -302,3 +303,33 @@ def test_an_explicit_base_url_that_does_not_answer_is_an_error_with_a_hint(tmp_p
     r = piped("Hi", None, tmp_path, "--base-url", dead)
     assert r.returncode == 1 and r.stdout == ""
     assert f"Is a server running at {dead}?" in r.stderr  # not started: that one was asked for
+
+
+@pytest.fixture(scope="module")
+def thinking_server(tmp_path_factory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("thinking")
+    (tmp / "thinking.jinja").write_text(THINKING_TEMPLATE)
+    with run_server(tmp, "--chat-template", str(tmp / "thinking.jinja"),
+                    "--embedding-model", "none") as s:
+        yield s
+
+
+def test_a_thinking_model_s_reasoning_shows_dimmed_before_the_answer(thinking_server, tmp_path,
+                                                                     terminals):
+    api = openai.OpenAI(base_url=thinking_server.base_url, api_key=thinking_server.api_key,
+                        max_retries=0, timeout=300)
+    for _ in range(2):  # the prompt cached as the chat's will find it (tests/greedy.py)
+        want = non_stream(api, ASK, 48).choices[0].message
+    assert want.reasoning_content and want.content
+    t = open_chat(terminals, thinking_server, tmp_path, "--temperature", "0", "--max-tokens", "48",
+                  "--system", SYSTEM)
+    seen, _ = ask(t, ASK[1]["content"])
+    assert seen == f">>> {ASK[1]['content']}\n{want.reasoning_content}\n\n{want.content}\n"
+    styled = t.screen(styles=True)
+    first_word = want.reasoning_content.split()[0]
+    assert re.search(r"\x1b\[2m" + re.escape(first_word), styled), styled[-400:]
+    # the conversation goes on with the answer alone; piped output is the answer alone
+    r = piped(ASK[1]["content"], thinking_server, tmp_path, "--temperature", "0",
+              "--max-tokens", "48", "--system", SYSTEM)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want.content + "\n"

@@ -43,9 +43,11 @@ class Terminal:
         """Press keys by tmux's names: Enter, C-c, C-d, Up, Escape, ..."""
         self._run("send-keys", "-t", "t", *names)
 
-    def screen(self) -> str:
-        """Everything shown so far, scroll-back included, wrapped lines joined."""
-        lines = self._run("capture-pane", "-p", "-J", "-S", "-", "-t", "t").splitlines()
+    def screen(self, styles: bool = False) -> str:
+        """Everything shown so far, scroll-back included, wrapped lines joined (with the
+        escape sequences of text styles where `styles`)."""
+        lines = self._run("capture-pane", "-p", "-J", *(["-e"] if styles else []),
+                          "-S", "-", "-t", "t").splitlines()
         return "\n".join(line.rstrip() for line in lines).rstrip("\n")
 
     def wait_for(self, pattern: str, timeout: float = 300, after: int = 0) -> re.Match[str]:
