@@ -14,7 +14,9 @@ import httpx
 import openai
 from conftest import Server, engines, hf_model_dir, run_server
 from openai_schema import validate
+from sse import stream_post
 
+from llmserve.api.sse import KEEPALIVE
 from llmserve.models import bundled_model_path
 from llmserve.models.procmem import tree_pids, tree_rss
 
@@ -250,3 +252,59 @@ max_sequences = 16
         row = wait_state(server, "small", "unloaded", timeout=15)
         assert row["unloads"] == 1
         assert "model small unloaded: idle for" in server.log()
+
+
+def test_a_stream_waiting_for_a_load_gets_keep_alives_and_then_its_answer_or_the_reason(
+        tmp_path):
+    flags = ["--model", f"a={GGUF}", "--model", f"c={GGUF}", "--sse-keepalive", "0.1",
+             "--embedding-model", "none"]
+    # keep-alives every 0.1 s: longer than any load takes (an engine process starts first)
+    broken = None
+    if "transformers" in engines():
+        # Its tokenizer whole, its weights not: only the engine process, once started
+        # (seconds), finds out.
+        broken = tmp_path / "broken"
+        broken.mkdir()
+        for f in hf_model_dir().iterdir():
+            if f.name != "model.safetensors":
+                (broken / f.name).symlink_to(f)
+        (broken / "model.safetensors").write_bytes(b"not safetensors")
+        flags += ["--model", f"broken={broken}"]
+    with run_server(tmp_path, *flags) as server, \
+            httpx.Client(base_url=server.url, headers=server.headers(), timeout=120) as http:
+        body = {"model": "a", "messages": ASK, "max_tokens": 8, "temperature": 0, "stream": True}
+        events = stream_post(http, "/v1/chat/completions", body)
+        assert events.status == 200 and events.done
+        assert events.raw.startswith(KEEPALIVE), events.raw[:80]  # while it loaded
+        chunks = events.chunks()
+        for c in chunks:
+            validate("CreateChatCompletionStreamResponse", c)
+        whole = http.post("/v1/chat/completions", json={**body, "stream": False}).json()
+        text = "".join(c["choices"][0]["delta"].get("content") or ""
+                       for c in chunks if c["choices"])
+        assert text == whole["choices"][0]["message"]["content"] and chunks[0]["model"] == "a"
+        # loaded now: a stream answers at once, as ever
+        again = stream_post(http, "/v1/chat/completions", body)
+        assert again.status == 200 and not again.raw.startswith(KEEPALIVE) and again.done
+        # completions alike
+        prompt = {"model": "c", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
+        events = stream_post(http, "/v1/completions", {**prompt, "stream": True})
+        assert events.status == 200 and events.done and events.raw.startswith(KEEPALIVE)
+        text = "".join(c["choices"][0]["text"] for c in events.chunks() if c["choices"])
+        assert text == http.post("/v1/completions", json=prompt).json()["choices"][0]["text"]
+        if broken is None:
+            return
+        # a load that fails after the stream began: the reason as its error event, then [DONE]
+        events = stream_post(http, "/v1/chat/completions", {"model": "broken", "messages": ASK,
+                                                             "max_tokens": 4, "stream": True})
+        assert events.status == 200 and events.done and events.raw.startswith(KEEPALIVE)
+        [error] = events.chunks()
+        validate("ErrorResponse", error)
+        assert error["error"]["code"] == "model_not_loaded"
+        assert error["error"]["message"].startswith("The model 'broken' failed to load: ")
+        # failed, known at once: a status, as for any request
+        for path, ask in [("/v1/chat/completions", {"messages": ASK}),
+                          ("/v1/completions", {"prompt": "Hi"})]:
+            r = http.post(path, json={"model": "broken", **ask, "stream": True})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_loaded"
+        assert status(server)["a"]["state"] == "running"

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from llmserve.api import sse
+from llmserve.api.loading import Started, chat_model_or_loading, stream_once_loaded
 from llmserve.api.lookup import chat_model
 from llmserve.api.protocol import ChatCompletionRequest
 from llmserve.api.requests import (
@@ -33,8 +34,10 @@ from llmserve.api.requests import (
 )
 from llmserve.api.state import AppState, app_state
 from llmserve.errors import EngineUnavailable, InvalidRequest, LLMServeError
+from llmserve.models import ServedModel
 from llmserve.serving.generation import Generation, TokenLogprob, Usage
 from llmserve.serving.runs import CHAT_COMPLETION, Run
+from llmserve.serving.sampling import SamplingRequest
 from llmserve.serving.tool_calls import ToolCallDelta
 from llmserve.store import Store
 
@@ -50,22 +53,19 @@ async def create_chat_completion(request: Request) -> Response:
     if body.store and store is None:
         raise InvalidRequest("store needs the store, and this server runs with --store none.",
                              param="store")
-    served = await chat_model(request, body.model)
-    sampling = body.to_sampling()
-    prepared = await served.prepare.chat(
-        body.template_messages(), sampling, body.stop_list, body.output_request(),
-        template_kwargs=body.chat_template_kwargs, reasoning_effort=body.reasoning_effort,
-    )
-    [gen] = start_generations(
-        served, prepared, request_id=request_id(request), metrics=state.metrics
-    )
-    head = {
-        # Time first: stored completions of one second list in the order they were made.
-        "id": f"chatcmpl-{time.time_ns():016x}{uuid.uuid4().hex[:16]}",
-        "created": int(time.time()),
-        "model": served.name,
-    }
-    tools = prepared.parser is not None
+    if body.stream and not body.store:
+        got = await chat_model_or_loading(request, body.model)
+        if isinstance(got, asyncio.Task):  # still loading: the stream starts meanwhile
+            async def start(served: ServedModel) -> Started:
+                gen, head, sampling, tools = await _begin(request, served, body)
+                chunks = _stream(gen, head, sampling.n, body.include_usage, tools)
+                return _with_done(chunks), [gen]
+
+            return stream_once_loaded(request, got, start)
+        served = got
+    else:
+        served = await chat_model(request, body.model)
+    gen, head, sampling, tools = await _begin(request, served, body)
     want_logprobs = sampling.logprobs is not None
     saver = (_Saver(store, body, head, want_logprobs, request_key_hash(request))
              if body.store and store is not None else None)
@@ -85,6 +85,27 @@ async def create_chat_completion(request: Request) -> Response:
     if saver is not None:
         await saver.save(result)
     return Response(orjson.dumps(result), media_type="application/json")
+
+
+async def _begin(request: Request, served: ServedModel, body: ChatCompletionRequest
+                 ) -> tuple[Generation, dict, SamplingRequest, bool]:
+    """The request's generation started on `served`: it, the chunks' common fields, the
+    sampling asked for, and whether tools may be called."""
+    sampling = body.to_sampling()
+    prepared = await served.prepare.chat(
+        body.template_messages(), sampling, body.stop_list, body.output_request(),
+        template_kwargs=body.chat_template_kwargs, reasoning_effort=body.reasoning_effort,
+    )
+    [gen] = start_generations(
+        served, prepared, request_id=request_id(request), metrics=app_state(request).metrics
+    )
+    head = {
+        # Time first: stored completions of one second list in the order they were made.
+        "id": f"chatcmpl-{time.time_ns():016x}{uuid.uuid4().hex[:16]}",
+        "created": int(time.time()),
+        "model": served.name,
+    }
+    return gen, head, sampling, prepared.parser is not None
 
 
 def _completion(head: dict, choices: list[CollectedChoice], usage: Usage,

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import NamedTuple
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from llmserve.api import sse
+from llmserve.api.loading import Started, chat_model_or_loading, stream_once_loaded
 from llmserve.api.lookup import chat_model
 from llmserve.api.protocol import CompletionRequest
 from llmserve.api.requests import (
@@ -28,6 +31,7 @@ from llmserve.api.requests import (
 )
 from llmserve.api.state import app_state
 from llmserve.errors import LLMServeError
+from llmserve.models import ServedModel
 from llmserve.serving.detokenizer import IncrementalDetokenizer
 from llmserve.serving.generation import ChoiceDelta, Generation, TokenLogprob, Usage, merge
 
@@ -38,23 +42,18 @@ router = APIRouter()
 @router.post("/v1/completions")
 async def create_completion(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest)
-    served = await chat_model(request, body.model)
-    sampling = body.to_sampling()
-    prepared = await served.prepare.completion(body.prompts(), sampling, body.stop_list)
-    echoes = [served.prepare.prompt_text(p.tokens) if body.echo else "" for p in prepared.prompts]
-    gens = start_generations(
-        served, prepared, request_id=request_id(request), metrics=app_state(request).metrics
-    )
-    n = sampling.n
-    head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
-    want_logprobs = sampling.logprobs is not None
-
     if body.stream:
-        return event_stream(
-            request,
-            sse.numbered(_stream(gens, head, n, echoes, want_logprobs, body.include_usage)),
-            gens,
-        )
+        got = await chat_model_or_loading(request, body.model)
+        if isinstance(got, asyncio.Task):  # still loading: the stream starts meanwhile
+            async def start(served: ServedModel) -> Started:
+                run = await _begin(request, served, body)
+                return _stream(*run, body.include_usage), run.gens
+
+            return stream_once_loaded(request, got, start)
+        run = await _begin(request, got, body)
+        return event_stream(request, sse.numbered(_stream(*run, body.include_usage)), run.gens)
+    run = await _begin(request, await chat_model(request, body.model), body)
+    gens, head, n, echoes, want_logprobs = run
 
     try:
         async with cancel_on_disconnect(request):
@@ -78,6 +77,27 @@ async def create_completion(request: Request) -> Response:
         "usage": usage_body(_total(gens)),
     }
     return Response(orjson.dumps(result), media_type="application/json")
+
+
+class _Run(NamedTuple):
+    """A completion request's generations started, and what its answer is made with."""
+
+    gens: list[Generation]
+    head: dict
+    n: int
+    echoes: list[str]
+    want_logprobs: bool
+
+
+async def _begin(request: Request, served: ServedModel, body: CompletionRequest) -> _Run:
+    sampling = body.to_sampling()
+    prepared = await served.prepare.completion(body.prompts(), sampling, body.stop_list)
+    echoes = [served.prepare.prompt_text(p.tokens) if body.echo else "" for p in prepared.prompts]
+    gens = start_generations(
+        served, prepared, request_id=request_id(request), metrics=app_state(request).metrics
+    )
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
+    return _Run(gens, head, sampling.n, echoes, sampling.logprobs is not None)
 
 
 async def _stream(
