@@ -22,6 +22,7 @@ from llmserve import __version__
 from llmserve.api.connection import with_transport_in_state
 from llmserve.api.drain import Inflight
 from llmserve.config import Settings
+from llmserve.serving.reasoning import REASONING_PARSERS
 
 log = logging.getLogger("llmserve")
 
@@ -73,7 +74,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat-template", metavar="PATH",
                    help="Jinja chat template file used instead of the model's own (its tool "
                         "syntax, if any, decides the tool-call format)")
-    p.add_argument("--reasoning-parser", choices=["auto", "deepseek_r1", "qwen3", "none"],
+    p.add_argument("--reasoning-parser", choices=REASONING_PARSERS,
                    help="thinking models: the text between <think> and </think> goes to "
                         "reasoning_content, apart from the answer (auto, the default: when "
                         "the chat template writes <think>; deepseek_r1: the output always "

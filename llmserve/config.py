@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from llmserve.serving.reasoning import ReasoningParserName
+
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}  # --store-ttl, --keep-alive suffixes
 _BYTES = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}  # --memory-limit suffixes
 
@@ -35,7 +37,7 @@ class Settings(BaseSettings):
     chat_template: str | None = Field(
         None, description="Jinja chat template file used instead of the model's own"
     )
-    reasoning_parser: Literal["auto", "deepseek_r1", "qwen3", "none"] = Field(
+    reasoning_parser: ReasoningParserName = Field(
         "auto", description="thinking models: <think> text as reasoning_content; auto: when "
         "the chat template writes <think>"
     )

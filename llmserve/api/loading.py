@@ -31,17 +31,16 @@ Started = tuple[AsyncIterator[bytes], list[Generation]]
 async def chat_model_or_loading(request: Request, name: str) -> ServedModel | asyncio.Task:
     """The chat model `name` once loaded, if that takes at most the keep-alive interval;
     else the task that is still loading it (for `stream_once_loaded`)."""
-    task = asyncio.ensure_future(chat_model(request, name))
     patience = app_state(request).settings.sse_keepalive
+    if patience <= 0:  # no keep-alives to send: wait as any request does
+        return await chat_model(request, name)
+    task = asyncio.ensure_future(chat_model(request, name))
     try:
-        if patience > 0:
-            await asyncio.wait({task}, timeout=patience)
-        if task.done() or patience <= 0:
-            return await task
+        await asyncio.wait({task}, timeout=patience)
     except BaseException:
         task.cancel()
         raise
-    return task
+    return await task if task.done() else task
 
 
 def stream_once_loaded(

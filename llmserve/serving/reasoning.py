@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal
+from typing import Literal, get_args
 
 ReasoningParserName = Literal["auto", "deepseek_r1", "qwen3", "none"]
-REASONING_PARSERS: tuple[str, ...] = ("auto", "deepseek_r1", "qwen3", "none")
+REASONING_PARSERS: tuple[str, ...] = get_args(ReasoningParserName)
 
 
 class _Mode(Enum):
