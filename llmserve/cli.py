@@ -108,8 +108,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="speculative decoding without a draft model, by prompt lookup (ngram: "
                         "the tokens that followed the latest earlier occurrence of the last "
                         "few; on llama.cpp and transformers for a sequence decoded alone, on "
-                        "vllm vLLM's own proposer); output is unchanged (default off; auto: ngram "
-                        "on llama.cpp, whose drafts are adaptive, off on the others)")
+                        "vllm vLLM's own proposer); output is unchanged (default auto: ngram on "
+                        "llama.cpp, whose drafts are adaptive, off on the others)")
     p.add_argument("--speculative-tokens", type=int,
                    help="tokens drafted per step with --speculative ngram (default 5)")
     p.add_argument("--speculative-ngram", type=int,

@@ -94,7 +94,7 @@ class Settings(BaseSettings):
         64, ge=16, description="prompt tokens read per step while others decode"
     )
     speculative: Literal["auto", "ngram", "off"] = Field(
-        "off", description="auto: ngram on the llama.cpp engine (whose drafts are adaptive), "
+        "auto", description="auto: ngram on the llama.cpp engine (whose drafts are adaptive), "
         "off on the others; prompt-lookup (n-gram) speculative decoding (llama.cpp and "
         "transformers: of a sequence decoded alone; vllm: vLLM's own proposer); off: none"
     )

@@ -181,7 +181,7 @@ def test_speculative_flags_over_environment(parsed, monkeypatch):
     assert cli_module.main(["serve", "--speculative-tokens", "8"]) == 0
     assert cli_module.main(["serve", "--speculative", "off", "--speculative-ngram", "2"]) == 0
     assert [(s.speculative, s.speculative_tokens, s.speculative_ngram) for s in parsed] == [
-        ("off", 5, 3), ("ngram", 8, 3), ("off", 5, 2)]
+        ("auto", 5, 3), ("ngram", 8, 3), ("off", 5, 2)]
 
 
 def test_playground_flag_over_environment(parsed, monkeypatch):

@@ -115,12 +115,12 @@ def test_speculative_flags_reach_llamacpp_and_transformers(tmp_path):
     from llmserve.models import engine_spec
 
     gguf = bundled_model_path()
-    # auto: on where drafts are adaptive (llama.cpp), off elsewhere
+    # auto, the default: on where drafts are adaptive (llama.cpp), off elsewhere
     for engine, auto in (("llamacpp", "ngram"), ("transformers", "off")):
         spec = engine_spec(Settings(engine=engine), gguf)
-        assert (spec.kind, spec.options["speculative"]) == (engine, "off")
-        spec = engine_spec(Settings(engine=engine, speculative="auto"), gguf)
-        assert spec.options["speculative"] == auto
+        assert (spec.kind, spec.options["speculative"]) == (engine, auto)
+        spec = engine_spec(Settings(engine=engine, speculative="off"), gguf)
+        assert spec.options["speculative"] == "off"
         spec = engine_spec(Settings(engine=engine, speculative="ngram", speculative_tokens=7,
                                     speculative_ngram=2), gguf)
         assert (spec.options["speculative"], spec.options["speculative_tokens"],
