@@ -46,13 +46,18 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="GGUF file or Hugging Face model directory (default: the bundled "
                         "SmolLM2-135M-Instruct); repeat for several models, each loaded on "
                         "its first request, named NAME or from its file")
+    p.add_argument("--lora", action="append", dest="loras", metavar="NAME=PATH",
+                   help="a LoRA adapter of the chat model (GGUF LoRA for llama.cpp), served "
+                        "as the model NAME beside its base; repeatable (with several chat "
+                        "models: `base` in a models file)")
     p.add_argument("--models-dir", metavar="DIR",
                    help="serve every GGUF file and model directory in DIR, each named from "
                         "its file or folder, loaded on its first request")
     p.add_argument("--models-file", metavar="TOML",
                    help="models with settings of their own ([models.NAME] tables: path, "
                         "aliases, kind, engine, context_length, max_sequences, dtype, device, "
-                        "chat_template, threads, reasoning_parser, load_at_start); see the README")
+                        "chat_template, threads, reasoning_parser, load_at_start; a LoRA "
+                        "adapter: base, path, scale); see the README")
     p.add_argument("--max-loaded-models", type=int, metavar="N",
                    help="models loaded at once at most: the least recently used idle one is "
                         "unloaded to make room (default: no limit)")
@@ -283,9 +288,10 @@ def serve(settings: Settings) -> int:
             log.info("model %s: %d tokens per sequence, %d sequences together",
                      name, engine.context_length, engine.max_sequences)
     for entry in registry.entries():
+        where = (f"LoRA adapter of {entry.base}" if entry.is_adapter
+                 else "loaded" if entry.name in registry.loaded() else "loaded on demand")
         log.info("serving %s%s (%s, %s)", entry.name,
-                 "".join(f", alias {a}" for a in entry.names[1:]), entry.kind,
-                 "loaded" if entry.name in registry.loaded() else "loaded on demand")
+                 "".join(f", alias {a}" for a in entry.names[1:]), entry.kind, where)
     app = create_app(settings, registry)
     log.info("OpenAI API at http://%s:%d/v1", settings.host, settings.port)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,

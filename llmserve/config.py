@@ -57,6 +57,10 @@ class Settings(BaseSettings):
         default_factory=list, description="several models: PATH or NAME=PATH each (repeated "
         "--model; env: comma-separated)"
     )
+    loras: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="LoRA adapters of the chat model, each served as a "
+        "model of its own: NAME=PATH (repeated --lora; env: comma-separated)"
+    )
     models_dir: str | None = Field(
         None, description="serve every GGUF file and model directory found in this directory"
     )
@@ -155,7 +159,8 @@ class Settings(BaseSettings):
     # Test-only fault injection (engines/faults.py); deliberately not a CLI flag.
     test_fault: str | None = None
 
-    @field_validator("api_keys", "allowed_hosts", "cors_origins", "models", mode="before")
+    @field_validator("api_keys", "allowed_hosts", "cors_origins", "models", "loras",
+                     mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):

@@ -184,6 +184,16 @@ def test_speculative_flags_over_environment(parsed, monkeypatch):
         ("auto", 5, 3), ("ngram", 8, 3), ("off", 5, 2)]
 
 
+def test_lora_flags_over_environment(parsed, monkeypatch):
+    from llmserve import cli as cli_module
+
+    assert cli_module.main(["serve"]) == 0
+    monkeypatch.setenv("LLMSERVE_LORAS", "a=a.gguf,b=b.gguf")
+    assert cli_module.main(["serve"]) == 0
+    assert cli_module.main(["serve", "--lora", "x=x.gguf", "--lora", "y=/y.gguf"]) == 0
+    assert [s.loras for s in parsed] == [[], ["a=a.gguf", "b=b.gguf"], ["x=x.gguf", "y=/y.gguf"]]
+
+
 def test_playground_flag_over_environment(parsed, monkeypatch):
     from llmserve import cli as cli_module
 

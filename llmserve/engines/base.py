@@ -77,6 +77,9 @@ class EngineInfo:
     bos_token: str
     eos_token: str
     add_bos: bool
+    # LoRA adapters by name: None where loaded, else why it failed (that adapter's requests
+    # are refused with the reason; the engine and its other adapters serve on).
+    adapters: dict[str, str | None] = field(default_factory=dict)
 
 
 class EngineFacts:
@@ -120,6 +123,10 @@ class EngineFacts:
 
     def token_bytes(self, token_id: int) -> bytes:
         return self.info.token_bytes[token_id]
+
+    @property
+    def adapters(self) -> dict[str, str | None]:
+        return self.info.adapters
 
     def spec_decode_stats(self) -> SpecDecodeStats | None:
         """Speculative decoding's counters; None where this engine does not speculate."""
@@ -186,9 +193,16 @@ class EngineHealth:
 
 
 def check_request(
-    prompt: list[int], params: list[SamplingParams], *, max_sequences: int, context_length: int
+    prompt: list[int], params: list[SamplingParams], *, max_sequences: int, context_length: int,
+    adapter: str | None = None, adapters: dict[str, str | None] | None = None,
 ) -> None:
     """What every engine refuses before taking a request."""
+    if adapter is not None:
+        known = adapters or {}
+        if adapter not in known:
+            raise ValueError(f"no LoRA adapter named '{adapter}' is loaded")
+        if known[adapter] is not None:
+            raise ValueError(f"the LoRA adapter '{adapter}' failed to load: {known[adapter]}")
     if not prompt:
         raise ValueError("empty prompt")
     if not params:
@@ -248,6 +262,10 @@ class Engine(Protocol):
         """The raw bytes a token stands for (may be part of a UTF-8 character)."""
 
     @property
+    def adapters(self) -> dict[str, str | None]:
+        """LoRA adapters by name: None where loaded, else why not."""
+
+    @property
     def vocab_size(self) -> int: ...
 
     @property
@@ -265,7 +283,9 @@ class Engine(Protocol):
         """Speculative decoding's counters; None where this engine does not speculate."""
 
     def generate(
-        self, prompt: list[int], params: list[SamplingParams], *, request_id: str | None = None
+        self, prompt: list[int], params: list[SamplingParams], *, request_id: str | None = None,
+        adapter: str | None = None,
     ) -> GenerationStream:
         """Generate one sequence per entry of `params`, all from the same prompt; raises
-        EngineDown when the engine is not there. `request_id` names it in logs."""
+        EngineDown when the engine is not there. `request_id` names it in logs; `adapter`
+        is the LoRA adapter to decode with (None: the base model)."""

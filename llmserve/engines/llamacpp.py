@@ -20,12 +20,14 @@ the batch: llama.cpp decodes such a batch in one pass (engines/slots.py).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from os.path import commonprefix
 from pathlib import Path
@@ -71,6 +73,15 @@ class _Sequence:
     guess: int | None = None  # its next token as guessed but not drafted: scored when sampled
 
 
+class _Lora:
+    """A loaded LoRA adapter, as llama_set_adapters_lora takes it."""
+
+    def __init__(self, adapter: lc.llama_adapter_lora_p, scale: float) -> None:
+        self.adapter = adapter
+        self.pointers = (lc.llama_adapter_lora_p_ctypes * 1)(adapter)
+        self.scales = (ctypes.c_float * 1)(scale)
+
+
 class LlamaCppEngine(StepLoopEngine):
     """A GGUF model decoded by llama.cpp, many sequences per step."""
 
@@ -91,6 +102,7 @@ class LlamaCppEngine(StepLoopEngine):
         speculative_ngram: int = 3,
         speculative_ngram_min: int = 2,
         speculative_adaptive: bool = True,
+        adapters: Mapping[str, tuple[str, float]] | None = None,
         show_progress: bool = False,
     ) -> None:
         self.model_path = Path(model_path)
@@ -126,6 +138,13 @@ class LlamaCppEngine(StepLoopEngine):
         if not self._model:
             raise EngineError(f"llama.cpp could not load {self.model_path}")
         self._vocab = lc.llama_model_get_vocab(self._model)
+        # LoRA adapters (GGUF), applied per context: each step decodes its sequences in one
+        # batch per adapter (see _step). One that fails to load is refused with its reason.
+        self._loras: dict[str, _Lora] = {}
+        self._adapters = {}
+        for name, (path, scale) in (adapters or {}).items():
+            self._adapters[name] = self._load_adapter(name, Path(path), scale)
+        self._lora_set: str | None = None  # the adapter the context applies now
         n_ctx_train = lc.llama_model_n_ctx_train(self._model)
         ctx_len = min(context_length or n_ctx_train, n_ctx_train)
 
@@ -151,6 +170,7 @@ class LlamaCppEngine(StepLoopEngine):
         self._batch = lc.llama_batch_init(batch_size, 0, 1)
         self._slot_tokens: list[list[int]] = [[] for _ in range(max_sequences)]  # KV contents
         self._slot_used = [-1] * max_sequences  # release stamp of each slot's cache (-1: empty)
+        self._slot_adapter: list[str | None] = [None] * max_sequences  # what computed its cache
         self._releases = 0
         self._seqs: list[_Sequence] = []  # running
         self._free_ids = list(range(max_sequences))
@@ -194,12 +214,40 @@ class LlamaCppEngine(StepLoopEngine):
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    def _load_adapter(self, name: str, path: Path, scale: float) -> str | None:
+        """Load one LoRA adapter: None, or why it cannot be used."""
+        if not path.is_file():
+            return f"file not found: {path}"
+        with _llama_errors() as errors:
+            adapter = lc.llama_adapter_lora_init(self._model, str(path).encode())
+        if not adapter:
+            why = "; ".join(errors) or "see the server log"
+            log.error("LoRA adapter %s (%s) failed to load: %s", name, path, why)
+            return f"llama.cpp could not load {path} as a LoRA adapter of this model: {why}"
+        self._loras[name] = _Lora(adapter, scale)
+        return None
+
+    def _use_adapter(self, name: str | None) -> None:
+        """Make the context apply `name`'s adapter (None: none) to the next decode."""
+        if name == self._lora_set:
+            return
+        if name is None:
+            rc = lc.llama_set_adapters_lora(self._ctx, None, 0, None)
+        else:
+            lora = self._loras[name]
+            rc = lc.llama_set_adapters_lora(self._ctx, lora.pointers, 1, lora.scales)
+        if rc != 0:
+            raise EngineError(f"llama.cpp could not switch to LoRA adapter {name!r} ({rc})")
+        self._lora_set = name
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         lc.llama_batch_free(self._batch)
         lc.llama_free(self._ctx)
+        for lora in self._loras.values():
+            lc.llama_adapter_lora_free(lora.adapter)
         lc.llama_model_free(self._model)
 
     # -- decode thread ---------------------------------------------------------------------
@@ -245,26 +293,38 @@ class LlamaCppEngine(StepLoopEngine):
             room -= len(admitted[-1].params)
         if not admitted:
             return
-        busy = {seq.seq_id for seq in self._seqs}
-        busy.update(seq.seq_id for req in self._prefilling for seq in req.sequences)
-        # The last prompt token is decoded again, for its logits: at most the rest is reused.
-        wants = [({sid: min(len(commonprefix([self._slot_tokens[sid], req.prompt])),
-                            len(req.prompt) - 1) for sid in free_ids}, len(req.params))
-                 for req in admitted]
-        caches = slots.SlotCaches(used={s: self._slot_used[s] for s in free_ids})
-        planned = slots.plan(free_ids, wants, busy, caches=caches)
-        for req, (choice, others) in zip(admitted, planned, strict=True):
-            first, reused = self._take(choice)
-            for sid in others:  # overwritten by a copy of the first once its prompt is read
-                free_ids.remove(sid)
-                self._clear_slot(sid)
-            req.prefilled = reused
-            req.sequences = [
-                _Sequence(req, i, sid, p, self._make_sampler(p, req.prompt),
-                          matcher=req.matchers[i])
-                for i, (sid, p) in enumerate(zip([first, *others], req.params, strict=True))
-            ]
-            self._prefilling.append(req)
+        # Sequences of one adapter are decoded together (see _step), so theirs are the runs
+        # of consecutive ids a new one should join: slots are planned adapter by adapter.
+        by_adapter: dict[str | None, list[EngineRequest]] = {}
+        for req in admitted:
+            by_adapter.setdefault(req.adapter, []).append(req)
+        for adapter, group in by_adapter.items():
+            busy = {seq.seq_id for seq in self._seqs if seq.request.adapter == adapter}
+            busy.update(seq.seq_id for req in self._prefilling if req.adapter == adapter
+                        for seq in req.sequences)
+            # The last prompt token is decoded again, for its logits: at most the rest is
+            # reused; and only a cache computed under the same adapter (or none) holds it.
+            wants = [({sid: min(len(commonprefix([self._slot_tokens[sid], req.prompt])),
+                                len(req.prompt) - 1)
+                       if self._slot_adapter[sid] == adapter else 0
+                       for sid in free_ids}, len(req.params))
+                     for req in group]
+            caches = slots.SlotCaches(used={s: self._slot_used[s] for s in free_ids})
+            planned = slots.plan(free_ids, wants, busy, caches=caches)
+            for req, (choice, others) in zip(group, planned, strict=True):
+                first, reused = self._take(choice)
+                for sid in others:  # overwritten by a copy of the first once its prompt is read
+                    free_ids.remove(sid)
+                    self._clear_slot(sid)
+                for sid in (first, *others):
+                    self._slot_adapter[sid] = adapter
+                req.prefilled = reused
+                req.sequences = [
+                    _Sequence(req, i, sid, p, self._make_sampler(p, req.prompt),
+                              matcher=req.matchers[i])
+                    for i, (sid, p) in enumerate(zip([first, *others], req.params, strict=True))
+                ]
+        self._prefilling.extend(admitted)  # read in the order they came
 
     def _take(self, choice: slots.SlotChoice) -> tuple[int, int]:
         """Take the chosen slot (engines/slots.py), with the cached prefix it starts from
@@ -292,7 +352,35 @@ class LlamaCppEngine(StepLoopEngine):
         return sid, keep
 
     def _step(self, out: StepOutputs) -> None:
-        prefilling, running = self._prefilling, self._seqs
+        # While streams are running, a small piece of prompt per step keeps them flowing; with
+        # none running, prompts are read as fast as the batch allows.
+        prefill = self._prefill_chunk if self._seqs else self._batch_size
+        if not self._loras:
+            self._seqs = self._decode(self._seqs, self._prefilling, prefill, out)
+            return
+        # llama.cpp applies LoRA adapters to a whole context: one decode per adapter, each
+        # sampled before the next overwrites the logits (the adapter set now goes first).
+        groups: dict[str | None, tuple[list[_Sequence], list[EngineRequest]]] = {
+            self._lora_set: ([], [])}
+        for seq in self._seqs:
+            groups.setdefault(seq.request.adapter, ([], []))[0].append(seq)
+        for req in self._prefilling:
+            groups.setdefault(req.adapter, ([], []))[1].append(req)
+        kept: list[_Sequence] = []
+        for adapter, (running, prefilling) in groups.items():
+            if not running and not (prefilling and prefill > 0):
+                continue
+            self._use_adapter(adapter)
+            before = sum(req.prefilled for req in prefilling)
+            kept += self._decode(running, prefilling, prefill, out)
+            prefill -= sum(req.prefilled for req in prefilling) - before
+        self._seqs = kept
+
+    def _decode(self, running: list[_Sequence], prefilling: Collection[EngineRequest],
+                prefill: int, out: StepOutputs) -> list[_Sequence]:
+        """One llama_decode: the next token of each of `running` and up to `prefill` tokens of
+        the prompts of `prefilling` (in order), then sampling; the sequences still running
+        (the prompts read to the end join them)."""
         batch = self._batch
         n = 0
 
@@ -308,18 +396,14 @@ class LlamaCppEngine(StepLoopEngine):
         # A sequence alone gets a draft of its next tokens decoded after its pending ones, read
         # at every position (only alone: llama.cpp splits a batch whose sequences have
         # unequal token counts into several passes, see _sample).
-        if self._speculative and len(running) == 1 and not prefilling:
+        if self._speculative and len(running) == 1 and self._alone():
             running[0].draft = self._draft(running[0])
         # Each sequence's tokens: (seq_id, first position, tokens, whose logits the last gives
         # (and each drafted one)).
         rows: list[tuple[int, int, list[int], _Sequence | None]] = [
             (seq.seq_id, seq.n_past, seq.pending + seq.draft, seq) for seq in running
         ]
-        # While streams are running, a small piece of prompt per step keeps them flowing; with
-        # none running, prompts are read as fast as the batch allows.
-        used = sum(len(row[2]) for row in rows)
-        budget = (self._batch_size - used if not running
-                  else min(self._prefill_chunk, self._batch_size - used))
+        budget = min(prefill, self._batch_size - sum(len(row[2]) for row in rows))
         completed: list[EngineRequest] = []
         touched: list[EngineRequest] = []
         for req in prefilling:
@@ -361,12 +445,11 @@ class LlamaCppEngine(StepLoopEngine):
                     self._release(seq, keep_cache=False)
                 req.sequences = []
                 out.end(req, err)
-                if req in prefilling:
-                    prefilling.remove(req)
-            self._seqs = []
-            return
+                if req in self._prefilling:
+                    self._prefilling.remove(req)
+            return []
         for req in completed:
-            prefilling.remove(req)
+            self._prefilling.remove(req)
 
         for seq in running:
             seq.n_past += len(seq.pending)
@@ -403,7 +486,7 @@ class LlamaCppEngine(StepLoopEngine):
                 req.sequences.remove(seq)
                 if not req.sequences:
                     out.end(req)
-        self._seqs = kept
+        return kept
 
     def _fill_masks(self, seqs: list[_Sequence]) -> None:
         """The grammar masks of every constrained sequence, all at once."""
@@ -748,10 +831,27 @@ def _piece(vocab, token: int, special: bool) -> bytes:
 _llama_log = logging.getLogger("llama_cpp")
 
 
+_GGML_LOG_ERROR = 4  # ggml_log_level: none, debug, info, warn, error, cont
+# llama.cpp's error lines while an adapter loads (on the thread that loads it), for its reason.
+_errors_seen: list[str] | None = None
+
+
 @lc.llama_log_callback
 def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    if level == _GGML_LOG_ERROR and _errors_seen is not None:
+        _errors_seen.append(text.decode("utf-8", "replace").strip())
     if _llama_log.isEnabledFor(logging.DEBUG):
         _llama_log.debug(text.decode("utf-8", "replace").rstrip())
+
+
+@contextlib.contextmanager
+def _llama_errors() -> Iterator[list[str]]:
+    global _errors_seen
+    _errors_seen = seen = []
+    try:
+        yield seen
+    finally:
+        _errors_seen = None
 
 
 def _route_llama_logs() -> None:

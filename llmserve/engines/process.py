@@ -383,12 +383,14 @@ class EngineProcess(EngineFacts):
     # -- requests ---------------------------------------------------------------------------
 
     def generate(
-        self, prompt: list[int], params: list[SamplingParams], *, request_id: str | None = None
+        self, prompt: list[int], params: list[SamplingParams], *, request_id: str | None = None,
+        adapter: str | None = None,
     ) -> QueueStream:
         check_request(prompt, params, max_sequences=self.max_sequences,
-                      context_length=self.context_length)
+                      context_length=self.context_length, adapter=adapter,
+                      adapters=self.adapters)
         key = next(self._keys)
-        self._child.send(("add", key, list(prompt), list(params)))
+        self._child.send(("add", key, list(prompt), list(params), adapter))
         stream = self._streams[key] = QueueStream(key, self._cancel, request_id)
         return stream
 

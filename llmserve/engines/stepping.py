@@ -48,13 +48,15 @@ Delivery = Callable[[list[tuple[Hashable, Payload]]], None]
 class EngineRequest:
     """One request inside the decode loop (decode-thread state only)."""
 
-    __slots__ = ("key", "prompt", "params", "sequences", "prefilled", "cancelled",
+    __slots__ = ("key", "prompt", "params", "adapter", "sequences", "prefilled", "cancelled",
                  "cancel_all", "error", "matchers")
 
-    def __init__(self, key: Hashable, prompt: list[int], params: list[SamplingParams]) -> None:
+    def __init__(self, key: Hashable, prompt: list[int], params: list[SamplingParams],
+                 adapter: str | None = None) -> None:
         self.key = key
         self.prompt = prompt
         self.params = params
+        self.adapter = adapter  # its LoRA adapter's name; None: the base model
         self.sequences: list[Any] = []
         self.prefilled = 0
         self.cancelled: set[int] = set()
@@ -126,6 +128,7 @@ class StepLoopEngine(EngineFacts):
     _add_bos: bool
     _grammars: Grammars | None = None  # None: this engine takes no grammar
     _spec: SpecCounter | None = None  # set by an engine that speculates
+    _adapters: dict[str, str | None] = {}  # LoRA adapters: None where loaded, else why not
 
     def _init_loop(self) -> None:
         self.info = EngineInfo(
@@ -133,6 +136,7 @@ class StepLoopEngine(EngineFacts):
             vocab_size=self._n_vocab, end_tokens=self._end_tokens,
             token_bytes=self._token_bytes, chat_template=self._chat_template,
             bos_token=self._bos_token, eos_token=self._eos_token, add_bos=self._add_bos,
+            adapters=dict(self._adapters),
         )
         self._inbox: Inbox = Inbox()
         self._waiting: deque[EngineRequest] = deque()
@@ -153,14 +157,15 @@ class StepLoopEngine(EngineFacts):
     # -- the decode loop, from any thread ----------------------------------------------------
 
     def submit(self, key: Hashable, prompt: list[int], params: list[SamplingParams],
-               *, compile_later: bool = False) -> None:
+               *, adapter: str | None = None, compile_later: bool = False) -> None:
         """Hand a request to the decode loop; ValueError for one it cannot take. Its grammars
         are compiled here (a bad one raises GrammarError, a ValueError), off the decode thread,
         or with `compile_later` on a thread of their own: then a bad grammar fails the request
         (its end is that error), and the caller (a child's pipe reader) goes on meanwhile."""
         check_request(prompt, params, max_sequences=self._max_sequences,
-                      context_length=self._context_length)
-        req = EngineRequest(key, list(prompt), list(params))
+                      context_length=self._context_length, adapter=adapter,
+                      adapters=self._adapters)
+        req = EngineRequest(key, list(prompt), list(params), adapter)
         if any(p.grammar is not None for p in params):
             if self._grammars is None:
                 raise ValueError("this engine does not support grammars")
@@ -351,14 +356,15 @@ class StepLoopEngine(EngineFacts):
         return EngineHealth("running" if self._thread is not None else "stopped")
 
     def generate(
-        self, prompt: list[int], params: list[SamplingParams], *, request_id: str | None = None
+        self, prompt: list[int], params: list[SamplingParams], *, request_id: str | None = None,
+        adapter: str | None = None,
     ) -> QueueStream:
         if self._dead is not None:
             raise self._dead
         if self._thread is None:
             raise EngineError("engine not started")
         key = next(self._keys)
-        self.submit(key, prompt, params)
+        self.submit(key, prompt, params, adapter=adapter)
         stream = self._streams[key] = QueueStream(key, self.cancel, request_id)
         return stream
 

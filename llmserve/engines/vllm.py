@@ -365,7 +365,8 @@ class VllmEngine(EngineFacts):
     # -- requests --------------------------------------------------------------------------
 
     def generate(
-        self, prompt: list[int], params: list[SamplingParams], *, request_id: str | None = None
+        self, prompt: list[int], params: list[SamplingParams], *, request_id: str | None = None,
+        adapter: str | None = None,
     ) -> VllmStream:
         if self._state == "restarting" or (self._state == "running" and self._llm.errored):
             wait = self._crashes.wait() if self._state == "restarting" else 30
@@ -375,7 +376,8 @@ class VllmEngine(EngineFacts):
             raise EngineDown(f"The vLLM engine is {self._state}"
                              + (f": {self._reason}." if self._reason else "."))
         check_request(prompt, params, max_sequences=self.max_sequences,
-                      context_length=self.context_length)
+                      context_length=self.context_length, adapter=adapter,
+                      adapters=self.adapters)
         room = self.context_length - len(prompt)
         mapped = [to_vllm(p, end_tokens=self.end_tokens, room=room) for p in params]
         base = f"{request_id or 'req'}.{next(self._ids)}"

@@ -11,7 +11,7 @@ Messages to the server are tuples over a `multiprocessing` pipe (pickled):
   ("pong", n)                 the answer to ping n, from the decode loop between two steps
                               (a batch model: between two batches)
 and from it:
-  ("add", key, prompt, params) | ("cancel", key, index) | ("run", key, inputs) |
+  ("add", key, prompt, params, adapter) | ("cancel", key, index) | ("run", key, inputs) |
   ("ping", n) | ("stop",)
 
 A child dies with its server: when the pipe closes (the server exited, however) it exits.
@@ -113,10 +113,10 @@ def _serve_requests(conn: Connection, engine: StepLoopEngine, send) -> None:
             os._exit(0)  # the server is gone: so are we
         kind = msg[0]
         if kind == "add":
-            _, key, prompt, params = msg
+            _, key, prompt, params, adapter = msg
             try:
                 # grammars compiled off this thread: it must go on taking cancels and pings
-                engine.submit(key, prompt, params, compile_later=True)
+                engine.submit(key, prompt, params, adapter=adapter, compile_later=True)
             except ValueError as exc:
                 send(("step", [(key, EngineError(str(exc)))]))
         elif kind == "cancel":

@@ -4,6 +4,7 @@ the bundled embedder). Nothing is loaded here; names are checked once, at start.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import tomllib
@@ -39,10 +40,17 @@ class ModelEntry:
     chat_template: str | None = None
     threads: int | None = None
     reasoning_parser: str | None = None
+    # A LoRA adapter: the chat model it adapts (`path` is the adapter), and its scale.
+    base: str | None = None
+    scale: float = 1.0
 
     @property
     def name(self) -> str:
         return self.names[0]
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.base is not None
 
     def settings(self, base: Settings) -> Settings:
         """The server's settings with this model's own on top (validated as flags are)."""
@@ -72,6 +80,14 @@ def parse_model_flag(value: str) -> ModelEntry:
     return ModelEntry((served_name_for(path),), path, kind=_kind_of(path))
 
 
+def parse_lora_flag(value: str, base: str) -> ModelEntry:
+    """`NAME=PATH`: an adapter of the model `base`."""
+    name, sep, path = value.partition("=")
+    if not (sep and name and path):
+        raise ModelListError(f"--lora {value}: NAME=PATH (the adapter's served name, its file)")
+    return ModelEntry((name,), Path(path).expanduser(), base=base)
+
+
 def scan_models_dir(directory: Path) -> list[ModelEntry]:
     """Every GGUF file and model directory in `directory` (not below), by name."""
     if not directory.is_dir():
@@ -91,7 +107,8 @@ def scan_models_dir(directory: Path) -> list[ModelEntry]:
 def read_models_file(file: Path) -> list[ModelEntry]:
     """A TOML file of `[models.NAME]` tables: `path` (relative to the file), and optionally
     `aliases`, `kind`, `engine`, `context_length`, `max_sequences`, `dtype`, `device`,
-    `chat_template`, `threads`, `reasoning_parser`, `load_at_start`."""
+    `chat_template`, `threads`, `reasoning_parser`, `load_at_start`. A table with `base`
+    (a chat model's name) is a LoRA adapter of it: `path`, `aliases`, `scale`."""
     try:
         data = tomllib.loads(file.read_text())
     except OSError as exc:
@@ -111,8 +128,9 @@ def read_models_file(file: Path) -> list[ModelEntry]:
 _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "path": str, "aliases": list, "kind": str, "engine": str, "context_length": int,
     "max_sequences": int, "dtype": str, "device": str, "chat_template": str, "threads": int,
-    "load_at_start": bool, "reasoning_parser": str,
+    "load_at_start": bool, "reasoning_parser": str, "base": str, "scale": (int, float),
 }
+_ADAPTER_KEYS = ("path", "aliases", "base", "scale")
 
 
 def _file_entry(file: Path, name: str, table: Any) -> ModelEntry:
@@ -125,9 +143,13 @@ def _file_entry(file: Path, name: str, table: Any) -> ModelEntry:
             raise ModelListError(f"{where}: unknown key `{key}` (known: "
                                  f"{', '.join(_FILE_KEYS)})")
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            raise ModelListError(f"{where}: `{key}` must be a {want.__name__}")
+            kind = want.__name__ if isinstance(want, type) else "number"
+            raise ModelListError(f"{where}: `{key}` must be a {kind}")
     if "path" not in table:
         raise ModelListError(f"{where}: `path` is missing")
+    if "base" in table and (extra := set(table) - set(_ADAPTER_KEYS)):
+        raise ModelListError(f"{where}: a LoRA adapter (`base`) takes only "
+                             f"{', '.join(_ADAPTER_KEYS)}, not {', '.join(sorted(extra))}")
     path = Path(table["path"]).expanduser()
     if not path.is_absolute():
         path = file.parent / path
@@ -140,6 +162,9 @@ def _file_entry(file: Path, name: str, table: Any) -> ModelEntry:
     own = {k: table[k] for k in _OVERRIDES if k in table}
     if "chat_template" in own and not Path(own["chat_template"]).is_absolute():
         own["chat_template"] = str(file.parent / own["chat_template"])
+    if "base" in table:
+        return ModelEntry((name, *aliases), path, base=table["base"],
+                          scale=float(table.get("scale", 1.0)))
     return ModelEntry((name, *aliases), path, kind=kind,
                       load_at_start=table.get("load_at_start", False), **own)
 
@@ -190,6 +215,12 @@ def model_entries(settings: Settings, *, chat_default: Path | None,
             entries += scan_models_dir(Path(settings.models_dir).expanduser())
         if settings.models_file:
             entries += read_models_file(Path(settings.models_file).expanduser())
+    if settings.loras:
+        chat = [e for e in entries if e.kind == "chat" and not e.is_adapter]
+        if len(chat) != 1:
+            raise ModelListError("--lora adapts the one chat model; with several, give each "
+                                 "adapter its `base` in a models file")
+        entries += [parse_lora_flag(v, chat[0].name) for v in settings.loras]
     if embedding_default is not None:
         name, path = embedding_default
         # loaded at start beside the one model, as ever; among many, on demand like the rest
@@ -200,14 +231,22 @@ def model_entries(settings: Settings, *, chat_default: Path | None,
         entries.append(ModelEntry((name,), path, kind="rerank",
                                   load_at_start=not is_many(settings)))
     check_names(entries)
-    return entries
+    ids = {n: e.name for e in entries if not e.is_adapter for n in e.names}
+    return [dataclasses.replace(e, base=ids[e.base]) if e.base is not None else e
+            for e in entries]
 
 
 def check_names(entries: list[ModelEntry]) -> None:
     """Every name once, every path there (a broken file is its own requests' business)."""
     seen: dict[str, ModelEntry] = {}
+    bases = {n: e for e in entries if not e.is_adapter for n in e.names}
     for entry in entries:
-        if not entry.path.exists():
+        if entry.is_adapter:  # a missing or broken file fails that adapter alone, when loaded
+            base = bases.get(entry.base or "")
+            if base is None or base.kind != "chat":
+                raise ModelListError(f"LoRA adapter '{entry.name}': its base '{entry.base}' "
+                                     "is not a chat model served here")
+        elif not entry.path.exists():
             raise ModelListError(f"model file not found: {entry.path} (model '{entry.name}')")
         for name in entry.names:
             if name in seen:

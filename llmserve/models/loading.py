@@ -7,11 +7,13 @@ import importlib.metadata
 import importlib.util
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from llmserve.config import Settings
-from llmserve.engines.base import Engine, EngineHealth
+from llmserve.engines.base import Engine, EngineHealth, GenerationStream, SamplingParams
 from llmserve.engines.cpu import weight_repack_enabled
 from llmserve.engines.process import CrossEncoderProcess, EmbedderProcess, EngineProcess
 from llmserve.engines.restarts import RestartPolicy
@@ -76,9 +78,20 @@ class ServedModel:
     scheduler: Scheduler
     created: int = field(default_factory=lambda: int(time.time()))
     owned_by: str = "llmserve"
+    _views: dict[str, ServedModel] = field(default_factory=dict, repr=False)
 
     def busy(self) -> bool:
         return self.scheduler.slots_in_use > 0 or self.scheduler.waiting > 0
+
+    def adapted(self, adapter: str) -> ServedModel:
+        """This model as its LoRA adapter `adapter` serves it: the same engine, scheduler
+        (adapters and base share the sequences) and templates, requests decoded with it."""
+        view = self._views.get(adapter)
+        if view is None:
+            view = self._views[adapter] = ServedModel(
+                name=adapter, engine=AdapterEngine(self.engine, adapter), prepare=self.prepare,
+                scheduler=self.scheduler, created=self.created, owned_by=self.owned_by)
+        return view
 
     def health(self) -> EngineHealth:
         return self.engine.health()
@@ -92,6 +105,23 @@ class ServedModel:
 
     async def stop(self) -> None:
         await self.engine.stop()
+
+
+class AdapterEngine:
+    """An engine whose requests decode with one of its LoRA adapters; the rest is the
+    engine's own."""
+
+    def __init__(self, engine: Engine, adapter: str) -> None:
+        self._engine = engine
+        self.adapter = adapter
+
+    def generate(self, prompt: list[int], params: list[SamplingParams], *,
+                 request_id: str | None = None, adapter: str | None = None) -> GenerationStream:
+        return self._engine.generate(prompt, params, request_id=request_id,
+                                     adapter=adapter or self.adapter)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
 
 
 @dataclass
@@ -293,7 +323,9 @@ def load_registry(settings: Settings, *, show_progress: bool = True) -> ModelReg
     first = next((e.name for e in entries if e.load_at_start and e.kind == "chat"), None)
 
     def load(entry: ModelEntry) -> ServedModel | ServedEmbedder | ServedReranker:
-        return load_model(entry, settings, show_progress=show_progress and entry.name == first)
+        adapters = [e for e in entries if e.is_adapter and e.base in entry.names]
+        return load_model(entry, settings, show_progress=show_progress and entry.name == first,
+                          adapters=adapters)
 
     registry = ModelRegistry(
         entries, load, max_loaded=settings.max_loaded_models, keep_alive=settings.keep_alive,
@@ -304,15 +336,19 @@ def load_registry(settings: Settings, *, show_progress: bool = True) -> ModelReg
     return registry
 
 
-def load_model(entry: ModelEntry, settings: Settings, *,
-               show_progress: bool = False) -> ServedModel | ServedEmbedder | ServedReranker:
-    """One model of the list, loaded (blocking) in a child process of its own."""
+def load_model(entry: ModelEntry, settings: Settings, *, show_progress: bool = False,
+               adapters: Sequence[ModelEntry] = ()
+               ) -> ServedModel | ServedEmbedder | ServedReranker:
+    """One model of the list, loaded (blocking) in a child process of its own, with the
+    LoRA `adapters` of it."""
     own = entry.settings(settings)
     if entry.kind == "embedding":
         return load_embedder(entry.name, entry.path, own)
     if entry.kind == "rerank":
         return load_reranker(entry.name, entry.path, own)
     spec = engine_spec(own, entry.path, show_progress=show_progress)
+    if adapters and spec.kind == "llamacpp":
+        spec.options["adapters"] = {a.name: (str(a.path), a.scale) for a in adapters}
     if spec.kind == "vllm":
         # in this process: vLLM runs its engine core in a process of its own already
         engine: Engine = spec.build()

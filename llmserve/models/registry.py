@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -62,11 +63,12 @@ class ModelStatus:
 
 
 class Lease:
-    """A request's hold on a loaded model: it is not unloaded until released (idempotent)."""
+    """A request's hold on a loaded model: it is not unloaded until released (idempotent).
+    `served` is the model, or the view of one of its LoRA adapters that was asked for."""
 
     def __init__(self, registry: ModelRegistry, slot: Slot) -> None:
         assert slot.served is not None
-        self.served = slot.served
+        self.served: Served = slot.served
         self._registry = registry
         self._slot: Slot | None = slot
 
@@ -89,8 +91,12 @@ class ModelRegistry:
         memory: MemoryBudget | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
-        self._slots = {e.name: Slot(e) for e in entries}
-        self._by_name = {n: self._slots[e.name] for e in entries for n in e.names}
+        self._entries = list(entries)
+        self._slots = {e.name: Slot(e) for e in entries if not e.is_adapter}
+        self._by_name = {n: self._slots[e.name] for e in entries if not e.is_adapter
+                         for n in e.names}
+        # LoRA adapters by every name: served by their base's engine, loaded with it
+        self._adapters = {n: e for e in entries if e.is_adapter for n in e.names}
         self._load = load
         self._max_loaded = max_loaded
         self._keep_alive = keep_alive
@@ -105,14 +111,15 @@ class ModelRegistry:
     # -- what there is ----------------------------------------------------------------------
 
     def entries(self) -> list[ModelEntry]:
-        return [s.entry for s in self._slots.values()]
+        return list(self._entries)
 
     def names(self) -> list[str]:
         """Every name a request may send (ids and aliases)."""
-        return list(self._by_name)
+        return [n for e in self._entries for n in e.names]
 
     def entry(self, name: str) -> ModelEntry:
-        return self._slot(name).entry
+        adapter = self._adapters.get(name)
+        return adapter if adapter is not None else self._slot(name).entry
 
     def loaded(self) -> dict[str, Served]:
         """The running models by id (for scrapes: they come and go)."""
@@ -121,17 +128,32 @@ class ModelRegistry:
 
     def get(self, name: str) -> Served:
         """A model already loaded (tests, benchmarks); routes use `acquire`."""
-        slot = self._slot(name)
+        adapter = self._adapters.get(name)
+        slot = self._slot(adapter.base if adapter is not None else name)
         if slot.served is None:
             raise ModelNotLoaded(f"The model '{slot.name}' is {slot.state}.")
-        return slot.served
+        return slot.served if adapter is None else _adapted(slot.served, adapter)
 
     def health(self) -> dict[str, EngineHealth]:
         """The engines of the loaded models."""
         return {n: s.health() for n, s in self.loaded().items()}
 
     def status(self) -> list[ModelStatus]:
-        return [self._status(s) for s in self._slots.values()]
+        return [self._adapter_status(e) if e.is_adapter else self._status(self._slots[e.name])
+                for e in self._entries]
+
+    def _adapter_status(self, entry: ModelEntry) -> ModelStatus:
+        """An adapter stands where its base does, unless it failed to load with it."""
+        base = self._status(self._slot(entry.base or ""))
+        reason = base.reason
+        state = base.state
+        if base.state == "running":
+            served = self._slot(entry.base or "").served
+            why = _adapter_problem(served, entry) if served is not None else None
+            if why is not None:
+                state, reason = "failed", why
+        return dataclasses.replace(base, id=entry.name, aliases=list(entry.names[1:]),
+                                   state=state, reason=reason)
 
     def _status(self, slot: Slot) -> ModelStatus:
         served = slot.served if slot.state == "running" else None
@@ -162,7 +184,7 @@ class ModelRegistry:
         return slot
 
     def _not_found(self, name: str) -> ModelNotFound:
-        served = ", ".join(self._slots)
+        served = ", ".join(e.name for e in self._entries)
         return ModelNotFound(f"The model '{name}' does not exist. Served: {served}.",
                              param="model")
 
@@ -171,7 +193,17 @@ class ModelRegistry:
     async def acquire(self, name: str, use: Use) -> Lease:
         """The model named `name`, loaded, held until the lease is released. Waits while it
         loads (or while room is made for it), at most the queue timeout; refuses at once
-        a model of another kind (400), a full line (429), a failed load (503)."""
+        a model of another kind (400), a full line (429), a failed load (503). A LoRA
+        adapter's name takes its base, and the lease serves the adapter."""
+        adapter = self._adapters.get(name)
+        if adapter is not None:
+            lease = await self.acquire(adapter.base or "", use)
+            try:
+                lease.served = _adapted(lease.served, adapter)
+            except BaseException:
+                lease.release()
+                raise
+            return lease
         slot = self._slot(name)
         _check_kind(slot.entry, name, use)
         if slot.state == "running":
@@ -352,6 +384,24 @@ class ModelRegistry:
             if slot.served is not None:
                 await slot.served.stop()
                 slot.served, slot.state = None, "unloaded"
+
+
+def _adapter_problem(served: Served, entry: ModelEntry) -> str | None:
+    """Why the loaded `served` cannot serve the adapter `entry`, if it cannot."""
+    engine = getattr(served, "engine", None)
+    adapters = getattr(engine, "adapters", {}) if engine is not None else {}
+    if entry.name not in adapters:
+        return "its base's engine does not load LoRA adapters (llama.cpp's does)"
+    return adapters[entry.name]
+
+
+def _adapted(served: Served, entry: ModelEntry) -> Served:
+    """The view of a loaded chat model that decodes with the adapter `entry`."""
+    why = _adapter_problem(served, entry)
+    if why is not None:
+        raise ModelNotLoaded(f"The model '{entry.name}' (a LoRA adapter of '{entry.base}') "
+                             f"cannot be served: {why}", headers={"Retry-After": "30"})
+    return served.adapted(entry.name)  # type: ignore[attr-defined]
 
 
 # What a route wants, and the kinds of model that serve it.

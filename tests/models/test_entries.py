@@ -145,3 +145,50 @@ def test_a_bad_own_setting_fails_like_the_flag(tmp_path):
     entry = ModelEntry(("x",), GGUF, max_sequences=0)
     with pytest.raises(ValueError, match="max_sequences"):
         entry.settings(Settings())
+
+
+def test_lora_flags_adapt_the_one_chat_model(tmp_path):
+    chat, a, b = entries(tmp_path, loras=[f"a={tmp_path / 'a.gguf'}", "b=b.gguf"])
+    assert (a.names, a.path, a.base, a.scale, a.kind) == (
+        ("a",), tmp_path / "a.gguf", chat.name, 1.0, "chat")
+    assert a.is_adapter and not chat.is_adapter and b.base == chat.name
+    # several chat models: which one each adapts is said in a models file
+    with pytest.raises(ModelListError, match="--lora adapts the one chat model"):
+        entries(tmp_path, models=[f"x={GGUF}", f"y={GGUF}"], loras=["a=a.gguf"])
+    with pytest.raises(ModelListError, match="NAME=PATH"):
+        entries(tmp_path, loras=["a.gguf"])
+    with pytest.raises(ModelListError, match="two models are named 'smollm2-135m-instruct'"):
+        entries(tmp_path, loras=["smollm2-135m-instruct=a.gguf"])
+
+
+def test_models_file_adapters(tmp_path):
+    file = tmp_path / "models.toml"
+    file.write_text(f'''
+[models.smol]
+path = "{GGUF}"
+aliases = ["base"]
+
+[models.pirate]
+base = "base"
+path = "pirate.gguf"
+aliases = ["arr"]
+scale = 0.5
+''')
+    smol, pirate = entries(tmp_path, models_file=str(file))
+    assert (pirate.names, pirate.path, pirate.base, pirate.scale) == (
+        ("pirate", "arr"), tmp_path / "pirate.gguf", "smol", 0.5)  # its base by id
+    # a missing adapter file is its own requests' business (it fails when its base loads)
+    assert not pirate.path.exists()
+
+
+@pytest.mark.parametrize("body,message", [
+    ('[models.p]\nbase = "nobody"\npath = "p.gguf"', "its base 'nobody' is not a chat model"),
+    ('[models.p]\nbase = "smol"\npath = "p.gguf"\nthreads = 2', "takes only path, aliases, "
+     "base, scale, not threads"),
+    ('[models.p]\nbase = "smol"\npath = "p.gguf"\nscale = "x"', "`scale` must be a number"),
+])
+def test_models_file_adapter_mistakes_are_named(tmp_path, body, message):
+    file = tmp_path / "models.toml"
+    file.write_text(f'[models.smol]\npath = "{GGUF}"\n\n{body}')
+    with pytest.raises(ModelListError, match=message):
+        entries(tmp_path, models_file=str(file))

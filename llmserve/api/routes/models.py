@@ -14,8 +14,11 @@ router = APIRouter()
 
 
 def _card(registry: ModelRegistry, name: str) -> dict:
-    registry.entry(name)  # 404 for an unknown name
-    return {"id": name, "object": "model", "created": registry.created, "owned_by": "llmserve"}
+    entry = registry.entry(name)  # 404 for an unknown name
+    card = {"id": name, "object": "model", "created": registry.created, "owned_by": "llmserve"}
+    if entry.is_adapter:  # vLLM's fields for a LoRA adapter
+        card |= {"parent": entry.base, "root": str(entry.path)}
+    return card
 
 
 @router.get("/v1/models")

@@ -1,0 +1,82 @@
+"""LoRA adapters on the llama.cpp engine: 16 greedy streams of 128 tokens spread over the base
+and 3 adapters (4 each: one llama_decode per adapter per step) against 16 on the base alone,
+and against 16 on one adapter. In-process (the engine's cost, no HTTP), the bundled model with
+rank-8 adapters on q, v and ffn_up (tests/lora.py), in palindromic blocks A B C C B A.
+
+    PYTHONPATH=.:tests .venv/bin/python benchmarks/adapters.py [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from lora import write_gguf_lora
+from speculation_cases import chat
+
+from llmserve.engines.base import SamplingParams
+from llmserve.engines.llamacpp import LlamaCppEngine
+from llmserve.models import bundled_model_path
+
+STREAMS = 16
+TOKENS = 128
+QUESTIONS = ["Write a long essay about the history of Rome.", "Explain how rain forms.",
+             "Describe a walk through a forest.", "Tell me about the planets.",
+             "Why do cats purr?", "How does a bicycle work?", "What is music?",
+             "Describe the ocean at night."]
+CASES = {"base only": [None] * STREAMS,
+         "one adapter": ["a1"] * STREAMS,
+         "base + 3 adapters": [None, "a1", "a2", "a3"] * (STREAMS // 4)}
+
+
+async def block(engine: LlamaCppEngine, adapters: list[str | None], nonce: int) -> float:
+    """Tokens per second of one burst of streams (fresh prompts: a nonce opens each)."""
+    params = [SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)]
+
+    async def one(i: int, adapter: str | None) -> int:
+        prompt = chat(engine, f"({nonce}-{i}) {QUESTIONS[i % len(QUESTIONS)]}")
+        n = 0
+        async for step in engine.generate(prompt, params, adapter=adapter):
+            n += len(step)
+        return n
+
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(one(i, a) for i, a in enumerate(adapters)))
+    return sum(counts) / (time.perf_counter() - start)
+
+
+async def main(rounds: int) -> None:
+    base = bundled_model_path()
+    folder = Path(tempfile.mkdtemp())
+    adapters = {f"a{i}": (str(write_gguf_lora(folder / f"a{i}.gguf", base, seed=i)), 1.0)
+                for i in (1, 2, 3)}
+    engine = LlamaCppEngine(base, context_length=512, max_sequences=STREAMS, threads=2,
+                            adapters=adapters)
+    await engine.start()
+    try:
+        await block(engine, CASES["base + 3 adapters"], -1)  # warm-up, untimed
+        results: dict[str, list[float]] = {name: [] for name in CASES}
+        order = list(CASES)
+        nonce = 0
+        for r in range(rounds):
+            for name in order if r % 2 == 0 else order[::-1]:
+                nonce += 1
+                results[name].append(await block(engine, CASES[name], nonce))
+    finally:
+        await engine.stop()
+    baseline = statistics.median(results["base only"])
+    print(f"{'case':<20} {'tok/s (median)':>15} {'runs':>24} {'vs base only':>13}")
+    for name, runs in results.items():
+        med = statistics.median(runs)
+        print(f"{name:<20} {med:>15.1f} {' '.join(f'{x:.1f}' for x in runs):>24} "
+              f"{med / baseline:>12.2f}x")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    asyncio.run(main(parser.parse_args().rounds))
