@@ -6,7 +6,7 @@ token's raw bytes, and decode many sequences together.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -194,7 +194,7 @@ class EngineHealth:
 
 def check_request(
     prompt: list[int], params: list[SamplingParams], *, max_sequences: int, context_length: int,
-    adapter: str | None = None, adapters: dict[str, str | None] | None = None,
+    adapter: str | None = None, adapters: Mapping[str, str | None] | None = None,
 ) -> None:
     """What every engine refuses before taking a request."""
     if adapter is not None:

@@ -141,9 +141,8 @@ class LlamaCppEngine(StepLoopEngine):
         # LoRA adapters (GGUF), applied per context: each step decodes its sequences in one
         # batch per adapter (see _step). One that fails to load is refused with its reason.
         self._loras: dict[str, _Lora] = {}
-        self._adapters = {}
-        for name, (path, scale) in (adapters or {}).items():
-            self._adapters[name] = self._load_adapter(name, Path(path), scale)
+        self._adapters = {name: self._load_adapter(name, Path(path), scale)
+                          for name, (path, scale) in (adapters or {}).items()}
         self._lora_set: str | None = None  # the adapter the context applies now
         n_ctx_train = lc.llama_model_n_ctx_train(self._model)
         ctx_len = min(context_length or n_ctx_train, n_ctx_train)

@@ -17,8 +17,9 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from llmserve.engines.base import (
@@ -128,7 +129,8 @@ class StepLoopEngine(EngineFacts):
     _add_bos: bool
     _grammars: Grammars | None = None  # None: this engine takes no grammar
     _spec: SpecCounter | None = None  # set by an engine that speculates
-    _adapters: dict[str, str | None] = {}  # LoRA adapters: None where loaded, else why not
+    # LoRA adapters: None where loaded, else why not (an engine that loads them sets its own)
+    _adapters: Mapping[str, str | None] = MappingProxyType({})
 
     def _init_loop(self) -> None:
         self.info = EngineInfo(

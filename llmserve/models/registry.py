@@ -144,12 +144,11 @@ class ModelRegistry:
 
     def _adapter_status(self, entry: ModelEntry) -> ModelStatus:
         """An adapter stands where its base does, unless it failed to load with it."""
-        base = self._status(self._slot(entry.base or ""))
-        reason = base.reason
-        state = base.state
-        if base.state == "running":
-            served = self._slot(entry.base or "").served
-            why = _adapter_problem(served, entry) if served is not None else None
+        slot = self._slot(entry.base or "")
+        base = self._status(slot)
+        state, reason = base.state, base.reason
+        if state == "running" and slot.served is not None:
+            why = _adapter_problem(slot.served, entry)
             if why is not None:
                 state, reason = "failed", why
         return dataclasses.replace(base, id=entry.name, aliases=list(entry.names[1:]),
