@@ -1,9 +1,11 @@
-"""LoRA adapters on the llama.cpp engine: 16 greedy streams of 128 tokens spread over the base
-and 3 adapters (4 each: one llama_decode per adapter per step) against 16 on the base alone,
-and against 16 on one adapter. In-process (the engine's cost, no HTTP), the bundled model with
-rank-8 adapters on q, v and ffn_up (tests/lora.py), in palindromic blocks A B C C B A.
+"""LoRA adapters: 16 greedy streams of 128 tokens spread over the base and 3 adapters (4
+each) against 16 on the base alone, and against 16 on one adapter. In-process (the engine's
+cost, no HTTP), the bundled model with rank-8 adapters on q, v and the MLP's up projection
+(tests/lora.py), in palindromic blocks A B C C B A. On llama.cpp (GGUF LoRAs: one llama_decode
+per adapter per step) or transformers (the model as a Hugging Face directory, PEFT adapters:
+one forward pass per step, PEFT's mixed batches).
 
-    PYTHONPATH=.:tests .venv/bin/python benchmarks/adapters.py [--rounds 2]
+    PYTHONPATH=.:tests .venv/bin/python benchmarks/adapters.py [--rounds 2] [--engine transformers]
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from lora import write_gguf_lora
+from lora import write_gguf_lora, write_peft_lora
 from speculation_cases import chat
 
 from llmserve.engines.base import SamplingParams
-from llmserve.engines.llamacpp import LlamaCppEngine
+from llmserve.engines.stepping import StepLoopEngine
 from llmserve.models import bundled_model_path
 
 STREAMS = 16
@@ -33,7 +35,7 @@ CASES = {"base only": [None] * STREAMS,
          "base + 3 adapters": [None, "a1", "a2", "a3"] * (STREAMS // 4)}
 
 
-async def block(engine: LlamaCppEngine, adapters: list[str | None], nonce: int) -> float:
+async def block(engine: StepLoopEngine, adapters: list[str | None], nonce: int) -> float:
     """Tokens per second of one burst of streams (fresh prompts: a nonce opens each)."""
     params = [SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)]
 
@@ -49,13 +51,29 @@ async def block(engine: LlamaCppEngine, adapters: list[str | None], nonce: int) 
     return sum(counts) / (time.perf_counter() - start)
 
 
-async def main(rounds: int) -> None:
-    base = bundled_model_path()
+def load(kind: str) -> StepLoopEngine:
     folder = Path(tempfile.mkdtemp())
-    adapters = {f"a{i}": (str(write_gguf_lora(folder / f"a{i}.gguf", base, seed=i)), 1.0)
+    if kind == "llamacpp":
+        from llmserve.engines.llamacpp import LlamaCppEngine
+
+        base = bundled_model_path()
+        adapters = {f"a{i}": (str(write_gguf_lora(folder / f"a{i}.gguf", base, seed=i)), 1.0)
+                    for i in (1, 2, 3)}
+        return LlamaCppEngine(base, context_length=512, max_sequences=STREAMS, threads=2,
+                              adapters=adapters)
+    from conftest import hf_model_dir
+
+    from llmserve.engines.transformers import TransformersEngine
+
+    base = hf_model_dir()
+    adapters = {f"a{i}": (str(write_peft_lora(folder / f"a{i}", base, seed=i)), 1.0)
                 for i in (1, 2, 3)}
-    engine = LlamaCppEngine(base, context_length=512, max_sequences=STREAMS, threads=2,
-                            adapters=adapters)
+    return TransformersEngine(base, context_length=512, max_sequences=STREAMS, threads=2,
+                              adapters=adapters)
+
+
+async def main(rounds: int, kind: str) -> None:
+    engine = load(kind)
     await engine.start()
     try:
         await block(engine, CASES["base + 3 adapters"], -1)  # warm-up, untimed
@@ -79,4 +97,6 @@ async def main(rounds: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
-    asyncio.run(main(parser.parse_args().rounds))
+    parser.add_argument("--engine", choices=("llamacpp", "transformers"), default="llamacpp")
+    args = parser.parse_args()
+    asyncio.run(main(args.rounds, args.engine))

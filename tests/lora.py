@@ -1,16 +1,23 @@
 """Small LoRA adapters for the bundled model, built by the tests (no hub, no training): random
 low-rank updates strong enough that greedy output changes, written as llama.cpp's GGUF LoRA
 (what `convert_lora_to_gguf.py` writes: `general.type = adapter`, `adapter.lora.alpha`, and a
-`<base tensor>.lora_a` / `.lora_b` pair per adapted weight)."""
+`<base tensor>.lora_a` / `.lora_b` pair per adapted weight) or as a PEFT directory
+(`adapter_config.json` + `adapter_model.safetensors`, written by PEFT itself); and what the
+engine tests of adapters share."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import gguf
 import numpy as np
+from speculation_cases import chat, greedy, run_on
+
+from llmserve.engines.base import TokenOutput
 
 TARGETS = ("attn_q", "attn_v", "ffn_up")
+PEFT_TARGETS = ("q_proj", "v_proj", "up_proj")  # the same weights, by their Hugging Face names
 
 
 def write_gguf_lora(path: Path, base: Path, *, seed: int, rank: int = 8, alpha: float = 16.0,
@@ -38,3 +45,60 @@ def write_gguf_lora(path: Path, base: Path, *, seed: int, rank: int = 8, alpha: 
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_peft_lora(path: Path, hf_dir: Path, *, seed: int, rank: int = 8, alpha: float = 16.0,
+                    std: float = 0.05, targets: tuple[str, ...] = PEFT_TARGETS) -> Path:
+    """A PEFT LoRA of the Hugging Face model in `hf_dir` at `path` (a directory), its A and B
+    matrices normal with entries of `std`, seeded."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                 local_files_only=True)
+    peft = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                            target_modules=list(targets)))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+    peft.save_pretrained(path)
+    return path
+
+
+def reference(engine, tokens: list[TokenOutput]) -> list[dict]:
+    """A greedy run's tokens as chat logprobs (what tests/greedy.py reads)."""
+    def entry(token: int, lp: float) -> dict:
+        data = engine.token_bytes(token)
+        return {"token": data.decode("utf-8", "replace"), "bytes": list(data), "logprob": lp}
+
+    return [{**entry(t.token_id, t.logprob),
+             "top_logprobs": [entry(tid, lp) for tid, lp in t.top_logprobs]} for t in tokens]
+
+
+def text(engine, tokens: list[TokenOutput]) -> str:
+    return b"".join(engine.token_bytes(t.token_id) for t in tokens
+                    if not t.end_of_generation).decode("utf-8", "replace")
+
+
+async def one(engine, prompt: str, adapter: str | None) -> list[TokenOutput]:
+    """24 greedy tokens (top 5 logprobs each) of a chat answer to `prompt` under `adapter`."""
+    out: list[TokenOutput] = []
+    async for step in engine.generate(chat(engine, prompt), [greedy(24, logprobs=5)],
+                                      adapter=adapter):
+        out += step
+    return out
+
+
+def alone(engine, prompt: str, adapter: str | None) -> list[TokenOutput]:
+    return run_on(engine, lambda e: one(e, prompt, adapter))
+
+
+def together(engine, cases: list[tuple[str, str | None]]) -> list[list[TokenOutput]]:
+    """`one` for every (prompt, adapter) case at once: decoded in the same steps."""
+    async def fn(e):
+        return await asyncio.gather(*(one(e, p, a) for p, a in cases))
+
+    return run_on(engine, fn)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import heapq
 import inspect
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,7 @@ class TransformersEngine(StepLoopEngine):
         speculative_tokens: int = 5,
         speculative_ngram: int = 3,
         speculative_ngram_min: int = 2,
+        adapters: Mapping[str, tuple[str, float]] | None = None,
     ) -> None:
         if max_sequences < 1:
             raise ValueError("max_sequences must be at least 1")
@@ -140,6 +142,13 @@ class TransformersEngine(StepLoopEngine):
         forward_params = inspect.signature(self._model.forward).parameters
         self._cache_kw = "cache" if "cache" in forward_params else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in forward_params
+        # LoRA adapters (PEFT directories): the model is wrapped in PEFT's PeftModel once one
+        # loads, and every forward pass names each row's adapter (PEFT's mixed batches), so
+        # base and adapter sequences share every step. One that fails is refused with why.
+        self._peft: Any = None
+        self._lora_names: dict[str, str] = {}  # served name -> PEFT's name
+        self._adapters = {name: self._load_adapter(name, Path(path), scale)
+                          for name, (path, scale) in (adapters or {}).items()}
 
         tok = self._tokenizer
         self._bos_id: int | None = tok.bos_token_id
@@ -213,12 +222,54 @@ class TransformersEngine(StepLoopEngine):
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    def _load_adapter(self, name: str, path: Path, scale: float) -> str | None:
+        """Load one PEFT LoRA directory: None, or why it cannot be used."""
+        for needed in ("adapter_config.json", "adapter_model.safetensors"):
+            if not (path / needed).is_file():
+                return f"not a PEFT adapter directory (no {needed}): {path}"
+        # PEFT names its modules after adapters: a served name ("org/x-v1.2") may not be one
+        inner = self._lora_names[name] = f"lora_{len(self._lora_names)}"
+        try:
+            from peft import PeftConfig, PeftModel
+            from peft.tuners.lora import LoraLayer
+            from safetensors import safe_open
+
+            config = PeftConfig.from_pretrained(str(path), local_files_only=True)
+            if str(config.peft_type) not in ("LORA", "PeftType.LORA"):
+                return f"{path}: a {config.peft_type} adapter, not LoRA"
+            # a damaged file fails here, before PEFT has added any layer to the model
+            with safe_open(str(path / "adapter_model.safetensors"), "pt") as weights:
+                weights.keys()
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self._model, str(path), adapter_name=inner,
+                                                       config=config, local_files_only=True)
+                self._peft.eval()
+            else:
+                self._peft.load_adapter(str(path), adapter_name=inner, local_files_only=True)
+            for module in self._peft.modules():
+                if isinstance(module, LoraLayer):
+                    module.set_scale(inner, scale)
+        except Exception as exc:
+            log.error("LoRA adapter %s (%s) failed to load: %s", name, path, exc)
+            self._drop_adapter(inner)
+            return f"{path} is not a LoRA adapter of this model: {exc}"
+        return None
+
+    def _drop_adapter(self, inner: str) -> None:
+        """What a failed load left of an adapter (PEFT adds its layers before it reads weights)."""
+        if self._peft is not None and inner in self._peft.peft_config:
+            try:
+                self._peft.delete_adapter(inner)
+            except Exception:
+                log.exception("could not remove what adapter %s left", inner)
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._reset()
         self._model = None
+        self._peft = None
         self._cache = None
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
@@ -348,22 +399,28 @@ class TransformersEngine(StepLoopEngine):
         return staying
 
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, where: Placement,
-             keep: int = 1) -> torch.Tensor:
+             keep: int = 1, adapters: list[str | None] | None = None) -> torch.Tensor:
+        """`_forward` over the cache placed as `where`; `adapters`: each row's LoRA adapter
+        (None: the base; all base when not given)."""
         self._cache.place(where)
         mask = attention_masks(positions, where.length, kinds=self._layer_kinds,
                                sliding_window=self._sliding_window, additive=self._additive_mask)
-        if keep == 1:
-            return self._forward(ids, positions, mask, self._cache)
-        return self._forward(ids, positions, mask, self._cache, keep)
+        return self._forward(ids, positions, mask, self._cache, keep, adapters)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask, cache,
-                 keep: int = 1) -> torch.Tensor:
+                 keep: int = 1, adapters: list[str | None] | None = None) -> torch.Tensor:
         """The last position's logits of every row (float32), `[rows, vocab]`; with `keep`
         > 1 the last `keep` positions' logits, `[rows, keep, vocab]`."""
-        kwargs = {self._cache_kw: cache, "use_cache": True}
+        kwargs: dict[str, Any] = {self._cache_kw: cache, "use_cache": True}
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = keep
-        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        model = self._model
+        if self._peft is not None:
+            model = self._peft
+            names = self._lora_names
+            kwargs["adapter_names"] = ([names[a] if a else "__base__" for a in adapters]
+                                       if adapters else ["__base__"] * ids.shape[0])
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
         if keep == 1:
             return out.logits[:, -1, :].float()
         return out.logits[:, -keep:, :].float()
@@ -375,15 +432,17 @@ class TransformersEngine(StepLoopEngine):
         top = seqs[-1].slot + 1
         ids = [0] * top
         pos = [0] * top
+        names: list[str | None] = [None] * top
         for s in seqs:
             ids[s.slot] = s.next_token
             pos[s.slot] = s.n_past
+            names[s.slot] = s.request.adapter
         slots = [s.slot for s in seqs]
         columns = [s.n_past for s in seqs]
         where = _placement(slots, [0] * len(seqs), slots, columns, max(columns) + 1, dev,
                            in_place=True)
         logits = self._run(torch.tensor(ids, device=dev)[:, None],
-                           torch.tensor(pos, device=dev)[:, None], where)
+                           torch.tensor(pos, device=dev)[:, None], where, adapters=names)
         for s in seqs:
             s.n_past += 1
         if len(seqs) < top:
@@ -404,7 +463,7 @@ class TransformersEngine(StepLoopEngine):
         where = _placement([0] * n, list(range(n)), [seq.slot] * n, columns, columns[-1] + 1,
                            dev, slots=[seq.slot], in_place=seq.slot == 0)
         logits = self._run(torch.tensor([tokens], device=dev), torch.tensor([columns], device=dev),
-                           where, keep=n)
+                           where, keep=n, adapters=[seq.request.adapter])
         seq.n_past += 1
         return logits[0]
 
@@ -447,7 +506,8 @@ class TransformersEngine(StepLoopEngine):
         where = _placement(at_row, at_token, at_slot, at_column,
                            max(start + take for _, start, take in pieces), dev, slots=slots)
         try:
-            logits = self._run(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), where)
+            logits = self._run(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), where,
+                               adapters=[req.adapter for req, _, _ in pieces])
         except Exception as exc:
             log.exception("prefill failed")
             err = EngineError(f"prefill failed: {exc}")

@@ -347,7 +347,7 @@ def load_model(entry: ModelEntry, settings: Settings, *, show_progress: bool = F
     if entry.kind == "rerank":
         return load_reranker(entry.name, entry.path, own)
     spec = engine_spec(own, entry.path, show_progress=show_progress)
-    if adapters and spec.kind == "llamacpp":
+    if adapters and spec.kind in ("llamacpp", "transformers"):
         spec.options["adapters"] = {a.name: (str(a.path), a.scale) for a in adapters}
     if spec.kind == "vllm":
         # in this process: vLLM runs its engine core in a process of its own already

@@ -1,7 +1,8 @@
 """LoRA adapters served as models (`--lora NAME=PATH`, and `base` in a models file): listed
 with their base as `parent`, picked by the request's `model`, decoded in the same engine
-beside the base; a broken adapter fails only its own requests, with the reason. The llama.cpp
-engine and adapters the test builds for the bundled model (tests/lora.py)."""
+beside the base; a broken adapter fails only its own requests, with the reason. On every engine
+(tests/conftest.engines), with adapters the test builds for the bundled model (tests/lora.py):
+GGUF LoRAs on llama.cpp, PEFT directories on the others."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import asyncio
 import httpx
 import openai
 import pytest
-from conftest import MODEL, run_server
+from conftest import MODEL, engine_flags, engines, hf_model_dir, run_server
 from greedy import parting
-from lora import write_gguf_lora
+from lora import write_gguf_lora, write_peft_lora
 from openai_schema import validate
 
 from llmserve.models import bundled_model_path
@@ -20,20 +21,38 @@ from llmserve.models import bundled_model_path
 ASK = [{"role": "user", "content": "Give me three colours."}]
 
 
+@pytest.fixture(scope="module", params=engines())
+def engine(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
+def adapters(tmp_path_factory, engine):
     out = tmp_path_factory.mktemp("loras")
-    broken = out / "broken.gguf"
-    broken.write_bytes(b"not a gguf file")
-    return {"alpha": write_gguf_lora(out / "alpha.gguf", bundled_model_path(), seed=1),
-            "beta": write_gguf_lora(out / "beta.gguf", bundled_model_path(), seed=2),
+    if engine == "llamacpp":
+        broken = out / "broken.gguf"
+        broken.write_bytes(b"not a gguf file")
+        return {"alpha": write_gguf_lora(out / "alpha.gguf", bundled_model_path(), seed=1),
+                "beta": write_gguf_lora(out / "beta.gguf", bundled_model_path(), seed=2),
+                "broken": broken}
+    alpha = write_peft_lora(out / "alpha", hf_model_dir(), seed=1)
+    broken = out / "broken"  # alpha's config, no weights a reader can open
+    broken.mkdir()
+    (broken / "adapter_config.json").write_bytes((alpha / "adapter_config.json").read_bytes())
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    return {"alpha": alpha, "beta": write_peft_lora(out / "beta", hf_model_dir(), seed=2),
             "broken": broken}
 
 
+# the reason each engine gives for the broken file
+WHY_BROKEN = {"llamacpp": "could not load", "transformers": "is not a LoRA adapter of this model",
+              "vllm": "broken"}
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, adapters):
+def server(tmp_path_factory, engine, adapters):
     flags = [f for name, path in adapters.items() for f in ("--lora", f"{name}={path}")]
-    with run_server(tmp_path_factory.mktemp("lora-server"), *flags,
+    with run_server(tmp_path_factory.mktemp("lora-server"), *flags, *engine_flags(engine),
                     "--embedding-model", "none") as s:
         yield s
 
@@ -101,15 +120,16 @@ def test_base_and_adapters_together_each_get_their_own_answer(server):
     _run(server, check)
 
 
-def test_a_broken_adapter_fails_alone_with_its_reason(server):
+def test_a_broken_adapter_fails_alone_with_its_reason(server, engine):
+    why = WHY_BROKEN[engine]
     with pytest.raises(openai.APIStatusError) as err:
         _run(server, lambda client: _answer(client, "broken"))
     assert err.value.status_code == 503
-    assert "LoRA adapter" in err.value.message and "could not load" in err.value.message
+    assert "LoRA adapter" in err.value.message and why in err.value.message
     validate("ErrorResponse", err.value.response.json())
     status = httpx.get(server.base_url + "/models/status", headers=server.headers()).json()
     states = {m["id"]: m for m in status["data"]}
-    assert states["broken"]["state"] == "failed" and "could not load" in states["broken"]["reason"]
+    assert states["broken"]["state"] == "failed" and why in states["broken"]["reason"]
     assert states["alpha"]["state"] == "running" and states[MODEL]["state"] == "running"
     assert _run(server, lambda client: _answer(client, "alpha"))[0]
     assert httpx.get(server.url + "/health").status_code == 200

@@ -6,14 +6,11 @@ fails its own requests, with the reason, and nothing else."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from greedy import parting
-from lora import write_gguf_lora
+from lora import alone, reference, text, together, write_gguf_lora
 from speculation_cases import chat, greedy, outputs, run_on
 
-from llmserve.engines.base import TokenOutput
 from llmserve.engines.llamacpp import LlamaCppEngine
 from llmserve.models import bundled_model_path
 
@@ -44,33 +41,6 @@ def engine(adapter_files):
     e.close()
 
 
-def _reference(engine, tokens: list[TokenOutput]) -> list[dict]:
-    """A greedy run's tokens as chat logprobs (what tests/greedy.py reads)."""
-    def entry(token: int, lp: float) -> dict:
-        data = engine.token_bytes(token)
-        return {"token": data.decode("utf-8", "replace"), "bytes": list(data), "logprob": lp}
-
-    return [{**entry(t.token_id, t.logprob),
-             "top_logprobs": [entry(tid, lp) for tid, lp in t.top_logprobs]} for t in tokens]
-
-
-def _text(engine, tokens: list[TokenOutput]) -> str:
-    return b"".join(engine.token_bytes(t.token_id) for t in tokens
-                    if not t.end_of_generation).decode("utf-8", "replace")
-
-
-async def _one(engine, text: str, adapter: str | None) -> list[TokenOutput]:
-    out: list[TokenOutput] = []
-    async for step in engine.generate(chat(engine, text), [greedy(24, logprobs=5)],
-                                      adapter=adapter):
-        out += step
-    return out
-
-
-def _alone(engine, text: str, adapter: str | None) -> list[TokenOutput]:
-    return run_on(engine, lambda e: _one(e, text, adapter))
-
-
 def test_the_adapters_load_and_the_broken_ones_say_why(engine):
     assert engine.adapters["a"] is None and engine.adapters["zero"] is None
     assert "broken.gguf" in engine.adapters["broken"]
@@ -78,44 +48,40 @@ def test_the_adapters_load_and_the_broken_ones_say_why(engine):
 
 
 def test_an_adapter_changes_the_output(engine):
-    base = _text(engine, _alone(engine, PROMPTS[0], None))
-    a = _text(engine, _alone(engine, PROMPTS[0], "a"))
-    b = _text(engine, _alone(engine, PROMPTS[0], "b"))
+    base = text(engine, alone(engine, PROMPTS[0], None))
+    a = text(engine, alone(engine, PROMPTS[0], "a"))
+    b = text(engine, alone(engine, PROMPTS[0], "b"))
     assert len({base, a, b}) == 3, (base, a, b)
 
 
 def test_scale_zero_is_the_base(engine):
-    base = _alone(engine, PROMPTS[1], None)
-    zero = _alone(engine, PROMPTS[1], "zero")
-    assert parting(_text(engine, zero), _reference(engine, base)) is None
+    base = alone(engine, PROMPTS[1], None)
+    zero = alone(engine, PROMPTS[1], "zero")
+    assert parting(text(engine, zero), reference(engine, base)) is None
 
 
 def test_requests_of_several_adapters_in_one_step_each_get_their_own_output(engine):
     cases = [(p, a) for p in PROMPTS for a in (None, "a", "b")]
-    alone = {case: _alone(engine, *case) for case in cases}
-
-    async def together(e):
-        return await asyncio.gather(*(_one(e, p, a) for p, a in cases))
-
-    for case, got in zip(cases, run_on(engine, together), strict=True):
-        why = parting(_text(engine, got), _reference(engine, alone[case]))
+    by_itself = {case: alone(engine, *case) for case in cases}
+    for case, got in zip(cases, together(engine, cases), strict=True):
+        why = parting(text(engine, got), reference(engine, by_itself[case]))
         assert why is None, (case, why)
 
 
 def test_a_cached_prefix_is_reused_only_under_its_own_adapter(engine):
-    fresh = _alone(engine, PROMPTS[2], "b")
-    _alone(engine, PROMPTS[2], "a")  # its slot now holds the prompt, computed under a
-    _alone(engine, PROMPTS[2], None)
-    again = _alone(engine, PROMPTS[2], "b")
-    assert parting(_text(engine, again), _reference(engine, fresh)) is None
+    fresh = alone(engine, PROMPTS[2], "b")
+    alone(engine, PROMPTS[2], "a")  # its slot now holds the prompt, computed under a
+    alone(engine, PROMPTS[2], None)
+    again = alone(engine, PROMPTS[2], "b")
+    assert parting(text(engine, again), reference(engine, fresh)) is None
 
 
 def test_a_broken_adapter_fails_its_requests_only(engine):
     with pytest.raises(ValueError, match="failed to load: llama.cpp could not load"):
-        _alone(engine, PROMPTS[0], "broken")
+        alone(engine, PROMPTS[0], "broken")
     with pytest.raises(ValueError, match="no LoRA adapter named 'other'"):
-        _alone(engine, PROMPTS[0], "other")
-    assert _text(engine, _alone(engine, PROMPTS[0], None))
+        alone(engine, PROMPTS[0], "other")
+    assert text(engine, alone(engine, PROMPTS[0], None))
 
 
 def test_no_adapter_loaded_is_the_plain_engine():
@@ -123,7 +89,7 @@ def test_no_adapter_loaded_is_the_plain_engine():
     try:
         assert e.adapters == {}
         with pytest.raises(ValueError, match="no LoRA adapter"):
-            run_on(e, lambda x: _one(x, "hi", "a"))
+            alone(e, "hi", "a")
         assert run_on(e, lambda x: outputs(x, chat(x, "hi"), [greedy(4)]))[0]
     finally:
         e.close()

@@ -135,10 +135,10 @@ def run(tiny_model):
             forward = engine._forward
             engine.batch_rows = []  # rows of every decode forward: proof that rows share steps
 
-            def spy(ids, positions, mask, cache):
+            def spy(ids, positions, mask, cache, *rest):
                 if ids.shape[1] == 1:
                     engine.batch_rows.append(ids.shape[0])
-                return forward(ids, positions, mask, cache)
+                return forward(ids, positions, mask, cache, *rest)
 
             engine._forward = spy
             await engine.start()
