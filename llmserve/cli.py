@@ -47,9 +47,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                         "SmolLM2-135M-Instruct); repeat for several models, each loaded on "
                         "its first request, named NAME or from its file")
     p.add_argument("--lora", action="append", dest="loras", metavar="NAME=PATH",
-                   help="a LoRA adapter of the chat model (GGUF LoRA for llama.cpp), served "
-                        "as the model NAME beside its base; repeatable (with several chat "
-                        "models: `base` in a models file)")
+                   help="a LoRA adapter of the chat model (GGUF LoRA for llama.cpp, a PEFT "
+                        "directory for transformers), served as the model NAME beside its "
+                        "base; repeatable (with several chat models: `base` in a models file)")
+    p.add_argument("--allow-runtime-lora", action="store_true",
+                   help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
+                        "(vLLM's), for adapters in --lora-dir")
+    p.add_argument("--lora-dir", metavar="DIR",
+                   help="the folder adapters loaded while serving must be in")
     p.add_argument("--models-dir", metavar="DIR",
                    help="serve every GGUF file and model directory in DIR, each named from "
                         "its file or folder, loaded on its first request")

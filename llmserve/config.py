@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from llmserve.serving.reasoning import ReasoningParserName
@@ -60,6 +60,13 @@ class Settings(BaseSettings):
     loras: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="LoRA adapters of the chat model, each served as a "
         "model of its own: NAME=PATH (repeated --lora; env: comma-separated)"
+    )
+    allow_runtime_lora: bool = Field(
+        False, description="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's): "
+        "adapters loaded and unloaded while serving, from --lora-dir only"
+    )
+    lora_dir: str | None = Field(
+        None, description="the folder runtime-loaded LoRA adapters must be in"
     )
     models_dir: str | None = Field(
         None, description="serve every GGUF file and model directory found in this directory"
@@ -166,6 +173,14 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _runtime_lora_has_a_folder(self) -> Settings:
+        # loading by HTTP whatever path a client names would read any file the server can
+        if self.allow_runtime_lora and not self.lora_dir:
+            raise ValueError("--allow-runtime-lora needs --lora-dir DIR: the folder adapters "
+                             "may be loaded from")
+        return self
 
     @field_validator("speculative_config", mode="before")
     @classmethod

@@ -102,3 +102,63 @@ def together(engine, cases: list[tuple[str, str | None]]) -> list[list[TokenOutp
         return await asyncio.gather(*(one(e, p, a) for p, a in cases))
 
     return run_on(engine, fn)
+
+
+def check_loading_while_serving(engine, adapter: Path, broken: Path) -> None:
+    """What `load_adapter` / `unload_adapter` must do on a serving engine with no adapter:
+    a name PEFT could not take as a module name works; a second load of a name, and a broken
+    file, are refused with why and change nothing; a request under way when its adapter is
+    unloaded finishes under it, and the adapter is freed after it; a later one is refused;
+    loaded again, the adapter gives what it gave."""
+    import pytest
+
+    from llmserve.engines.base import EngineError
+
+    name = "org/pirate-v1.2"
+
+    async def fn(e):
+        base = await one(e, "Hi there", None)
+        await e.load_adapter(name, str(adapter), 1.0)
+        first = await one(e, "Hi there", name)
+        assert text(e, first) != text(e, base)
+        with pytest.raises(EngineError, match="loaded already"):
+            await e.load_adapter(name, str(adapter), 1.0)
+        with pytest.raises(EngineError):
+            await e.load_adapter("broken", str(broken), 1.0)
+        assert e.adapters == {name: None}
+        running = asyncio.create_task(one(e, "Hi there", name))
+        while not e._live:  # taken by the loop
+            await asyncio.sleep(0.001)
+        assert await e.unload_adapter(name) is True
+        assert name not in e.adapters
+        with pytest.raises(EngineError, match="still finishes its requests"):
+            await e.load_adapter(name, str(adapter), 1.0)  # while it runs
+        under_way = await running
+        assert len(under_way) == len(first)
+        assert not e._retiring or await _freed(e)
+        with pytest.raises(ValueError, match="no LoRA adapter named"):
+            await one(e, "Hi there", name)
+        assert await e.unload_adapter(name) is False
+        await e.load_adapter(name, str(adapter), 1.0)
+        again = await one(e, "Hi there", name)
+        return base, first, under_way, again, await one(e, "Hi there", None)
+
+    base, first, under_way, again, base_again = run_on(engine, fn)
+    for got, want in ((under_way, first), (again, first), (base_again, base)):
+        why = _parting(text(engine, got), reference(engine, want))
+        assert why is None, why
+
+
+async def _freed(engine) -> bool:
+    """The loop frees a retired adapter after the step that ends its last request."""
+    for _ in range(1000):
+        if not engine._retiring:
+            return True
+        await asyncio.sleep(0.002)
+    return False
+
+
+def _parting(got: str, want: list[dict]) -> str | None:
+    from greedy import parting
+
+    return parting(got, want)

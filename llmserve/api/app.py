@@ -24,6 +24,7 @@ from llmserve.api.routes import (
     docs,
     embeddings,
     health,
+    lora,
     metrics,
     models,
     playground,
@@ -92,6 +93,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
     app.include_router(metrics.router)  # no key, like /health: scrapers send none
     v1 = [Depends(_require_api_key), Depends(require_json)]
     app.include_router(models.router, dependencies=v1)
+    app.include_router(lora.router, dependencies=v1)
     app.include_router(chat.router, dependencies=v1)
     app.include_router(stored_chat.router, dependencies=v1)
     app.include_router(completions.router, dependencies=v1)

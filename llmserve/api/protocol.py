@@ -564,3 +564,25 @@ class ScoreRequest(_ScoreFields):
     def sides(self) -> tuple[list[str], list[str]]:
         return tuple([t] if isinstance(t, str) else list(t)  # type: ignore[return-value]
                      for t in (self.text_1, self.text_2))
+
+
+# -- LoRA adapters while serving (vLLM's) --------------------------------------------------
+
+
+class LoadLoraAdapterRequest(_Request):
+    """POST /v1/load_lora_adapter: vLLM's fields; `base_model` and `scale` are ours."""
+
+    unsupported_fields: ClassVar[tuple[str, ...]] = ("load_inplace",)
+    harmless_values: ClassVar[dict[str, tuple[Any, ...]]] = {"load_inplace": (False,)}
+
+    lora_name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+    lora_path: Annotated[str, Field(min_length=1, max_length=4096)]
+    base_model: Name | None = None  # which chat model it adapts (needed with several)
+    scale: Annotated[float, Field(ge=0.0, le=100.0)] = 1.0
+
+
+class UnloadLoraAdapterRequest(_Request):
+    """POST /v1/unload_lora_adapter: vLLM's fields (its integer id has no meaning here)."""
+
+    lora_name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+    lora_int_id: int | None = None

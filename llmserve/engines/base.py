@@ -289,3 +289,11 @@ class Engine(Protocol):
         """Generate one sequence per entry of `params`, all from the same prompt; raises
         EngineDown when the engine is not there. `request_id` names it in logs; `adapter`
         is the LoRA adapter to decode with (None: the base model)."""
+
+    async def load_adapter(self, name: str, path: str, scale: float = 1.0) -> None:
+        """Serve one more LoRA adapter, loaded now (between two steps); EngineError with
+        the reason if it cannot be, and then nothing changed."""
+
+    async def unload_adapter(self, name: str) -> bool:
+        """Refuse `name`'s requests from now on; those under way finish under it, and it is
+        freed after them. False: no adapter of that name."""

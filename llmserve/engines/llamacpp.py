@@ -226,6 +226,18 @@ class LlamaCppEngine(StepLoopEngine):
         self._loras[name] = _Lora(adapter, scale)
         return None
 
+    def _free_adapter(self, name: str) -> None:
+        lora = self._loras.pop(name, None)
+        if lora is None:
+            return
+        if self._lora_set == name:
+            self._use_adapter(None)
+        for sid, adapter in enumerate(self._slot_adapter):
+            if adapter == name:  # a prefix computed under it: a later adapter of its name differs
+                self._clear_slot(sid)
+                self._slot_adapter[sid] = None
+        lc.llama_adapter_lora_free(lora.adapter)
+
     def _use_adapter(self, name: str | None) -> None:
         """Make the context apply `name`'s adapter (None: none) to the next decode."""
         if name == self._lora_set:

@@ -354,6 +354,7 @@ class EngineProcess(EngineFacts):
         self._spec: SpecDecodeStats | None = None
         self._spec_before = SpecDecodeStats()
         self._keys = itertools.count()
+        self._adapter_calls: dict[int, concurrent.futures.Future] = {}
 
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
         return self._tokenizer.tokenize(text, add_bos=add_bos)
@@ -404,13 +405,48 @@ class EngineProcess(EngineFacts):
     def spec_decode_stats(self) -> SpecDecodeStats | None:
         return self._spec_before + self._spec if self._spec is not None else None
 
+    # -- LoRA adapters while serving ----------------------------------------------------------
+
+    async def load_adapter(self, name: str, path: str, scale: float = 1.0) -> None:
+        """Load a LoRA adapter into the running engine (EngineError with the reason if it
+        cannot); it is in the spec from then on, so a restarted engine loads it too."""
+        error = await self._adapter_call("load", (name, path, scale))
+        if error is not None:
+            raise EngineError(error)
+        self.info.adapters[name] = None
+        self.spec.options.setdefault("adapters", {})[name] = (path, scale)
+
+    async def unload_adapter(self, name: str) -> bool:
+        """Stop serving an adapter (requests under way finish); False if there was none."""
+        self.info.adapters.pop(name, None)  # refused here from now on
+        self.spec.options.get("adapters", {}).pop(name, None)
+        return await self._adapter_call("unload", (name,))
+
+    async def _adapter_call(self, op: str, args: tuple) -> Any:
+        key = next(self._keys)
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._adapter_calls[key] = done
+        try:
+            self._child.send(("adapter", key, op, args))
+        except EngineDown:
+            self._adapter_calls.pop(key, None)
+            raise
+        return await asyncio.wrap_future(done)
+
     def _on_message(self, msg: tuple) -> None:
         if msg[0] == "step":
             route(self._streams, [(key, decode(payload)) for key, payload in msg[1]])
         elif msg[0] == "spec" and msg[1] is not None:
             self._spec = msg[1]
+        elif msg[0] == "adapter":
+            done = self._adapter_calls.pop(msg[1], None)
+            if done is not None:
+                done.set_result(msg[2])
 
     def _on_lost(self, reason: str) -> str:
+        calls, self._adapter_calls = self._adapter_calls, {}
+        for done in calls.values():
+            done.set_exception(self._child.down_error())
         if self._spec is not None:
             self._spec_before, self._spec = self._spec_before + self._spec, SpecDecodeStats()
         streams, self._streams = self._streams, {}

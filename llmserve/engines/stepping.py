@@ -19,6 +19,7 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -155,6 +156,8 @@ class StepLoopEngine(EngineFacts):
         self._keys = itertools.count()
         self._dead: EngineError | None = None
         self._closed = False
+        # adapters unloaded while requests taken under them still run: freed after the last
+        self._retiring: set[str] = set()
 
     # -- the decode loop, from any thread ----------------------------------------------------
 
@@ -240,6 +243,8 @@ class StepLoopEngine(EngineFacts):
                     for req in out.ended:
                         self._live.pop(req.key, None)
                     deliver(out.items())
+                if self._retiring:
+                    self._free_retired()
         finally:
             with self._compiling_lock:
                 compiler, self._compiler = self._compiler, None
@@ -263,6 +268,10 @@ class StepLoopEngine(EngineFacts):
                 req = msg[1]
                 self._live[req.key] = req
                 self._waiting.append(req)
+                if req.adapter is not None and req.adapter not in self._adapters:
+                    # unloaded between its submit and now: it ends at once, saying so
+                    req.error = EngineError(f"the LoRA adapter '{req.adapter}' was unloaded")
+                    req.cancel_all = True
             elif kind == "call":
                 msg[1]()
             elif kind == "cancel":
@@ -281,6 +290,72 @@ class StepLoopEngine(EngineFacts):
 
     def _busy(self) -> bool:
         return bool(self._prefilling) or self._running()
+
+    # -- LoRA adapters while serving: on the decode thread, between two steps ----------------
+
+    def load_adapter_now(self, name: str, path: str, scale: float) -> str | None:
+        """Load a LoRA adapter and serve it from the next step on: None, or why not (then
+        nothing is added). Call it on the decode thread (`between_steps`) once it runs."""
+        if name in self._adapters:
+            return f"a LoRA adapter named '{name}' is loaded already"
+        if name in self._retiring:
+            return f"the LoRA adapter '{name}' was unloaded and still finishes its requests"
+        error = self._load_adapter(name, Path(path), scale)
+        if error is None:
+            self._adapters[name] = None  # type: ignore[index]  # a loading engine's own dict
+            self.info.adapters[name] = None
+        return error
+
+    def unload_adapter_now(self, name: str) -> bool:
+        """Refuse requests for `name` from now on; those already taken finish under it, and
+        it is freed after the last. False: no such adapter. On the decode thread as above."""
+        if name not in self._adapters:
+            return False
+        loaded = self._adapters[name] is None
+        del self._adapters[name]  # type: ignore[attr-defined]
+        self.info.adapters.pop(name, None)
+        if loaded:
+            self._retiring.add(name)
+            self._free_retired()
+        return True
+
+    def _free_retired(self) -> None:
+        in_use = {r.adapter for r in self._live.values()}
+        with self._compiling_lock:
+            in_use.update(r.adapter for r in self._compiling.values())
+        for name in self._retiring - in_use:
+            self._retiring.discard(name)
+            self._free_adapter(name)
+
+    def _load_adapter(self, name: str, path: Path, scale: float) -> str | None:
+        """Load one LoRA adapter into the model: None, or why it cannot be used."""
+        return "this engine does not load LoRA adapters"
+
+    def _free_adapter(self, name: str) -> None:
+        """Free a loaded adapter no request uses any more (and any cache computed under it)."""
+
+    async def load_adapter(self, name: str, path: str, scale: float = 1.0) -> None:
+        """`load_adapter_now` between two steps; EngineError with the reason if it fails."""
+        error = await self._between_steps(lambda: self.load_adapter_now(name, path, scale))
+        if error is not None:
+            raise EngineError(error)
+
+    async def unload_adapter(self, name: str) -> bool:
+        return await self._between_steps(lambda: self.unload_adapter_now(name))
+
+    async def _between_steps(self, fn: Callable[[], Any]) -> Any:
+        if self._thread is None:  # not serving: nothing else touches the model
+            return fn()
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def call() -> None:
+            try:
+                done.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - the caller's to raise
+                done.set_exception(exc)
+
+        self.between_steps(call)
+        return await asyncio.wrap_future(done)
 
     # -- the model's side of a step ------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import heapq
 import inspect
+import itertools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -147,6 +148,7 @@ class TransformersEngine(StepLoopEngine):
         # base and adapter sequences share every step. One that fails is refused with why.
         self._peft: Any = None
         self._lora_names: dict[str, str] = {}  # served name -> PEFT's name
+        self._lora_ids = itertools.count()
         self._adapters = {name: self._load_adapter(name, Path(path), scale)
                           for name, (path, scale) in (adapters or {}).items()}
 
@@ -228,7 +230,7 @@ class TransformersEngine(StepLoopEngine):
             if not (path / needed).is_file():
                 return f"not a PEFT adapter directory (no {needed}): {path}"
         # PEFT names its modules after adapters: a served name ("org/x-v1.2") may not be one
-        inner = self._lora_names[name] = f"lora_{len(self._lora_names)}"
+        inner = f"lora_{next(self._lora_ids)}"
         try:
             from peft import PeftConfig, PeftModel
             from peft.tuners.lora import LoraLayer
@@ -253,15 +255,30 @@ class TransformersEngine(StepLoopEngine):
             log.error("LoRA adapter %s (%s) failed to load: %s", name, path, exc)
             self._drop_adapter(inner)
             return f"{path} is not a LoRA adapter of this model: {exc}"
+        self._lora_names[name] = inner
         return None
 
+    def _free_adapter(self, name: str) -> None:
+        inner = self._lora_names.pop(name, None)
+        if inner is not None:
+            self._drop_adapter(inner)
+
     def _drop_adapter(self, inner: str) -> None:
-        """What a failed load left of an adapter (PEFT adds its layers before it reads weights)."""
-        if self._peft is not None and inner in self._peft.peft_config:
-            try:
-                self._peft.delete_adapter(inner)
-            except Exception:
-                log.exception("could not remove what adapter %s left", inner)
+        """Remove an adapter, or what a failed load left of one (PEFT adds its layers before
+        it reads weights); after the last, the model is unwrapped (PEFT cannot be left
+        with none)."""
+        if self._peft is None or inner not in self._peft.peft_config:
+            return
+        try:
+            others = [n for n in self._peft.peft_config if n != inner]
+            if not others:
+                self._model = self._peft.unload()
+                self._peft = None
+                return
+            self._peft.delete_adapter(inner)
+            self._peft.set_adapter(others[0])  # PEFT reads the active one's config each pass
+        except Exception:
+            log.exception("could not remove adapter %s", inner)
 
     def close(self) -> None:
         if self._closed:

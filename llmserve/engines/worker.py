@@ -10,8 +10,11 @@ Messages to the server are tuples over a `multiprocessing` pipe (pickled):
   ("fatal", traceback)        the decode loop raised; the process exits right after
   ("pong", n)                 the answer to ping n, from the decode loop between two steps
                               (a batch model: between two batches)
+  ("adapter", key, result)    the answer to an adapter change: a load's error (None: loaded),
+                              an unload's whether there was one
 and from it:
   ("add", key, prompt, params, adapter) | ("cancel", key, index) | ("run", key, inputs) |
+  ("adapter", key, "load", (name, path, scale)) | ("adapter", key, "unload", (name,)) |
   ("ping", n) | ("stop",)
 
 A child dies with its server: when the pipe closes (the server exited, however) it exits.
@@ -123,9 +126,24 @@ def _serve_requests(conn: Connection, engine: StepLoopEngine, send) -> None:
             engine.cancel(msg[1], msg[2])
         elif kind == "ping":
             engine.between_steps(functools.partial(send, ("pong", msg[1])))
+        elif kind == "adapter":
+            # on the decode thread, between two steps: nothing else touches the model then
+            engine.between_steps(functools.partial(_change_adapter, engine, send, *msg[1:]))
         elif kind == "stop":
             engine.shutdown()
             return
+
+
+def _change_adapter(engine: StepLoopEngine, send, key: Hashable, op: str, args: tuple) -> None:
+    result: object
+    try:
+        if op == "load":
+            result = engine.load_adapter_now(*args)
+        else:
+            result = engine.unload_adapter_now(*args)
+    except Exception as exc:  # noqa: BLE001 - that change fails, the engine serves on
+        result = f"{type(exc).__name__}: {exc}" if op == "load" else False
+    send(("adapter", key, result))
 
 
 def batch_main(conn: Connection, spec: BatchSpec) -> None:

@@ -323,7 +323,8 @@ def load_registry(settings: Settings, *, show_progress: bool = True) -> ModelReg
     first = next((e.name for e in entries if e.load_at_start and e.kind == "chat"), None)
 
     def load(entry: ModelEntry) -> ServedModel | ServedEmbedder | ServedReranker:
-        adapters = [e for e in entries if e.is_adapter and e.base in entry.names]
+        # the registry's list: adapters loaded while serving load with their base again
+        adapters = [e for e in registry.entries() if e.is_adapter and e.base in entry.names]
         return load_model(entry, settings, show_progress=show_progress and entry.name == first,
                           adapters=adapters)
 

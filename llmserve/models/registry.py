@@ -15,8 +15,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from llmserve.engines.base import EngineHealth
-from llmserve.errors import InvalidRequest, ModelNotFound, ModelNotLoaded, QueueTimeout, ServerBusy
+from llmserve.engines.base import EngineDown, EngineError, EngineHealth
+from llmserve.errors import (
+    EngineUnavailable,
+    InvalidRequest,
+    ModelNotFound,
+    ModelNotLoaded,
+    QueueTimeout,
+    ServerBusy,
+)
 from llmserve.models.entries import Kind, ModelEntry
 from llmserve.models.procmem import tree_rss
 from llmserve.models.residency import Served, Slot, evictable, expired, over_limit
@@ -97,6 +104,7 @@ class ModelRegistry:
                          for n in e.names}
         # LoRA adapters by every name: served by their base's engine, loaded with it
         self._adapters = {n: e for e in entries if e.is_adapter for n in e.names}
+        self._adding: set[str] = set()  # adapters being loaded while serving
         self._load = load
         self._max_loaded = max_loaded
         self._keep_alive = keep_alive
@@ -296,6 +304,56 @@ class ModelRegistry:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    # -- LoRA adapters while serving --------------------------------------------------------
+
+    async def add_adapter(self, entry: ModelEntry) -> None:
+        """Serve the adapter `entry` from now on: loaded into its base's engine at once if
+        the base runs (else with the base, when it loads). 400 for a name taken or a file its
+        engine cannot load (with the reason), 404 for an unknown base."""
+        name = entry.name
+        if name in self._adapters or name in self._by_name or name in self._adding:
+            raise InvalidRequest(f"The model '{name}' exists already: unload it first.",
+                                 param="lora_name")
+        slot = self._slot(entry.base or "")
+        if slot.entry.kind != "chat":
+            raise InvalidRequest(f"'{slot.name}' is not a chat model: it takes no LoRA adapter.",
+                                 param="base_model")
+        entry = dataclasses.replace(entry, base=slot.name)
+        self._adding.add(name)
+        try:
+            # a load or unload under way has read the adapter list already: wait for its end
+            async with asyncio.timeout(self._queue_timeout):
+                while slot.state in ("loading", "unloading"):
+                    await self._wait_for_change()
+            if slot.state == "running" and slot.served is not None:
+                await _engine_load(slot.served, entry)
+        except TimeoutError:
+            raise QueueTimeout(f"The model '{slot.name}' did not finish loading within "
+                               f"{self._queue_timeout:g} s. Retry later.",
+                               headers={"Retry-After": "1"}) from None
+        finally:
+            self._adding.discard(name)
+        self._entries.append(entry)
+        self._adapters[name] = entry
+        log.info("LoRA adapter %s of %s served from %s", name, slot.name, entry.path)
+
+    async def remove_adapter(self, name: str) -> None:
+        """Stop serving the adapter `name` (404 if there is none): refused from now on, the
+        requests under way finish under it."""
+        entry = self._adapters.get(name)
+        if entry is None or entry.name != name:
+            raise ModelNotFound(f"The LoRA adapter '{name}' cannot be found.", param="lora_name")
+        self._entries.remove(entry)
+        for n in entry.names:
+            self._adapters.pop(n, None)
+        slot = self._by_name.get(entry.base or "")
+        if slot is not None and slot.state == "running" and slot.served is not None:
+            unload = getattr(slot.served.engine, "unload_adapter", None)
+            if unload is not None:
+                with contextlib.suppress(EngineDown):  # gone with its engine, not in its spec
+                    await unload(name)
+        log.info("LoRA adapter %s unloaded", name)
+
     # -- loading and unloading --------------------------------------------------------------
 
     def _begin_load(self, slot: Slot) -> None:
@@ -392,6 +450,21 @@ def _adapter_problem(served: Served, entry: ModelEntry) -> str | None:
     if entry.name not in adapters:
         return "its base's engine does not load LoRA adapters (llama.cpp's does)"
     return adapters[entry.name]
+
+
+async def _engine_load(served: Served, entry: ModelEntry) -> None:
+    load = getattr(getattr(served, "engine", None), "load_adapter", None)
+    if load is None:
+        raise InvalidRequest(f"The engine of '{entry.base}' does not load LoRA adapters while "
+                             "serving.", param="base_model")
+    try:
+        await load(entry.name, str(entry.path), entry.scale)
+    except EngineDown as exc:
+        raise EngineUnavailable(f"The engine of '{entry.base}' is down: {exc}",
+                                headers={"Retry-After": "1"}) from None
+    except EngineError as exc:
+        raise InvalidRequest(f"The LoRA adapter '{entry.name}' could not be loaded: {exc}",
+                             param="lora_path") from None
 
 
 def _adapted(served: Served, entry: ModelEntry) -> Served:

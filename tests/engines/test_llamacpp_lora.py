@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 from greedy import parting
-from lora import alone, reference, text, together, write_gguf_lora
+from lora import alone, check_loading_while_serving, reference, text, together, write_gguf_lora
 from speculation_cases import chat, greedy, outputs, run_on
 
 from llmserve.engines.llamacpp import LlamaCppEngine
@@ -91,5 +91,13 @@ def test_no_adapter_loaded_is_the_plain_engine():
         with pytest.raises(ValueError, match="no LoRA adapter"):
             alone(e, "hi", "a")
         assert run_on(e, lambda x: outputs(x, chat(x, "hi"), [greedy(4)]))[0]
+    finally:
+        e.close()
+
+
+def test_adapters_load_and_unload_while_serving(adapter_files):
+    e = LlamaCppEngine(bundled_model_path(), context_length=512, max_sequences=4, threads=2)
+    try:
+        check_loading_while_serving(e, adapter_files["a"], adapter_files["broken"])
     finally:
         e.close()

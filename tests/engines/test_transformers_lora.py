@@ -12,7 +12,14 @@ pytest.importorskip("torch", reason="the hf extra (torch, transformers) is not i
 pytest.importorskip("peft", reason="the hf extra (peft) is not installed")
 
 from greedy import parting  # noqa: E402
-from lora import alone, reference, text, together, write_peft_lora  # noqa: E402
+from lora import (  # noqa: E402
+    alone,
+    check_loading_while_serving,
+    reference,
+    text,
+    together,
+    write_peft_lora,
+)
 from speculation_cases import REPEAT, chat, greedy, outputs, run_on  # noqa: E402
 
 from llmserve.engines.transformers import TransformersEngine  # noqa: E402
@@ -117,5 +124,17 @@ def test_no_adapter_loaded_is_the_plain_engine():
         with pytest.raises(ValueError, match="no LoRA adapter"):
             alone(e, "hi", "a")
         assert run_on(e, lambda x: outputs(x, chat(x, "hi"), [greedy(4)]))[0]
+    finally:
+        e.close()
+
+
+def test_adapters_load_and_unload_while_serving(adapter_dirs):
+    from conftest import hf_model_dir
+
+    e = TransformersEngine(hf_model_dir(), context_length=512, max_sequences=4, threads=2)
+    try:
+        check_loading_while_serving(e, adapter_dirs["a"], adapter_dirs["broken"])
+        assert e._peft is not None and list(e._peft.peft_config) == [e._lora_names[
+            "org/pirate-v1.2"]]  # what was unloaded is gone from the model
     finally:
         e.close()
