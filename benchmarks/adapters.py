@@ -2,10 +2,12 @@
 each) against 16 on the base alone, and against 16 on one adapter. In-process (the engine's
 cost, no HTTP), the bundled model with rank-8 adapters on q, v and the MLP's up projection
 (tests/lora.py), in palindromic blocks A B C C B A. On llama.cpp (GGUF LoRAs: one llama_decode
-per adapter per step) or transformers (the model as a Hugging Face directory, PEFT adapters:
-one forward pass per step, PEFT's mixed batches).
+per adapter per step), transformers (the model as a Hugging Face directory, PEFT adapters: one
+forward pass per step, PEFT's mixed batches) or vLLM (the same directories as LoRARequests,
+--max-loras 4; run it with the vLLM venv's python).
 
     PYTHONPATH=.:tests .venv/bin/python benchmarks/adapters.py [--rounds 2] [--engine transformers]
+    PYTHONPATH=.:tests .venv-vllm/bin/python benchmarks/adapters.py --engine vllm
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from lora import write_gguf_lora, write_peft_lora
 from speculation_cases import chat
 
 from llmserve.engines.base import SamplingParams
-from llmserve.engines.stepping import StepLoopEngine
 from llmserve.models import bundled_model_path
 
 STREAMS = 16
@@ -35,7 +37,7 @@ CASES = {"base only": [None] * STREAMS,
          "base + 3 adapters": [None, "a1", "a2", "a3"] * (STREAMS // 4)}
 
 
-async def block(engine: StepLoopEngine, adapters: list[str | None], nonce: int) -> float:
+async def block(engine: Any, adapters: list[str | None], nonce: int) -> float:
     """Tokens per second of one burst of streams (fresh prompts: a nonce opens each)."""
     params = [SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)]
 
@@ -51,7 +53,7 @@ async def block(engine: StepLoopEngine, adapters: list[str | None], nonce: int) 
     return sum(counts) / (time.perf_counter() - start)
 
 
-def load(kind: str) -> StepLoopEngine:
+def load(kind: str) -> Any:
     folder = Path(tempfile.mkdtemp())
     if kind == "llamacpp":
         from llmserve.engines.llamacpp import LlamaCppEngine
@@ -63,11 +65,20 @@ def load(kind: str) -> StepLoopEngine:
                               adapters=adapters)
     from conftest import hf_model_dir
 
-    from llmserve.engines.transformers import TransformersEngine
-
     base = hf_model_dir()
     adapters = {f"a{i}": (str(write_peft_lora(folder / f"a{i}", base, seed=i)), 1.0)
                 for i in (1, 2, 3)}
+    if kind == "vllm":
+        import os
+
+        from llmserve.engines.vllm import VllmEngine
+
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+        return VllmEngine(base, context_length=512, max_sequences=STREAMS, dtype="float32",
+                          threads=2, vllm_args={"max_loras": 4, "max_lora_rank": 8},
+                          adapters=adapters)
+    from llmserve.engines.transformers import TransformersEngine
+
     return TransformersEngine(base, context_length=512, max_sequences=STREAMS, threads=2,
                               adapters=adapters)
 
@@ -97,6 +108,7 @@ async def main(rounds: int, kind: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--engine", choices=("llamacpp", "transformers"), default="llamacpp")
+    parser.add_argument("--engine", choices=("llamacpp", "transformers", "vllm"),
+                        default="llamacpp")
     args = parser.parse_args()
     asyncio.run(main(args.rounds, args.engine))

@@ -162,6 +162,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     vllm.add_argument("--quantization", help="awq, gptq, fp8, ... (default: the model's own)")
     vllm.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                       help="reuse the KV cache of shared prompt prefixes (default on)")
+    vllm.add_argument("--max-loras", type=int,
+                      help="LoRA adapters decoded in one batch (default 1)")
+    vllm.add_argument("--max-lora-rank", type=int,
+                      help="the highest rank of the LoRA adapters served (default 16)")
     vllm.add_argument("--speculative-config", metavar="JSON",
                       help="vLLM's speculative decoding config, passed as given (e.g. "
                            '\'{"method": "ngram", "num_speculative_tokens": 5, '

@@ -157,6 +157,12 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool | None = Field(
         None, description="vllm: reuse the KV cache of shared prompt prefixes (default on)"
     )
+    max_loras: int | None = Field(
+        None, ge=1, description="vllm: LoRA adapters in one batch (default 1)"
+    )
+    max_lora_rank: int | None = Field(
+        None, ge=1, description="vllm: the highest LoRA rank served (default 16)"
+    )
     speculative_config: Annotated[dict[str, Any] | None, NoDecode] = Field(
         None, description="vllm: vLLM's speculative config (JSON), as given; wins over "
         "--speculative"

@@ -31,7 +31,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,8 @@ class VllmEngine(EngineFacts):
         vllm_args: dict[str, Any] | None = None,
         warmup: bool = True,
         restart_policy: RestartPolicy = RestartPolicy(),
+        adapters: Mapping[str, tuple[str, float]] | None = None,
+        enable_lora: bool = False,
     ) -> None:
         _require_vllm()
         path = Path(model_path)
@@ -150,6 +152,18 @@ class VllmEngine(EngineFacts):
             # --tensor-parallel-size and the like, as given (None: vLLM's default)
             **{k: v for k, v in (vllm_args or {}).items() if v is not None},
         }
+        # LoRA adapters (PEFT directories) as vLLM serves them: a LoRARequest per request,
+        # several adapters in one batch (--max-loras of them at once, each of rank at most
+        # --max-lora-rank). On only when adapters are given, or may be loaded while serving.
+        self._loras: dict[str, Any] = {}  # name -> its LoRARequest, once vLLM has it
+        self._lora_ids = itertools.count(1)
+        self._lora_files = dict(adapters or {})  # name -> (path, scale): to load at each start
+        if self._lora_files or enable_lora:
+            self._engine_kwargs["enable_lora"] = True
+        else:
+            self._engine_kwargs.pop("max_loras", None)
+            self._engine_kwargs.pop("max_lora_rank", None)
+        self.info.adapters.update({name: "not loaded yet" for name in self._lora_files})
         # vLLM's speculative decoding counters, summed over its steps (and restarts): from 0
         # once configured, as vLLM's own metrics; None when it does not speculate
         self._spec: SpecDecodeStats | None = (
@@ -254,6 +268,12 @@ class VllmEngine(EngineFacts):
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args,
                                       AsyncEngineArgs(**self._engine_kwargs),
                                       stat_loggers=loggers)
+        try:
+            for name, (path, scale) in self._lora_files.items():
+                self.info.adapters[name] = await self._add_lora(llm, name, path, scale)
+        except BaseException:
+            await asyncio.to_thread(llm.shutdown)
+            raise
         if not self._warmup:
             self._counting = True
             return llm
@@ -362,6 +382,51 @@ class VllmEngine(EngineFacts):
         if llm is not None:
             await asyncio.to_thread(llm.shutdown)
 
+    # -- LoRA adapters ---------------------------------------------------------------------
+
+    async def _add_lora(self, llm: Any, name: str, path: str, scale: float) -> str | None:
+        """Hand vLLM one adapter (it reads it now, and again whenever it evicted it): None,
+        or why it cannot serve it."""
+        from vllm.lora.request import LoRARequest
+
+        if scale != 1.0:
+            return "vLLM applies an adapter at the scale it was trained with (scale 1 only)"
+        request = LoRARequest(name, next(self._lora_ids), str(path))
+        try:
+            await llm.add_lora(request)
+        except Exception as exc:  # noqa: BLE001 - that adapter fails, with vLLM's reason
+            log.error("LoRA adapter %s (%s) failed to load: %s", name, path, exc)
+            return f"vLLM could not load {path} as a LoRA adapter of this model: {exc}"
+        self._loras[name] = request
+        return None
+
+    async def load_adapter(self, name: str, path: str, scale: float = 1.0) -> None:
+        if "enable_lora" not in self._engine_kwargs:
+            raise EngineError("vLLM was started without LoRA (start the server with "
+                              "--allow-runtime-lora, or an adapter)")
+        if name in self.info.adapters:
+            raise EngineError(f"a LoRA adapter named '{name}' is loaded already")
+        if self._state != "running":
+            raise EngineDown(f"The vLLM engine is {self._state}.")
+        error = await self._add_lora(self._llm, name, path, scale)
+        if error is not None:
+            raise EngineError(error)
+        self.info.adapters[name] = None
+        self._lora_files[name] = (path, scale)  # and at every restart
+
+    async def unload_adapter(self, name: str) -> bool:
+        """Requests under way keep their LoRARequest: vLLM reads the adapter again for them
+        if it has dropped it, so they finish under it."""
+        found = self.info.adapters.pop(name, "absent") != "absent"
+        self._lora_files.pop(name, None)
+        request = self._loras.pop(name, None)
+        if request is not None and self._state == "running":
+            try:
+                await self._llm.remove_lora(request.lora_int_id)
+            except Exception:  # noqa: BLE001 - refused from now on either way
+                log.exception("vLLM could not remove LoRA adapter %s", name)
+        return found
+
     # -- requests --------------------------------------------------------------------------
 
     def generate(
@@ -381,7 +446,8 @@ class VllmEngine(EngineFacts):
         room = self.context_length - len(prompt)
         mapped = [to_vllm(p, end_tokens=self.end_tokens, room=room) for p in params]
         base = f"{request_id or 'req'}.{next(self._ids)}"
-        stream = VllmStream(self._llm, list(prompt), params, mapped, base, self.end_tokens)
+        lora = self._loras[adapter] if adapter is not None else None
+        stream = VllmStream(self._llm, list(prompt), params, mapped, base, self.end_tokens, lora)
         self._streams.add(stream)
         return stream
 
@@ -423,11 +489,12 @@ class VllmStream:
     each iteration hands out what has arrived (a step's tokens of every choice, usually)."""
 
     def __init__(self, llm, prompt: list[int], params: list[SamplingParams], mapped: list,
-                 base_id: str, end_tokens: frozenset[int]) -> None:
+                 base_id: str, end_tokens: frozenset[int], lora: Any = None) -> None:
         from vllm.inputs import TokensPrompt
 
         self.request_id = base_id
         self._llm = llm
+        self._lora = lora  # its adapter's LoRARequest; None: the base model
         self._loop = asyncio.get_running_loop()
         self._params = params
         self._end_tokens = end_tokens
@@ -456,7 +523,8 @@ class VllmStream:
         # No task and queue between vLLM and the consumer: one task switch less per token.
         task = asyncio.current_task()
         assert task is not None
-        outs = self._llm.generate(self._prompt, self._mapped[0], request_id=self._ids[0])
+        outs = self._llm.generate(self._prompt, self._mapped[0], request_id=self._ids[0],
+                                  lora_request=self._lora)
         try:
             async with aclosing(outs):
                 while self._failure is None:
@@ -508,7 +576,8 @@ class VllmStream:
     async def _pump(self, index: int, sp) -> None:
         assert self._queue is not None
         try:
-            async for out in self._llm.generate(self._prompt, sp, request_id=self._ids[index]):
+            async for out in self._llm.generate(self._prompt, sp, request_id=self._ids[index],
+                                                lora_request=self._lora):
                 tokens = self._outputs(index, out.outputs[0])
                 if tokens:
                     self._queue.put_nowait(tokens)

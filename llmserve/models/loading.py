@@ -268,13 +268,14 @@ def _vllm_spec(settings: Settings, path: Path, context_length: int) -> EngineSpe
         threads=settings.threads,
         trust_remote_code=settings.trust_remote_code,
         vllm_args=vllm_args,
+        enable_lora=settings.allow_runtime_lora,
     ))
 
 
 # Settings passed to vLLM's engine arguments under the same names.
 _VLLM_FLAGS = ("tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
                "gpu_memory_utilization", "quantization", "enable_prefix_caching",
-               "speculative_config")
+               "speculative_config", "max_loras", "max_lora_rank")
 
 # The shortest run of last tokens looked up for a draft, as the llama.cpp engine's default
 # (a 1-token match drafts too often, and mostly wrong)
@@ -348,7 +349,7 @@ def load_model(entry: ModelEntry, settings: Settings, *, show_progress: bool = F
     if entry.kind == "rerank":
         return load_reranker(entry.name, entry.path, own)
     spec = engine_spec(own, entry.path, show_progress=show_progress)
-    if adapters and spec.kind in ("llamacpp", "transformers"):
+    if adapters:
         spec.options["adapters"] = {a.name: (str(a.path), a.scale) for a in adapters}
     if spec.kind == "vllm":
         # in this process: vLLM runs its engine core in a process of its own already

@@ -46,7 +46,7 @@ def adapters(tmp_path_factory, engine):
 
 # the reason each engine gives for the broken file
 WHY_BROKEN = {"llamacpp": "could not load", "transformers": "is not a LoRA adapter of this model",
-              "vllm": "broken"}
+              "vllm": "vLLM could not load"}
 
 
 @pytest.fixture(scope="module")
