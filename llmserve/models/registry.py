@@ -325,17 +325,26 @@ class ModelRegistry:
             async with asyncio.timeout(self._queue_timeout):
                 while slot.state in ("loading", "unloading"):
                     await self._wait_for_change()
+        except BaseException as exc:
+            self._adding.discard(name)
+            if isinstance(exc, TimeoutError):
+                raise QueueTimeout(f"The model '{slot.name}' did not finish loading within "
+                                   f"{self._queue_timeout:g} s. Retry later.",
+                                   headers={"Retry-After": "1"}) from None
+            raise
+        # shielded: a client that hangs up meanwhile must not leave the engine serving an
+        # adapter the list does not know (nor its name taken for ever)
+        await asyncio.shield(asyncio.ensure_future(self._serve_adapter(slot, entry)))
+
+    async def _serve_adapter(self, slot: Slot, entry: ModelEntry) -> None:
+        try:
             if slot.state == "running" and slot.served is not None:
                 await _engine_load(slot.served, entry)
-        except TimeoutError:
-            raise QueueTimeout(f"The model '{slot.name}' did not finish loading within "
-                               f"{self._queue_timeout:g} s. Retry later.",
-                               headers={"Retry-After": "1"}) from None
+            self._entries.append(entry)
+            self._adapters[entry.name] = entry
         finally:
-            self._adding.discard(name)
-        self._entries.append(entry)
-        self._adapters[name] = entry
-        log.info("LoRA adapter %s of %s served from %s", name, slot.name, entry.path)
+            self._adding.discard(entry.name)
+        log.info("LoRA adapter %s of %s served from %s", entry.name, slot.name, entry.path)
 
     async def remove_adapter(self, name: str) -> None:
         """Stop serving the adapter `name` (404 if there is none): refused from now on, the
