@@ -13,7 +13,7 @@ from starlette.types import Receive, Scope, Send
 
 from llmserve.api.connection import Delivery
 from llmserve.api.drain import Inflight
-from llmserve.errors import LLMServeError
+from llmserve.errors import EngineFailure, LLMServeError
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,14 @@ class EventStreamResponse(StreamingResponse):
                     item = error_event(item.error) + DONE
                     queue.put_nowait(_END)
                 elif isinstance(item, BaseException):
-                    raise item
+                    # a bug, not a generation's failure (those are error events already):
+                    # logged with its traceback, and the stream still ends as streams do
+                    log.error("request %s: stream failed", self._request_id or "-",
+                              exc_info=item)
+                    watch.quiet()
+                    item = error_event(EngineFailure(
+                        "The server failed while streaming this answer (see its log).")) + DONE
+                    queue.put_nowait(_END)
                 watch.sending()
                 await send({"type": "http.response.body", "body": item, "more_body": True})
                 watch.sent()
