@@ -204,6 +204,7 @@ class ModelRegistry:
         adapter's name takes its base, and the lease serves the adapter."""
         adapter = self._adapters.get(name)
         if adapter is not None:
+            _check_kind(adapter, name, use)  # refused under its own name, not its base's
             lease = await self.acquire(adapter.base or "", use)
             try:
                 lease.served = _adapted(lease.served, adapter)

@@ -112,6 +112,10 @@ def test_models_lists_each_adapter_with_its_base_as_parent(server, adapters):
     assert "parent" not in cards[MODEL]
     one = httpx.get(server.base_url + "/models/beta", headers=server.headers()).json()
     assert one["parent"] == MODEL
+    # the wrong route for it: refused under its own name
+    r = httpx.post(server.base_url + "/embeddings", json={"model": "alpha", "input": "x"},
+                   headers=server.headers())
+    assert r.status_code == 400 and "'alpha'" in r.json()["error"]["message"], r.text
 
 
 def test_an_adapter_answers_as_itself_streamed_or_not(server):
