@@ -80,7 +80,7 @@ def test_scale_zero_is_the_base(engine):
 
 
 def test_requests_of_several_adapters_in_one_step_each_get_their_own_output(engine):
-    cases = [(p, a) for p in PROMPTS for a in (None, "a", "b")]
+    cases = [(p, a) for p in PROMPTS[:2] for a in (None, "a", "b")]
     by_itself = {case: alone(engine, *case) for case in cases}
     for case, got in zip(cases, together(engine, cases), strict=True):
         why = parting(text(engine, got), reference(engine, by_itself[case]))

@@ -330,6 +330,21 @@ def test_refused(vllm_engine):
         engine.generate([1] * 1024, [greedy(4)])
 
 
+def test_lora_is_off_unless_asked_and_scales_are_refused(vllm_engine):
+    """Started with no adapter and no --allow-runtime-lora: vLLM runs without LoRA (its
+    memory and start time), and says so when one is loaded; an adapter at another scale than
+    its trained one is refused by name before vLLM sees it. (Adapters served, batched, loaded
+    and unloaded on vLLM: tests/api/test_lora_e2e.py, in make test-vllm.)"""
+    from llmserve.engines.base import EngineError
+
+    engine, loop = vllm_engine
+    assert "enable_lora" not in engine.engine_args
+    with pytest.raises(EngineError, match="without LoRA"):
+        loop.run(engine.load_adapter("x", "/nowhere"))
+    assert "scale 1 only" in loop.run(engine._add_lora(engine._llm, "x", "/nowhere", 0.5))
+    assert engine.adapters == {}
+
+
 def test_engine_core_death_restarts_then_gives_up(smollm2_dir):
     """vLLM's engine core process killed: the stream it was serving ends with EngineDown,
     health says restarting and new requests get EngineDown with Retry-After, then a new
