@@ -162,3 +162,28 @@ def _parting(got: str, want: list[dict]) -> str | None:
     from greedy import parting
 
     return parting(got, want)
+
+
+def check_adapters_change_the_output(engine, prompt: str) -> None:
+    """`a` and `b` each answer `prompt` otherwise than the base and each other."""
+    base = text(engine, alone(engine, prompt, None))
+    a = text(engine, alone(engine, prompt, "a"))
+    b = text(engine, alone(engine, prompt, "b"))
+    assert len({base, a, b}) == 3, (base, a, b)
+
+
+def check_scale_zero_is_the_base(engine, prompt: str) -> None:
+    """The adapter `zero` (loaded at scale 0) answers as the base does."""
+    base = alone(engine, prompt, None)
+    zero = alone(engine, prompt, "zero")
+    assert _parting(text(engine, zero), reference(engine, base)) is None
+
+
+def check_adapters_share_a_step(engine, prompts: list[str]) -> None:
+    """Every prompt under the base, `a` and `b`, decoded together: each gets what it gets
+    alone (up to near-ties, tests/greedy.py)."""
+    cases = [(p, a) for p in prompts for a in (None, "a", "b")]
+    by_itself = {case: alone(engine, *case) for case in cases}
+    for case, got in zip(cases, together(engine, cases), strict=True):
+        why = _parting(text(engine, got), reference(engine, by_itself[case]))
+        assert why is None, (case, why)

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import pytest
 from greedy import parting
-from lora import alone, check_loading_while_serving, reference, text, together, write_gguf_lora
+from lora import (
+    alone,
+    check_adapters_change_the_output,
+    check_adapters_share_a_step,
+    check_loading_while_serving,
+    check_scale_zero_is_the_base,
+    reference,
+    text,
+    write_gguf_lora,
+)
 from speculation_cases import chat, greedy, outputs, run_on
 
 from llmserve.engines.llamacpp import LlamaCppEngine
@@ -48,24 +57,15 @@ def test_the_adapters_load_and_the_broken_ones_say_why(engine):
 
 
 def test_an_adapter_changes_the_output(engine):
-    base = text(engine, alone(engine, PROMPTS[0], None))
-    a = text(engine, alone(engine, PROMPTS[0], "a"))
-    b = text(engine, alone(engine, PROMPTS[0], "b"))
-    assert len({base, a, b}) == 3, (base, a, b)
+    check_adapters_change_the_output(engine, PROMPTS[0])
 
 
 def test_scale_zero_is_the_base(engine):
-    base = alone(engine, PROMPTS[1], None)
-    zero = alone(engine, PROMPTS[1], "zero")
-    assert parting(text(engine, zero), reference(engine, base)) is None
+    check_scale_zero_is_the_base(engine, PROMPTS[1])
 
 
 def test_requests_of_several_adapters_in_one_step_each_get_their_own_output(engine):
-    cases = [(p, a) for p in PROMPTS for a in (None, "a", "b")]
-    by_itself = {case: alone(engine, *case) for case in cases}
-    for case, got in zip(cases, together(engine, cases), strict=True):
-        why = parting(text(engine, got), reference(engine, by_itself[case]))
-        assert why is None, (case, why)
+    check_adapters_share_a_step(engine, PROMPTS)
 
 
 def test_a_cached_prefix_is_reused_only_under_its_own_adapter(engine):
