@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import threading
 from collections.abc import Callable, Sequence
 
@@ -23,6 +22,7 @@ import llguidance.numpy
 import numpy as np
 
 from llmserve.engines.base import SamplingParams
+from llmserve.engines.cpu import usable_cpus
 
 
 class GrammarError(ValueError):
@@ -56,7 +56,8 @@ class Grammars:
         *, engine_threads: int | None = None,
     ) -> None:
         self._build = build_tokenizer
-        spare = (os.cpu_count() or 1) - (engine_threads or os.cpu_count() or 1)
+        cpus = usable_cpus()
+        spare = cpus - (engine_threads or cpus)
         self._threads = spare if spare >= 2 else 0  # 0: one after another
         self.n_vocab = n_vocab
         self._tokenizer: llguidance.LLTokenizer | None = None

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import os
 import sys
 import time
 from collections import Counter
@@ -37,6 +36,7 @@ import llama_cpp as lc
 import numpy as np
 
 from llmserve.engines import grammar, slots
+from llmserve.engines.cpu import usable_cpus
 from llmserve.engines.draft_policy import Acceptance, DraftPolicy
 from llmserve.engines.ngram_draft import NgramIndex, PromptLookup
 from llmserve.engines.base import (
@@ -114,7 +114,7 @@ class LlamaCppEngine(StepLoopEngine):
         # Tokens a grammar forces are decoded together, up to this many per sequence per step
         # (every running sequence's share of the batch).
         self._max_forced = max(0, batch_size // max_sequences - 1)
-        threads = threads or os.cpu_count() or 1
+        threads = threads or usable_cpus()
         if speculative not in ("off", "ngram"):
             raise ValueError(f"speculative: ngram or off, not {speculative!r}")
         # Prompt-lookup speculation (engines/ngram_draft.py), for a sequence alone in a step.

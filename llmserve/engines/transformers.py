@@ -40,6 +40,7 @@ import torch
 
 from llmserve.engines import grammar, hf_loading
 from llmserve.engines.base import EngineError, SamplingParams, SpecCounter, TokenOutput
+from llmserve.engines.cpu import usable_cpus
 from llmserve.engines.hf_cache import Placement, SlotCache, attention_masks
 from llmserve.engines.hf_sampling import Sampler, draw_keys
 from llmserve.engines.ngram_draft import NgramIndex, PromptLookup
@@ -105,9 +106,9 @@ class TransformersEngine(StepLoopEngine):
         self._speculative = speculative == "ngram" and speculative_tokens > 0
         self._lookup = PromptLookup(speculative_tokens, speculative_ngram, speculative_ngram_min)
         self._spec = SpecCounter() if self._speculative else None
-        self._threads = threads
-        if threads:
-            torch.set_num_threads(threads)
+        # torch's default is the host's cores, even under a container's smaller CPU quota
+        self._threads = threads = threads or min(torch.get_num_threads(), usable_cpus())
+        torch.set_num_threads(threads)
         self._max_sequences = max_sequences
         self._prefill_chunk = max(1, prefill_chunk)
         self._max_prefill = max(self._prefill_chunk, max_prefill)
