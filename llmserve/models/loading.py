@@ -269,13 +269,15 @@ def _vllm_spec(settings: Settings, path: Path, context_length: int) -> EngineSpe
         trust_remote_code=settings.trust_remote_code,
         vllm_args=vllm_args,
         enable_lora=settings.allow_runtime_lora,
+        restart_policy=restart_policy(settings),
     ))
 
 
 # Settings passed to vLLM's engine arguments under the same names.
 _VLLM_FLAGS = ("tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
-               "gpu_memory_utilization", "quantization", "enable_prefix_caching",
-               "speculative_config", "max_loras", "max_lora_rank")
+               "nnodes", "node_rank", "master_addr", "master_port", "gpu_memory_utilization",
+               "quantization", "enable_prefix_caching", "speculative_config", "max_loras",
+               "max_lora_rank")
 
 # The shortest run of last tokens looked up for a draft, as the llama.cpp engine's default
 # (a 1-token match drafts too often, and mostly wrong)
@@ -358,6 +360,23 @@ def load_model(entry: ModelEntry, settings: Settings, *, show_progress: bool = F
         engine = EngineProcess(spec, name=entry.name, fault=own.test_fault,
                                policy=restart_policy(own))
     return serve_engine(engine, entry.name, own)
+
+
+def node_engine(settings: Settings) -> Engine:
+    """The vLLM engine of a machine of rank above 0 among --nnodes (it serves no HTTP), built
+    from the same flags as on rank 0: both must make the same vLLM config."""
+    if is_many(settings) or not settings.model:
+        raise ValueError("--node-rank above 0 serves one model: --model DIR")
+    entries = model_entries(settings, chat_default=None, embedding_default=None,
+                            rerank_default=None)
+    [entry] = [e for e in entries if e.kind == "chat" and not e.is_adapter]
+    adapters = [e for e in entries if e.is_adapter and e.base in entry.names]
+    spec = engine_spec(entry.settings(settings), entry.path, show_progress=False)
+    if spec.kind != "vllm":
+        raise ValueError("--node-rank: for --engine vllm only")
+    if adapters:  # LoRA on: the workers' layers must match rank 0's
+        spec.options["adapters"] = {a.name: (str(a.path), a.scale) for a in adapters}
+    return spec.build()
 
 
 def default_embedder(settings: Settings) -> tuple[str, Path] | None:

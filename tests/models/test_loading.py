@@ -83,6 +83,9 @@ def test_vllm_engine_spec(tmp_path, monkeypatch):
     assert spec.options["vllm_args"]["tensor_parallel_size"] == 2
     assert spec.options["vllm_args"]["enable_prefix_caching"] is False
     assert spec.options["vllm_args"]["quantization"] is None  # vLLM's default
+    # its stall watchdog under the same flag as the other engines'
+    spec = engine_spec(Settings(engine="vllm", engine_stall_timeout=10), tmp_path)
+    assert spec.options["restart_policy"].stall_timeout == 10
 
 
 def test_auto_engine_picks_vllm_for_a_directory_only_on_a_gpu(tmp_path, monkeypatch):
