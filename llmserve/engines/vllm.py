@@ -302,12 +302,15 @@ class VllmEngine(EngineFacts):
         signal.signal(signal.SIGINT, stop)
         head = (self._engine_kwargs.get("master_addr") or "127.0.0.1",
                 int(self._engine_kwargs.get("master_port") or 29501))
+        import psutil
+
         try:
             while True:
                 _wait_for(head, True, stopping)
                 gone = threading.Event()  # rank 0's engine went away
+                before = {p.pid for p in psutil.Process().children(recursive=True)}
                 watcher = threading.Thread(target=_kill_workers_when_gone,
-                                           args=(head, gone, stopping), daemon=True)
+                                           args=(head, gone, stopping, before), daemon=True)
                 watcher.start()
                 executor = None
                 try:
@@ -606,8 +609,9 @@ def _wait_for(address: tuple[str, int], is_open: bool, stopping: threading.Event
 
 
 def _kill_workers_when_gone(address: tuple[str, int], gone: threading.Event,
-                            stopping: threading.Event) -> None:
-    """Workers still joining a rank 0 that went away wait for it for ever: end them."""
+                            stopping: threading.Event, spared: set[int]) -> None:
+    """Workers still joining a rank 0 that went away wait for it for ever: end them (the
+    child processes started since `spared`, the pids there were before)."""
     try:
         _wait_for(address, False, stopping)
     except SystemExit:
@@ -617,8 +621,11 @@ def _kill_workers_when_gone(address: tuple[str, int], gone: threading.Event,
         import psutil
 
         for child in psutil.Process().children(recursive=True):
-            if "resource_tracker" not in " ".join(child.cmdline()):
-                child.kill()
+            if child.pid not in spared:
+                try:
+                    child.kill()
+                except psutil.Error:  # gone meanwhile
+                    pass
 
 
 def _core_processes(llm: Any) -> list[Any]:

@@ -65,15 +65,25 @@ def test_a_stop_ends_the_wait():
         vllm_engine._wait_for(closed_port(), True, stop)
 
 
+def children() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
 def test_workers_still_joining_a_gone_rank_0_are_ended():
+    earlier = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    spared = children()  # this one, and the session's servers: not workers of this join
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         gone = threading.Event()
-        vllm_engine._kill_workers_when_gone(closed_port(), gone, threading.Event())
+        vllm_engine._kill_workers_when_gone(closed_port(), gone, threading.Event(), spared)
         assert gone.is_set()
         assert worker.wait(timeout=10) == -9
+        assert earlier.poll() is None
     finally:
         worker.kill()
+        earlier.kill()
 
 
 def test_workers_of_a_rank_0_still_there_are_left_alone():
@@ -85,7 +95,7 @@ def test_workers_of_a_rank_0_still_there_are_left_alone():
             stop = threading.Event()
             threading.Timer(1.0, stop.set).start()
             gone = threading.Event()
-            vllm_engine._kill_workers_when_gone(listener.getsockname(), gone, stop)
+            vllm_engine._kill_workers_when_gone(listener.getsockname(), gone, stop, set())
         assert not gone.is_set() and worker.poll() is None
     finally:
         worker.kill()
