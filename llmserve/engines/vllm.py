@@ -300,8 +300,9 @@ class VllmEngine(EngineFacts):
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        head = (self._engine_kwargs.get("master_addr") or "127.0.0.1",
-                int(self._engine_kwargs.get("master_port") or 29501))
+        args = AsyncEngineArgs(**self._engine_kwargs)  # vLLM's defaults for what is unset
+        head = (args.master_addr, int(args.master_port))
+        log.info("rank %d of %d: workers for rank 0 at %s:%d", args.node_rank, args.nnodes, *head)
         import psutil
 
         try:

@@ -351,8 +351,7 @@ def load_model(entry: ModelEntry, settings: Settings, *, show_progress: bool = F
     if entry.kind == "rerank":
         return load_reranker(entry.name, entry.path, own)
     spec = engine_spec(own, entry.path, show_progress=show_progress)
-    if adapters:
-        spec.options["adapters"] = {a.name: (str(a.path), a.scale) for a in adapters}
+    _add_adapters(spec, adapters)
     if spec.kind == "vllm":
         # in this process: vLLM runs its engine core in a process of its own already
         engine: Engine = spec.build()
@@ -360,6 +359,11 @@ def load_model(entry: ModelEntry, settings: Settings, *, show_progress: bool = F
         engine = EngineProcess(spec, name=entry.name, fault=own.test_fault,
                                policy=restart_policy(own))
     return serve_engine(engine, entry.name, own)
+
+
+def _add_adapters(spec: EngineSpec, adapters: Sequence[ModelEntry]) -> None:
+    if adapters:
+        spec.options["adapters"] = {a.name: (str(a.path), a.scale) for a in adapters}
 
 
 def node_engine(settings: Settings) -> Engine:
@@ -372,10 +376,7 @@ def node_engine(settings: Settings) -> Engine:
     [entry] = [e for e in entries if e.kind == "chat" and not e.is_adapter]
     adapters = [e for e in entries if e.is_adapter and e.base in entry.names]
     spec = engine_spec(entry.settings(settings), entry.path, show_progress=False)
-    if spec.kind != "vllm":
-        raise ValueError("--node-rank: for --engine vllm only")
-    if adapters:  # LoRA on: the workers' layers must match rank 0's
-        spec.options["adapters"] = {a.name: (str(a.path), a.scale) for a in adapters}
+    _add_adapters(spec, adapters)  # LoRA on: the workers' layers must match rank 0's
     return spec.build()
 
 

@@ -281,18 +281,24 @@ def _with_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, An
 
 def _generic_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Earlier calls and their results as text any template renders: an assistant's calls
-    as the envelope it would have written, a tool's result as a user message."""
+    as the envelope it would have written, a tool's result as a user message naming the
+    function it answers. Call ids stay out of the prompt: the envelope has none to match, and
+    a random id in the text makes the same conversation read differently each time (seen:
+    the bundled model copying a fresh id into a loop one time in twenty)."""
     out = []
+    names: dict[str, str] = {}  # call id -> function name
     for m in messages:
         calls = m.get("tool_calls")
         if m["role"] == "assistant" and calls:
+            names.update((c.get("id"), c["function"]["name"]) for c in calls)
             envelope = {"tool_calls": [
                 {"name": c["function"]["name"], "arguments": _arguments(c["function"])}
                 for c in calls
             ]}
             out.append({"role": "assistant", "content": json.dumps(envelope, ensure_ascii=False)})
         elif m["role"] == "tool":
-            result = {"tool_call_id": m.get("tool_call_id"), "content": m["content"]}
+            name = names.get(m.get("tool_call_id"))
+            result = ({"name": name} if name else {}) | {"content": m["content"]}
             out.append({"role": "user",
                         "content": json.dumps({"tool_response": result}, ensure_ascii=False)})
         else:

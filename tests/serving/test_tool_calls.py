@@ -149,7 +149,21 @@ def test_plan_history_of_calls_and_results_is_text():
         "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}
     assert tool["role"] == "user"
     assert json.loads(tool["content"]) == {
-        "tool_response": {"tool_call_id": "call_1", "content": "18 C"}}
+        "tool_response": {"name": "get_weather", "content": "18 C"}}
+
+
+def test_plan_history_reads_the_same_whatever_the_call_ids():
+    def history(call_id: str) -> list[dict]:
+        return [*USER,
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": call_id, "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": call_id, "content": "18 C"}]
+
+    request = OutputRequest([WEATHER], ToolChoice("auto"), True, None)
+    first = plan_output(history("call_1"), request).messages
+    assert first == plan_output(history("call_q8C7oEGsvXkYYi2ZCv5AKHHa"), request).messages
+    assert "call_1" not in json.dumps(first)
 
 
 @pytest.mark.parametrize("schema, strict", [
