@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the hf extra (torch, transformers) is not installed")
 
 from llmserve.engines.base import SamplingParams  # noqa: E402
-from llmserve.engines.hf_sampling import Sampler, draw_keys, gumbel  # noqa: E402
+from llmserve.engines.hf_sampling import Sampler, draw_keys, gumbel, noise_bits  # noqa: E402
 
 CPU = torch.device("cpu")
 PROBS = [0.5, 0.25, 0.15, 0.1]
@@ -94,6 +94,20 @@ def test_noise_depends_on_key_and_step_only():
     assert torch.equal(a[1], b[0]) and not torch.equal(a[0], a[1])
     assert not torch.equal(gumbel([draw_keys(1)], [6], 64, CPU)[0], a[0])
     assert torch.isfinite(gumbel([draw_keys(s) for s in range(50)], list(range(50)), 4096, CPU)).all()
+
+
+def test_the_top_noise_value_is_finite_and_a_masked_token_never_wins():
+    """Seed 283, step 0: token 32472's hash has its top 24 bits all set, the value that once
+    rounded to u = 1.0 in float32 (infinite noise, and a NaN that beat a grammar's mask)."""
+    n_vocab, keys = 49152, draw_keys(283)
+    assert int(noise_bits([keys], [0], n_vocab, CPU)[0, 32472]) >> 8 == (1 << 24) - 1
+    assert torch.isfinite(gumbel([keys], [0], n_vocab, CPU)).all()
+    p = _params(temperature=1.0, seed=283)
+    sampler = Sampler(1, n_vocab, CPU)
+    sampler.admit(0, p, [])
+    masked = torch.full((1, n_vocab), float("-inf"))
+    masked[0, 7] = 0.0  # a grammar allows token 7 alone
+    assert sampler.sample(masked, [0], [p], [keys], [0]).tokens == [7]
 
 
 def test_logprobs_come_from_the_raw_logits_sorted():
