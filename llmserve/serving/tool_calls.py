@@ -290,7 +290,7 @@ def _generic_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for m in messages:
         calls = m.get("tool_calls")
         if m["role"] == "assistant" and calls:
-            names.update((c.get("id"), c["function"]["name"]) for c in calls)
+            names.update((c["id"], c["function"]["name"]) for c in calls if c.get("id"))
             envelope = {"tool_calls": [
                 {"name": c["function"]["name"], "arguments": _arguments(c["function"])}
                 for c in calls
