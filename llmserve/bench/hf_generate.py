@@ -25,6 +25,7 @@ from llmserve.bench.load import Timing
 from llmserve.bench.report import LevelResult, summarize
 from llmserve.engines import hf_loading
 
+
 class _StepClock(LogitsProcessor):
     """Notes when each generation step's logits are ready (one token per row)."""
 

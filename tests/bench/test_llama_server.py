@@ -11,11 +11,10 @@ import itertools
 import tomllib
 from pathlib import Path
 
-import httpx
 import pytest
 
 from llmserve.bench import llama_server, run
-from llmserve.bench.load import chat_body, http_stream
+from llmserve.bench.load import StreamClient, chat_body
 from llmserve.models import bundled_model_path
 
 NOT_BUILT = ("llama-server is not built for this llama-cpp-python and CPU: `make llama-server` "
@@ -92,13 +91,12 @@ def test_built_llama_server_starts_and_streams_chats(tmp_path):
                                          weight_repack=False)
     with run.start_process(command, "/health", tmp_path / "llama-server.log") as proc:
         async def some(n: int):
-            # the bench's headers: llama-server closes each streamed response's connection,
-            # and a request sent on it before the close is seen would fail (see run.py)
-            async with httpx.AsyncClient(base_url=proc.url, timeout=120,
-                                         headers=run.LLAMA_SERVER_HEADERS) as client:
-                body = chat_body("smollm2", "Say hello.", 12,
-                                 {"ignore_eos": True, "stream_options": {"include_usage": True}})
-                return [await http_stream(client, body) for _ in range(n)]
+            # the bench's own client: a connection per request, which llama-server closes
+            # after each streamed response
+            client = StreamClient(proc.url, timeout=120)
+            body = chat_body("smollm2", "Say hello.", 12,
+                             {"ignore_eos": True, "stream_options": {"include_usage": True}})
+            return [await client.stream(body) for _ in range(n)]
 
         timings = asyncio.run(some(3))
         assert proc.cpu_s() > 0
