@@ -1,9 +1,9 @@
-"""Prompt-lookup speculation on the llama.cpp engine (or `--engine transformers`), in process,
+"""Prompt-lookup speculation on the llama.cpp engine (or `--engine transformers`), no HTTP,
 at 1 stream: tok/s with it off, on with a draft whenever a guess exists (`always`), and on
 with adaptive drafts (llama.cpp), on an input-grounded workload (repeat a given paragraph)
-and on free generation, each request on an engine loaded for it in a process of its own (see
-`measure`), the variants in palindromic rounds (off, always, adaptive, adaptive, always, off)
-so that the machine's drift stays out of the ratio.
+and on free generation. The engines are loaded at once, each in a child process as the server
+runs it (see `load`), and run in palindromic rounds (off, always, adaptive, adaptive, always,
+off) so that the machine's drift stays out of the ratio.
 
     PYTHONPATH=. .venv/bin/python benchmarks/speculative.py [--rounds 3] [--tokens 5] [--ngram 3]
         [--engine transformers [--model DIR]]
@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import statistics
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from llmserve.engines.base import SamplingParams
 from llmserve.engines.cpu import weight_repack_enabled
-from llmserve.engines.stepping import StepLoopEngine
+from llmserve.engines.process import EngineProcess
+from llmserve.engines.spec import EngineSpec
 from llmserve.models import bundled_model_path
 
 PARAGRAPH = (
@@ -44,13 +43,13 @@ WORKLOADS = {
 }
 
 
-def chat(engine: StepLoopEngine, text: str) -> list[int]:
+def chat(engine: EngineProcess, text: str) -> list[int]:
     return engine.tokenize(
         f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n", add_bos=False
     )
 
 
-async def one(engine: StepLoopEngine, text: str, ignore_eos: bool, max_tokens: int
+async def one(engine: EngineProcess, text: str, ignore_eos: bool, max_tokens: int
               ) -> tuple[int, float, float]:
     """Tokens, decode tok/s, end-to-end tok/s of one greedy request."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
@@ -78,95 +77,62 @@ def hf_dir(model: str | None) -> Path:
     return out
 
 
-def load(args: argparse.Namespace, variant: str) -> StepLoopEngine:
+def load(args: argparse.Namespace, variant: str) -> EngineProcess:
     """`off`, `always` (a draft whenever a guess exists) or `adaptive` (llama.cpp: drafts
-    only the lengths that pay, see engines/draft_policy.py)."""
-    spec = {"speculative": "off" if variant == "off" else "ngram",
-            "speculative_tokens": args.tokens, "speculative_ngram": args.ngram,
-            "speculative_ngram_min": args.ngram_min}
+    only the lengths that pay, see engines/draft_policy.py), each in a child process as the
+    server runs it. Not in this process: engines that take turns here each decode on a thread
+    of their own, and with an OpenMP build of llama.cpp every such thread keeps a pool of
+    workers, so libgomp soon manages more threads than there are CPUs and throttles every
+    barrier's spinning (`off` ran 80 tok/s against 116-123 alone, which had made the ratios
+    look 1.45x better than they are)."""
+    options = {"speculative": "off" if variant == "off" else "ngram",
+               "speculative_tokens": args.tokens, "speculative_ngram": args.ngram,
+               "speculative_ngram_min": args.ngram_min, "context_length": 1024,
+               "max_sequences": 4, "threads": args.threads}
     if args.engine == "transformers":
-        from llmserve.engines.transformers import TransformersEngine
-
-        return TransformersEngine(hf_dir(args.model), context_length=1024, max_sequences=4,
-                                  threads=args.threads, **spec)
-    from llmserve.engines.llamacpp import LlamaCppEngine
-
-    return LlamaCppEngine(args.model or bundled_model_path(), context_length=1024,
-                          max_sequences=4, threads=args.threads,
-                          weight_repack=weight_repack_enabled(args.weight_repack),
-                          speculative_adaptive=variant == "adaptive", **spec)
-
-
-def measure(args: argparse.Namespace, variant: str, text: str, ignore_eos: bool
-            ) -> tuple[tuple[int, float, float], int, int, tuple[float, ...] | None]:
-    """One request on an engine loaded for it in a process of its own. In one process,
-    engines that take turns each decode on a thread of their own, and with an OpenMP build of
-    llama.cpp every such thread keeps a pool of workers: libgomp then manages more threads
-    than there are CPUs and cuts every barrier's spinning short (a plain step ran 30% slower
-    here, which had made the ratios look better than they are). Returns the request's
-    figures, the tokens drafted and accepted, and the adaptive policy's step costs."""
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
-        return pool.submit(_measure, args, variant, text, ignore_eos).result()
-
-
-def _measure(args: argparse.Namespace, variant: str, text: str, ignore_eos: bool
-             ) -> tuple[tuple[int, float, float], int, int, tuple[float, ...] | None]:
-    async def run():
-        engine = load(args, variant)
-        await engine.start()
-        try:
-            await one(engine, text, ignore_eos, 16)  # warm-up, unmeasured
-            before = engine.spec_decode_stats()
-            result = await one(engine, text, ignore_eos, args.max_tokens)
-            after = engine.spec_decode_stats()
-            policy = getattr(engine, "_policy", None)
-        finally:
-            await engine.stop()
-        drafted = after.draft_tokens - before.draft_tokens if after and before else 0
-        accepted = after.accepted_tokens - before.accepted_tokens if after and before else 0
-        return result, drafted, accepted, policy.cost_ratio[1:] if policy is not None else None
-
-    return asyncio.run(run())
+        spec = EngineSpec("transformers", hf_dir(args.model), options)
+    else:
+        spec = EngineSpec("llamacpp", Path(args.model or bundled_model_path()), {
+            **options, "weight_repack": weight_repack_enabled(args.weight_repack),
+            "speculative_adaptive": variant == "adaptive"})
+    return EngineProcess(spec, name=variant)
 
 
 async def main(args: argparse.Namespace) -> None:
     variants = ["off", "always"] + (["adaptive"] if args.engine == "llamacpp" else [])
+    engines = {v: load(args, v) for v in variants}
+    for e in engines.values():
+        await e.start()
     repack = (f" weight_repack={weight_repack_enabled(args.weight_repack)}"
               if args.engine == "llamacpp" else "")
     print(f"engine={args.engine} speculative_tokens={args.tokens} "
           f"speculative_ngram={args.ngram}..{args.ngram_min} max_tokens={args.max_tokens} "
-          f"rounds={args.rounds} threads={args.threads}{repack}, 1 stream, greedy, "
-          "an engine loaded for each request, in a process of its own", flush=True)
-    costs: tuple[float, ...] | None = None
-    rows = []
+          f"rounds={args.rounds} threads={args.threads}{repack}, 1 stream, greedy", flush=True)
+    print(f"{'workload':8} {'variant':8} {'tokens':>6} {'decode':>7} {'ratio':>6} "
+          f"{'e2e':>7} {'ratio':>6} {'accept':>7} {'from drafts':>11}")
     order = variants + variants[::-1]  # palindromic: the machine's drift cancels
     for name, (text, ignore_eos) in WORKLOADS.items():
+        for e in engines.values():  # warm-up, unmeasured
+            await one(e, text, ignore_eos, 16)
+        base = {v: engines[v].spec_decode_stats() for v in variants}
         got: dict[str, list[tuple[int, float, float]]] = {v: [] for v in variants}
-        drafts = {v: [0, 0] for v in variants}
         for _ in range(args.rounds):
             for v in order:
-                result, drafted, accepted, ratios = measure(args, v, text, ignore_eos)
-                got[v].append(result)
-                drafts[v][0] += drafted
-                drafts[v][1] += accepted
-                costs = costs or ratios
+                got[v].append(await one(engines[v], text, ignore_eos, args.max_tokens))
         off_d = statistics.median(r[1] for r in got["off"])
         off_e = statistics.median(r[2] for r in got["off"])
         for v in variants:
             d = statistics.median(r[1] for r in got[v])
             e = statistics.median(r[2] for r in got[v])
-            drafted, accepted = drafts[v]
+            stats, before = engines[v].spec_decode_stats(), base[v]
+            drafted = stats.draft_tokens - before.draft_tokens if stats else 0
+            accepted = stats.accepted_tokens - before.accepted_tokens if stats else 0
             rate = f"{accepted / drafted:7.0%}" if drafted else f"{'-':>7}"
             share = accepted / sum(r[0] for r in got[v])
-            rows.append(f"{name:8} {v:8} {got[v][0][0]:6d} {d:7.1f} {d / off_d:5.2f}x "
-                        f"{e:7.1f} {e / off_e:5.2f}x {rate} {share:11.0%}")
-    if costs is not None:
-        print("adaptive: step cost with 1..k drafted tokens, x a plain step, measured at load: "
-              + " ".join(f"{r:.2f}" for r in costs))
-    print(f"{'workload':8} {'variant':8} {'tokens':>6} {'decode':>7} {'ratio':>6} "
-          f"{'e2e':>7} {'ratio':>6} {'accept':>7} {'from drafts':>11}")
-    print("\n".join(rows))
+            print(f"{name:8} {v:8} {got[v][0][0]:6d} {d:7.1f} {d / off_d:5.2f}x "
+                  f"{e:7.1f} {e / off_e:5.2f}x {rate} {share:11.0%}", flush=True)
+    for e in engines.values():
+        await e.stop()
 
 
 if __name__ == "__main__":
