@@ -7,6 +7,7 @@ ended, so every system is measured by the same arithmetic (`report.py`).
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -168,13 +169,14 @@ class StreamClient:
     closes one after each streamed response anyway): the bench's load generator.
 
     It shares the machine with the server it measures, so it is kept lean: 0.11 ms of CPU a
-    streamed token (uvloop) where httpx (h11 in Python, httpcore, anyio) took 0.33, which
+    streamed token (uvloop) where httpx (h11 in Python, httpcore, anyio) took 0.32-0.39, which
     counted against every HTTP system and not against the in-process limit."""
 
     def __init__(self, url: str, timeout: float = 600) -> None:
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 80
+        self.tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self.port = parts.port or (443 if self.tls else 80)
         self.path = (parts.path.rstrip("/") or "") + "/v1/chat/completions"
         self.timeout = timeout
         head = {"Host": parts.netloc, "Content-Type": "application/json",
@@ -191,7 +193,7 @@ class StreamClient:
         try:
             async with asyncio.timeout(self.timeout):
                 transport, response = await loop.create_connection(
-                    lambda: _Response(reader), self.host, self.port)
+                    lambda: _Response(reader), self.host, self.port, ssl=self.tls)
                 transport.write(request)
                 await response.done
             if response.status != 200:

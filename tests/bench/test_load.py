@@ -9,8 +9,12 @@ against llama-server."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 
 import orjson
+import pytest
 
 from llmserve.bench.load import StreamClient, chat_body
 
@@ -121,3 +125,31 @@ def test_a_server_that_is_not_there_is_an_error_not_an_exception():
     t = asyncio.run(main())
     assert t.error is not None and t.error.startswith(("ConnectionRefusedError", "OSError"))
     assert t.tokens == 0
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_an_https_server_is_streamed_over_tls(tmp_path, monkeypatch):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the client verifies: trust this one
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + _chunked(_chunk(0), b"data: [DONE]\n\n"))
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=served)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await StreamClient(f"https://127.0.0.1:{port}", timeout=10).stream(
+                chat_body("m", "hi", 3, {}))
+
+    t = asyncio.run(main())
+    assert (t.error, t.tokens) == (None, 1)
