@@ -127,10 +127,6 @@ class _Response(asyncio.Protocol):
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.status = 0
         self.error_body = b""
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -160,8 +156,6 @@ class _Response(asyncio.Protocol):
                 self.done.set_result(None)
             else:
                 self.done.set_exception(error)
-        if self.transport is not None:
-            self.transport.close()
 
 
 class StreamClient:
@@ -177,7 +171,7 @@ class StreamClient:
         self.host = parts.hostname or "127.0.0.1"
         self.tls = ssl.create_default_context() if parts.scheme == "https" else None
         self.port = parts.port or (443 if self.tls else 80)
-        self.path = (parts.path.rstrip("/") or "") + "/v1/chat/completions"
+        self.path = parts.path.rstrip("/") + "/v1/chat/completions"
         self.timeout = timeout
         head = {"Host": parts.netloc, "Content-Type": "application/json",
                 "Accept": "text/event-stream", "Connection": "close"}
@@ -189,7 +183,7 @@ class StreamClient:
         request = b"POST %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n%s" % (
             self.path.encode(), self._head, len(data), data)
         loop = asyncio.get_running_loop()
-        response: _Response | None = None
+        transport: asyncio.Transport | None = None
         try:
             async with asyncio.timeout(self.timeout):
                 transport, response = await loop.create_connection(
@@ -200,9 +194,9 @@ class StreamClient:
                 reader.timing.error = f"HTTP {response.status}: {response.error_body[:200]!r}"
         except (OSError, TimeoutError) as exc:
             reader.timing.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            if response is not None and response.transport is not None:
-                response.transport.close()
+        finally:  # done, failed or timed out: the connection is this request's alone
+            if transport is not None:
+                transport.close()
         return reader.finish()
 
 

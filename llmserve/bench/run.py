@@ -440,10 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     # machine with what it measures (0.11 ms of CPU a streamed token against 0.20 with
     # asyncio's own loop), and the in-process engine meets the loop the server gives it.
     try:
-        import uvloop
+        from uvloop import run
     except ImportError:
-        return asyncio.run(_soak(args) if args.soak else _main(args))
-    return uvloop.run(_soak(args) if args.soak else _main(args))
+        run = asyncio.run
+    return run(_soak(args) if args.soak else _main(args))
 
 
 async def _soak(args: argparse.Namespace) -> int:
