@@ -3,9 +3,9 @@ model in a process of its own so that a native crash costs the requests it was s
 never the server.
 
 `ChildProcess` starts a worker (see `engines.worker`), writes to it on a thread of its own
-(engines.outbox) and reads its messages on another that hands each one to the event loop,
-notices its death (the pipe closes) or its stall (a ping its decode loop leaves unanswered),
-and restarts it with backoff; `EngineProcess` and `BatchProcess` (an embedder's, a
+(engines.outbox) and reads its messages on the event loop (engines.inbox), notices its death
+(its pipe closes) or its stall (a ping its decode loop leaves unanswered), and restarts it
+with backoff; `EngineProcess` and `BatchProcess` (an embedder's, a
 cross-encoder's) speak their worker's messages.
 """
 
@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import itertools
 import logging
 import multiprocessing
 import signal
-import threading
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -32,6 +32,7 @@ from llmserve.engines.base import (
     SpecDecodeStats,
     check_request,
 )
+from llmserve.engines.inbox import Inbox
 from llmserve.engines.outbox import Outbox, OutboxClosed, OutboxFull
 from llmserve.engines.restarts import Crashes, RestartPolicy
 from llmserve.engines.spec import BatchSpec, CrossEncoderSpec, EmbedderSpec, EngineSpec
@@ -41,7 +42,7 @@ from llmserve.engines.worker import batch_main, decode, engine_main
 log = logging.getLogger(__name__)
 
 # A fresh interpreter: forking a process that runs threads (the event loop's, the
-# readers') can copy a held lock into the child.
+# writers') can copy a held lock into the child.
 _MP = multiprocessing.get_context("spawn")
 
 # Bytes of requests a child may leave unread before new ones are refused (503): far more
@@ -90,13 +91,16 @@ class ChildProcess:
         self._on_lost = on_lost
         self.policy = policy
         self._proc: Any = None
-        self._conn: Any = None
+        self._conns: Any = None  # (from the child, to the child)
+        self._inbox: Inbox | None = None
         self._outbox: Outbox | None = None
+        self._fatal: str | None = None  # the traceback the current process sent as it died
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = "starting"
         self._reason: str | None = None
         self._starts = 0
-        self._generation = 0  # which process the reader thread's reports are about
+        self._generation = 0  # which process the inbox's reports are about
+        self._ending: asyncio.Task[None] | None = None
         self._crashes = Crashes(policy)
         self._restarter: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -110,7 +114,7 @@ class ChildProcess:
     def launch(self) -> Any:
         """Start the first process and wait until it has loaded; returns what it reported.
         A load failure raises (FileNotFoundError, EngineError): the server cannot start."""
-        self._proc, self._conn, ready = self._spawn()
+        self._proc, self._conns, ready = self._spawn()
         return ready
 
     async def start(self) -> None:
@@ -121,20 +125,31 @@ class ChildProcess:
         if self.policy.stall_timeout > 0:
             self._watchdog = self._loop.create_task(self._watch_progress())
 
-    def _spawn(self) -> tuple[Any, Any, Any]:
-        ours, theirs = _MP.Pipe()
-        proc = _MP.Process(target=self._target, args=(theirs, *self._args(self._starts)),
+    def _spawn(self) -> tuple[Any, tuple[Any, Any], Any]:
+        # A pipe each way, not one socket pair: the loop reads its end without blocking while
+        # the writer thread writes blocking, and a socket's two directions would share that
+        # setting (uvloop sets it on whatever it watches).
+        requests, to_child = _MP.Pipe(duplex=False)
+        ours, replies = _MP.Pipe(duplex=False)
+        proc = _MP.Process(target=self._target,
+                           args=(requests, replies, *self._args(self._starts)),
                            name=f"llmserve-{self.name}", daemon=True)
         self._starts += 1
-        proc.start()
-        theirs.close()  # only the child holds its end: its death closes the pipe
+        try:
+            proc.start()
+        except BaseException:
+            for conn in (requests, to_child, ours, replies):
+                conn.close()
+            raise
+        requests.close()  # only the child holds its ends: its death closes the pipes
+        replies.close()
         deadline = time.monotonic() + self.policy.load_timeout
         try:
             while time.monotonic() < deadline:
                 if ours.poll(0.2):
                     msg = ours.recv()
                     if msg[0] == "ready":
-                        return proc, ours, msg[1]
+                        return proc, (ours, to_child), msg[1]
                     if msg[0] == "failed":
                         _, kind, message = msg
                         raise (FileNotFoundError if kind == "FileNotFoundError" else EngineError)(message)
@@ -147,18 +162,22 @@ class ChildProcess:
             raise EngineError(f"the {self.name} process {describe_exit(proc.exitcode)} while loading")
         except BaseException:
             ours.close()
+            to_child.close()
             _reap(proc)
             raise
 
     def _watch(self) -> None:
-        # A thread of its own with a blocking pipe: an event loop's reader (uvloop) would make
-        # the pipe non-blocking, and a message larger than the pipe's buffer would then fail
-        # to send or arrive in pieces.
+        assert self._loop is not None
         self._generation += 1
         self._asked, self._asked_at, self._answered = 0, time.monotonic(), 0
-        self._outbox = Outbox(self._conn, name=self.name, limit=OUTBOX_LIMIT)
-        threading.Thread(target=self._read, args=(self._proc, self._conn, self._generation),
-                         name=f"{self.name}-reader", daemon=True).start()
+        self._fatal = None
+        from_child, to_child = self._conns
+        self._outbox = Outbox(to_child, name=self.name, limit=OUTBOX_LIMIT)
+        self._inbox = Inbox(
+            from_child, self._loop,
+            on_message=functools.partial(self._received, self._generation),
+            on_closed=functools.partial(self._closed, self._proc, self._generation),
+        )
 
     # -- running ----------------------------------------------------------------------------
 
@@ -197,32 +216,30 @@ class ChildProcess:
     def health(self) -> EngineHealth:
         return EngineHealth(self._state, self._reason, self.pid, max(0, self._starts - 1))
 
-    def _read(self, proc, conn, generation: int) -> None:
-        """The reader thread: each message to the event loop, then the death, once."""
-        loop = self._loop
-        assert loop is not None
-        fatal: str | None = None
-        try:
-            while True:
-                msg = conn.recv()
-                if msg[0] == "pong":
-                    if generation == self._generation:
-                        self._answered = max(self._answered, msg[1])
-                elif msg[0] == "fatal":
-                    fatal = msg[1]
-                else:
-                    loop.call_soon_threadsafe(self._on_message, msg)
-        except (EOFError, OSError):
-            pass
-        _reap(proc, timeout=5)
+    def _received(self, generation: int, msg: Any) -> None:
+        if generation != self._generation:
+            return
+        if msg[0] == "pong":
+            self._answered = max(self._answered, msg[1])
+        elif msg[0] == "fatal":
+            self._fatal = msg[1]
+        else:
+            self._on_message(msg)
+
+    def _closed(self, proc, generation: int) -> None:
+        """The child's end of the pipe closed: it is dying or dead. Reaped off the loop (it
+        may take seconds), then reported, once."""
+        fatal = self._fatal if generation == self._generation else None
+        self._ending = asyncio.get_running_loop().create_task(
+            self._reaped(proc, generation, fatal))
+
+    async def _reaped(self, proc, generation: int, fatal: str | None) -> None:
+        await asyncio.to_thread(_reap, proc, 5)
         if fatal:
             reason = f"its decode loop raised {fatal.strip().splitlines()[-1]}"
         else:
             reason = f"its process (pid {proc.pid}) {describe_exit(proc.exitcode)}"
-        try:
-            loop.call_soon_threadsafe(self._died, generation, reason, fatal)
-        except RuntimeError:  # the loop is closed: the server stopped, nobody to tell
-            pass
+        self._died(generation, reason, fatal)
 
     def _died(self, generation: int, reason: str, fatal: str | None) -> None:
         if generation != self._generation or self._state in ("stopped", "failed"):
@@ -280,16 +297,17 @@ class ChildProcess:
     async def _restart(self, delay: float) -> None:
         await asyncio.sleep(delay)
         try:
-            proc, conn, _ = await asyncio.to_thread(self._spawn)
+            proc, conns, _ = await asyncio.to_thread(self._spawn)
         except Exception as exc:  # noqa: BLE001 - a failed restart is one more crash
             if self._state == "restarting":
                 self._crashed(f"restart failed: {exc}")
             return
         if self._state != "restarting":  # stopped meanwhile
-            conn.close()
+            for conn in conns:
+                conn.close()
             _reap(proc, timeout=0)
             return
-        self._proc, self._conn = proc, conn
+        self._proc, self._conns = proc, conns
         self._state, self._reason = "running", None
         self._watch()
         log.warning("%s is back (pid %d)", self.name, proc.pid)
@@ -298,25 +316,28 @@ class ChildProcess:
 
     async def stop(self) -> None:
         self._state = "stopped"
-        for task in (self._restarter, self._watchdog):
+        for task in (self._restarter, self._watchdog, self._ending):
             if task is not None:
                 task.cancel()
         # No reference cycle outlives the stop (a cancelled task's traceback holds its frame,
         # the callbacks their owner): a model unloaded on demand goes, its vocabulary with it,
         # when its last reference does, not at some later full collection.
-        self._restarter = self._watchdog = None
+        self._restarter = self._watchdog = self._ending = None
         self._on_message, self._on_lost = _ignore, _ignore
-        proc, outbox = self._proc, self._outbox
+        proc, inbox, outbox = self._proc, self._inbox, self._outbox
         if proc is None:
             return
         if outbox is None:  # never watched: only launched
-            self._conn.close()
+            for conn in self._conns:
+                conn.close()
         else:
             try:
                 outbox.put(("stop",), bounded=False)
             except OutboxClosed:
                 pass
         await asyncio.to_thread(_reap, proc, 10)
+        if inbox is not None:
+            inbox.close()
         if outbox is not None:
             outbox.close()
 

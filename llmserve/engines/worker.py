@@ -1,7 +1,7 @@
 """The child side of an engine process: build the engine from its spec, say "ready" with
 its facts, then run its decode loop, one message per step each way.
 
-Messages to the server are tuples over a `multiprocessing` pipe (pickled):
+Messages are tuples over two `multiprocessing` pipes, one each way (pickled). To the server:
   ("ready", info)             loaded; `info` is EngineInfo (or a batch model's facts)
   ("failed", kind, message)   could not load (FileNotFoundError, ...)
   ("step", [(key, payload)])  one decode step: each request's new tokens, as tuples, or
@@ -17,7 +17,8 @@ and from it:
   ("adapter", key, "load", (name, path, scale)) | ("adapter", key, "unload", (name,)) |
   ("ping", n) | ("stop",)
 
-A child dies with its server: when the pipe closes (the server exited, however) it exits.
+A child dies with its server: when its requests' pipe closes (the server exited, however) it
+exits.
 """
 
 from __future__ import annotations
@@ -57,26 +58,27 @@ def _child_setup() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _load(conn: Connection, build):
+def _load(replies: Connection, build):
     try:
         return build()
     except BaseException as exc:  # noqa: BLE001 - reported to the server, which decides
-        conn.send(("failed", type(exc).__name__, str(exc)))
+        replies.send(("failed", type(exc).__name__, str(exc)))
         os._exit(3)
 
 
-def engine_main(conn: Connection, spec: EngineSpec, fault: str | None, first: bool) -> None:
+def engine_main(requests: Connection, replies: Connection, spec: EngineSpec,
+                fault: str | None, first: bool) -> None:
     _child_setup()
-    engine: StepLoopEngine = _load(conn, spec.build)
+    engine: StepLoopEngine = _load(replies, spec.build)
     engine.faults = Faults(fault, first_process=first)
     send_lock = threading.Lock()
 
     def send(msg: tuple) -> None:
         with send_lock:
-            conn.send(msg)
+            replies.send(msg)
 
     send(("ready", engine.info))
-    threading.Thread(target=_read_requests, args=(conn, engine, send), daemon=True,
+    threading.Thread(target=_read_requests, args=(requests, engine, send), daemon=True,
                      name="engine-inbox").start()
 
     sent_stats = engine.spec_decode_stats()
@@ -100,18 +102,18 @@ def engine_main(conn: Connection, spec: EngineSpec, fault: str | None, first: bo
     engine.close()
 
 
-def _read_requests(conn: Connection, engine: StepLoopEngine, send) -> None:
+def _read_requests(requests: Connection, engine: StepLoopEngine, send) -> None:
     try:
-        _serve_requests(conn, engine, send)
+        _serve_requests(requests, engine, send)
     except BaseException:  # noqa: BLE001 - a child that cannot hear the server must not linger
         traceback.print_exc()
         os._exit(1)
 
 
-def _serve_requests(conn: Connection, engine: StepLoopEngine, send) -> None:
+def _serve_requests(requests: Connection, engine: StepLoopEngine, send) -> None:
     while True:
         try:
-            msg = conn.recv()
+            msg = requests.recv()
         except (EOFError, OSError):
             os._exit(0)  # the server is gone: so are we
         kind = msg[0]
@@ -146,24 +148,24 @@ def _change_adapter(engine: StepLoopEngine, send, key: Hashable, op: str, args: 
     send(("adapter", key, result))
 
 
-def batch_main(conn: Connection, spec: BatchSpec) -> None:
+def batch_main(requests: Connection, replies: Connection, spec: BatchSpec) -> None:
     """A model that answers batches (an embedder, a cross-encoder): one batch at a time."""
     _child_setup()
-    model = _load(conn, spec.build)
-    conn.send(("ready", model.facts()))
+    model = _load(replies, spec.build)
+    replies.send(("ready", model.facts()))
     while True:
         try:
-            msg = conn.recv()
+            msg = requests.recv()
         except (EOFError, OSError):
             os._exit(0)
         if msg[0] == "stop":
             return
         if msg[0] == "ping":
-            conn.send(("pong", msg[1]))
+            replies.send(("pong", msg[1]))
             continue
         _, key, inputs = msg
         try:
             result: object = model.run(inputs)
         except Exception as exc:  # noqa: BLE001 - that batch fails, the model goes on
             result = EngineError(f"{type(exc).__name__}: {exc}")
-        conn.send(("result", key, result))
+        replies.send(("result", key, result))
