@@ -113,7 +113,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                         "off on Intel AMX CPUs, where llama.cpp crashes with it)")
     p.add_argument("--batch-size", type=int, help="tokens per decode step at most (default 512)")
     p.add_argument("--prefill-chunk", type=int,
-                   help="prompt tokens read per step while others decode (default 64)")
+                   help="prompt tokens each waiting prompt reads per step while others "
+                        "decode (default 64)")
     p.add_argument("--speculative", choices=["auto", "ngram", "off"],
                    help="speculative decoding without a draft model, by prompt lookup (ngram: "
                         "the tokens that followed the latest earlier occurrence of the last "

@@ -102,7 +102,8 @@ class Settings(BaseSettings):
     )
     batch_size: int = Field(512, ge=32, description="tokens per decode step at most")
     prefill_chunk: int = Field(
-        64, ge=16, description="prompt tokens read per step while others decode"
+        64, ge=16, description="prompt tokens each waiting prompt reads per step while others "
+        "decode"
     )
     speculative: Literal["auto", "ngram", "off"] = Field(
         "auto", description="auto: ngram on the llama.cpp engine (whose drafts are adaptive), "

@@ -1,10 +1,10 @@
 """llama.cpp engine: GGUF models, continuous batching on llama-cpp-python's low-level API.
 
 One decode thread owns the model. Each step it takes new requests and cancellations from
-its inbox, builds one batch holding the next token of every running sequence plus a
-piece of at most `prefill_chunk` prompt tokens, calls `llama_decode` once, samples every
-sequence with its own llama.cpp sampler chain, and hands all new tokens to the event loop
-with a single `call_soon_threadsafe`.
+its inbox, builds one batch holding the next token of every running sequence plus pieces
+of the prompts being read (up to `prefill_chunk` tokens for each), calls `llama_decode` once,
+samples every sequence with its own llama.cpp sampler chain, and hands all new tokens to the
+event loop with a single `call_soon_threadsafe`.
 
 A sequence with a grammar (`SamplingParams.grammar`, see engines/grammar.py) has its logits
 masked before its sampler; the tokens its grammar then forces are handed out at once, without
@@ -36,9 +36,6 @@ import llama_cpp as lc
 import numpy as np
 
 from llmserve.engines import grammar, slots
-from llmserve.engines.cpu import usable_cpus
-from llmserve.engines.draft_policy import Acceptance, DraftPolicy
-from llmserve.engines.ngram_draft import NgramIndex, PromptLookup
 from llmserve.engines.base import (
     EngineError,
     FinishReason,
@@ -46,6 +43,9 @@ from llmserve.engines.base import (
     SpecCounter,
     TokenOutput,
 )
+from llmserve.engines.cpu import usable_cpus
+from llmserve.engines.draft_policy import Acceptance, DraftPolicy
+from llmserve.engines.ngram_draft import NgramIndex, PromptLookup
 from llmserve.engines.stepping import EngineRequest, StepLoopEngine, StepOutputs, finish_reason
 
 log = logging.getLogger(__name__)
@@ -363,9 +363,11 @@ class LlamaCppEngine(StepLoopEngine):
         return sid, keep
 
     def _step(self, out: StepOutputs) -> None:
-        # While streams are running, a small piece of prompt per step keeps them flowing; with
-        # none running, prompts are read as fast as the batch allows.
-        prefill = self._prefill_chunk if self._seqs else self._batch_size
+        # While streams are running, each prompt being read takes up to `prefill_chunk` tokens
+        # a step (in order, as far as the batch allows): a long prompt comes in pieces small
+        # enough to keep the streams flowing, and a burst of prompts is read about as fast as
+        # with none running (as llama-server and vLLM read them), not one piece a step.
+        prefill = self._prefill_chunk * len(self._prefilling) if self._seqs else self._batch_size
         if not self._loras:
             self._seqs = self._decode(self._seqs, self._prefilling, prefill, out)
             return

@@ -3,9 +3,9 @@ continuous batching over a KV cache of one slot per sequence (engines/hf_cache.p
 
 One decode thread owns the model, as in the llama.cpp engine. Each step it takes new
 requests and cancellations from its inbox, runs ONE forward pass holding the next token of
-every running sequence, then one holding pieces of the prompts being read (at most
-`prefill_chunk` tokens in all while at least as many sequences decode as wait; up to
-`max_prefill` otherwise), samples every sequence that has new logits in one batched draw
+every running sequence, then one holding pieces of the prompts being read (while others
+decode, up to `prefill_chunk` tokens for each prompt waiting; up to `max_prefill` in all),
+samples every sequence that has new logits in one batched draw
 (engines/hf_sampling.py), and hands all new tokens to the event loop with a single
 `call_soon_threadsafe`.
 
@@ -379,14 +379,14 @@ class TransformersEngine(StepLoopEngine):
                     out.end(req, err)
         if drafted is not None:
             self._sample_drafted(decoding[0], draft, drafted, out)
-        # 2. Pieces of prompts, side by side: `prefill_chunk` tokens per step while at least
-        # as many sequences decode as wait for their prompt (their steps stay short), as fast
-        # as possible otherwise: while a batch fills up, a few sequences wait one longer step
-        # and every later step decodes all the others too. Prompts read to the end join the
-        # draw below.
+        # 2. Pieces of prompts, side by side: while others decode, `prefill_chunk` tokens per
+        # step for each prompt waiting (one long prompt comes in pieces that keep the streams
+        # flowing; a burst of prompts is read about as fast as with none decoding, so a batch
+        # fills up in a few longer steps and every later step decodes all of it); as fast as
+        # possible with none decoding. Prompts read to the end join the draw below.
         if self._prefilling:
-            waiting = sum(len(r.sequences) for r in self._prefilling)
-            budget = self._prefill_chunk if len(decoding) >= waiting else self._max_prefill
+            budget = (min(self._max_prefill, self._prefill_chunk * len(self._prefilling))
+                      if decoding else self._max_prefill)
             read, last = self._prefill(budget, out)
             for req, row in zip(read, last, strict=True):
                 for seq in self._join(req, out):

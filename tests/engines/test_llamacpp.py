@@ -240,6 +240,51 @@ def test_long_prompt_is_read_in_pieces_while_others_keep_decoding(run):
     assert steps >= n_prompt // 64  # one runner token per 64-token piece of prompt
 
 
+def test_a_burst_of_prompts_is_read_a_piece_each_per_step_while_others_decode(run):
+    texts = [f"Summarize note {i}: " + "The quick brown fox jumps over the lazy dog. " * 6
+             for i in range(4)]
+
+    async def fn(e):
+        prompts = [chat(e, t) for t in texts]
+        assert all(len(p) > 2 * 32 for p in prompts)
+        runner = e.generate(chat(e, "Count to one hundred."), [greedy(200, ignore_eos=True)])
+        it = runner.__aiter__()
+        await it.__anext__()
+        firsts: list[asyncio.Event] = []
+
+        async def read(prompt: list[int]) -> list[int]:
+            first = asyncio.Event()
+            firsts.append(first)
+            out = []
+            async for step in e.generate(prompt, [greedy(4)]):
+                first.set()
+                out.extend(t.token_id for t in step)
+            return out
+
+        readers = [asyncio.create_task(read(p)) for p in prompts]
+        await asyncio.sleep(0)  # all four are submitted together
+        for _ in range(runner.queue.qsize()):  # steps taken before they came
+            await it.__anext__()
+        steps_while_reading = 0
+        while len(firsts) < len(prompts) or not all(f.is_set() for f in firsts):
+            await it.__anext__()
+            steps_while_reading += 1
+        runner.cancel()
+        return [await r for r in readers], max(len(p) for p in prompts), steps_while_reading
+
+    async def each_alone(e):
+        return [(await tokens(e, chat(e, t), [greedy(4)]))[0] for t in texts]
+
+    alone = run(each_alone, max_sequences=5, prefill_chunk=32)
+    together, longest, steps = run(fn, max_sequences=5, prefill_chunk=32)
+    assert together == alone
+    # 32 tokens a step for each prompt waiting, read in order: about as many steps as the
+    # longest needs (one more as the last share shrinks, and up to two under way as they
+    # came: the decode thread may take them in two steps), not four prompts' worth of
+    # 32-token pieces (11 here).
+    assert steps <= -(-longest // 32) + 3, (steps, longest)
+
+
 def test_max_tokens_and_end_of_generation(run):
     async def fn(e):
         p = chat(e, "Say yes.")
