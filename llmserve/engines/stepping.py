@@ -417,11 +417,18 @@ class StepLoopEngine(EngineFacts):
                     keys.add(msg[1].key)
             deliver([(k, self._dead) for k in keys])
 
-    async def stop(self) -> None:
+    async def suspend(self) -> None:
+        """Stop serving after the step under way, keeping the model and its cache: `start`
+        serves again, on a new thread. For engines in one process taking turns (the bench):
+        each thread that decodes keeps an OpenMP pool of its own while it lives, and libgomp
+        throttles every pool's spinning once it manages more threads than there are CPUs."""
         if self._thread is not None:
             self.shutdown()
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+
+    async def stop(self) -> None:
+        await self.suspend()
         self.close()
 
     def spec_decode_stats(self) -> SpecDecodeStats | None:

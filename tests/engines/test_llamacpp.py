@@ -285,6 +285,28 @@ def test_a_burst_of_prompts_is_read_a_piece_each_per_step_while_others_decode(ru
     assert steps <= -(-longest // 32) + 3, (steps, longest)
 
 
+def test_a_suspended_engine_keeps_its_model_and_cache_and_serves_again(run):
+    from llmserve.engines.base import EngineError
+
+    async def fn(e):
+        p = chat(e, "What is the capital of France?")
+        before = (await tokens(e, p, [greedy()]))[0]
+        decoder = e._thread
+        await e.suspend()
+        assert e.health().state == "stopped" and not decoder.is_alive()
+        with pytest.raises(EngineError, match="not started"):
+            e.generate(p, [greedy()])
+        cached = list(e._slot_tokens[0])
+        await e.start()
+        assert e._thread is not decoder  # a thread of its own: the old one (its pool) is gone
+        after = (await tokens(e, p, [greedy()]))[0]
+        return before, after, cached
+
+    before, after, cached = run(fn, max_sequences=1)
+    assert after == before
+    assert cached  # the prompt and answer stayed in the slot's cache
+
+
 def test_max_tokens_and_end_of_generation(run):
     async def fn(e):
         p = chat(e, "Say yes.")
