@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import importlib.util
 import json
 import os
@@ -18,7 +19,6 @@ import platform
 import socket
 import subprocess
 import sys
-import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -724,21 +724,8 @@ def load_apart(load: Callable[[], T]) -> T:
     that decodes: on this (event loop) thread it would live on beside the decode thread's, and
     with more threads than CPUs to manage libgomp throttles every pool's spinning (an engine
     beside another ran 80 tok/s against 116-123 alone)."""
-    result: list[T] = []
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(load())
-        except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, name="bench-load")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return result[0]
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bench-load") as pool:
+        return pool.submit(load).result()  # leaving the block ends the thread
 
 
 def _template(model):
