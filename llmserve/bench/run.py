@@ -257,14 +257,13 @@ class EngineSystem(System):
 
     @asynccontextmanager
     async def connect(self, concurrency: int) -> AsyncIterator[Stream]:
-        if not self.turns:
-            yield lambda prompt, max_tokens: engine_stream(self.engine, prompt, max_tokens)
-            return
-        await self.engine.start()
+        if self.turns:
+            await self.engine.start()
         try:
             yield lambda prompt, max_tokens: engine_stream(self.engine, prompt, max_tokens)
         finally:
-            await self.engine.suspend()
+            if self.turns:
+                await self.engine.suspend()
 
     def cpu_s(self) -> tuple[float | None, float | None]:
         return time.process_time(), None
@@ -568,6 +567,8 @@ async def _main(args: argparse.Namespace) -> int:
                  "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
                  "--interrupt_requests", "False", "--verbose", "False"],
                 "/v1/models", logs / "llama-cpp-python.log"))
+        # Several in-process engines take turns (one OpenMP pool at a time); one serves throughout.
+        turns = len(modes) > 1
         if settings is not None and not args.no_limit:
             from llmserve.models import load_engine
 
@@ -575,7 +576,7 @@ async def _main(args: argparse.Namespace) -> int:
                 engine = load_apart(lambda mode=mode: load_engine(
                     settings.model_copy(update={"speculative": mode}), model_path,
                     show_progress=False))
-                if len(modes) == 1:
+                if not turns:
                     await engine.start()
                 engines[mode] = engine
         first_engine = next(iter(engines.values()), None)
@@ -602,7 +603,7 @@ async def _main(args: argparse.Namespace) -> int:
                                       engine_apart=False))
         for mode, engine in engines.items():
             systems.append(EngineSystem(_named(LIMIT, mode), engine, _template(engine),
-                                        turns=len(engines) > 1))
+                                        turns=turns))
         try:
             for conc in levels:
                 n_req = args.requests or max(4, conc)

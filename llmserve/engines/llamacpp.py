@@ -363,11 +363,7 @@ class LlamaCppEngine(StepLoopEngine):
         return sid, keep
 
     def _step(self, out: StepOutputs) -> None:
-        # While streams are running, each prompt being read takes up to `prefill_chunk` tokens
-        # a step (in order, as far as the batch allows): a long prompt comes in pieces small
-        # enough to keep the streams flowing, and a burst of prompts is read about as fast as
-        # with none running (as llama-server and vLLM read them), not one piece a step.
-        prefill = self._prefill_chunk * len(self._prefilling) if self._seqs else self._batch_size
+        prefill = self._prefill_budget(bool(self._seqs), self._batch_size)
         if not self._loras:
             self._seqs = self._decode(self._seqs, self._prefilling, prefill, out)
             return

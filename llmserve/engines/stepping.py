@@ -121,6 +121,7 @@ class StepLoopEngine(EngineFacts):
 
     _context_length: int
     _max_sequences: int
+    _prefill_chunk: int
     _n_vocab: int
     _end_tokens: frozenset[int]
     _token_bytes: list[bytes]
@@ -290,6 +291,15 @@ class StepLoopEngine(EngineFacts):
 
     def _busy(self) -> bool:
         return bool(self._prefilling) or self._running()
+
+    def _prefill_budget(self, decoding: bool, most: int) -> int:
+        """Prompt tokens to read this step, `most` at the very most. While streams decode, up
+        to `prefill_chunk` for each prompt waiting: one long prompt comes in pieces small enough
+        to keep the streams flowing, and a burst of prompts is read about as fast as with none
+        decoding (as llama-server and vLLM read them), not one piece a step."""
+        if not decoding:
+            return most
+        return min(most, self._prefill_chunk * len(self._prefilling))
 
     # -- LoRA adapters while serving: on the decode thread, between two steps ----------------
 

@@ -379,15 +379,11 @@ class TransformersEngine(StepLoopEngine):
                     out.end(req, err)
         if drafted is not None:
             self._sample_drafted(decoding[0], draft, drafted, out)
-        # 2. Pieces of prompts, side by side: while others decode, `prefill_chunk` tokens per
-        # step for each prompt waiting (one long prompt comes in pieces that keep the streams
-        # flowing; a burst of prompts is read about as fast as with none decoding, so a batch
-        # fills up in a few longer steps and every later step decodes all of it); as fast as
-        # possible with none decoding. Prompts read to the end join the draw below.
+        # 2. Pieces of prompts, side by side (`_prefill_budget`); those read to the end join
+        # the draw below.
         if self._prefilling:
-            budget = (min(self._max_prefill, self._prefill_chunk * len(self._prefilling))
-                      if decoding else self._max_prefill)
-            read, last = self._prefill(budget, out)
+            read, last = self._prefill(self._prefill_budget(bool(decoding), self._max_prefill),
+                                       out)
             for req, row in zip(read, last, strict=True):
                 for seq in self._join(req, out):
                     rows.append(seq)
