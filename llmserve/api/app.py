@@ -35,10 +35,10 @@ from llmserve.api.routes import (
 )
 from llmserve.api.state import AppState, app_state
 from llmserve.config import Settings
-from llmserve.errors import AuthenticationFailed
-from llmserve.models.registry import ModelRegistry
 from llmserve.engines.base import Engine
+from llmserve.errors import AuthenticationFailed
 from llmserve.models import ServedModel
+from llmserve.models.registry import ModelRegistry
 from llmserve.serving.metrics import Metrics
 from llmserve.serving.scheduler import Scheduler
 from llmserve.store import Store, store_path

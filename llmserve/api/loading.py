@@ -18,8 +18,8 @@ from starlette.requests import Request
 
 from llmserve.api import sse
 from llmserve.api.lookup import chat_model
-from llmserve.api.requests import event_stream
 from llmserve.api.state import app_state
+from llmserve.api.streams import event_stream
 from llmserve.errors import LLMServeError
 from llmserve.models import ServedModel
 from llmserve.serving.generation import Generation

@@ -43,7 +43,6 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from llmserve.engines.base import Engine
     from llmserve.models.registry import ModelStatus
-    from llmserve.serving.generation import ChoiceDelta
     from llmserve.serving.scheduler import Scheduler
 
 T = TypeVar("T")
@@ -149,6 +148,18 @@ class ModelMetrics:
         return RequestStats(self, prompt_tokens, n, index_offset)
 
 
+class Released(Protocol):
+    """What metrics read of a delta a step released (generation's `ChoiceDelta`): whose it
+    is, and whether it ends that choice. A protocol, so that metrics need not import the
+    generation that reports to them."""
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def finish_reason(self) -> str | None: ...
+
+
 class RequestStats:
     """What one prompt's generation reports, and when: `granted` once its slots are given,
     `step` per engine step that gave it tokens (with the deltas that step released), and
@@ -173,7 +184,7 @@ class RequestStats:
         for _ in self._last:
             self._m.request_queue_time.observe(waited)
 
-    def step(self, tokens: int, deltas: Sequence[ChoiceDelta]) -> None:
+    def step(self, tokens: int, deltas: Sequence[Released]) -> None:
         m = self._m
         if not self._read:  # the first tokens: the engine has read the prompt
             self._read = True
@@ -216,7 +227,7 @@ class NoStats:
     def granted(self) -> None:
         pass
 
-    def step(self, tokens: int, deltas: Sequence[ChoiceDelta]) -> None:
+    def step(self, tokens: int, deltas: Sequence[Released]) -> None:
         pass
 
     def end(self, outcome: str) -> None:

@@ -15,26 +15,23 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from llmserve.api import sse
+from llmserve.api.bodies import parse_body
 from llmserve.api.loading import Started, chat_model_or_loading, stream_once_loaded
 from llmserve.api.lookup import chat_model
 from llmserve.api.protocol import ChatCompletionRequest
 from llmserve.api.requests import (
-    CollectedChoice,
     cancel_on_disconnect,
-    collect,
-    collect_batch,
-    event_stream,
-    follow_run,
     logprob_value,
-    parse_body,
     request_id,
     request_key_hash,
     start_generations,
     usage_body,
 )
 from llmserve.api.state import AppState, app_state
+from llmserve.api.streams import event_stream, follow_run
 from llmserve.errors import EngineUnavailable, InvalidRequest, LLMServeError
 from llmserve.models import ServedModel
+from llmserve.serving.collect import CollectedChoice, collect, collect_batch
 from llmserve.serving.generation import Generation, TokenLogprob, Usage
 from llmserve.serving.runs import CHAT_COMPLETION, Run
 from llmserve.serving.sampling import SamplingRequest

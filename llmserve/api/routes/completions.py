@@ -15,23 +15,23 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from llmserve.api import sse
+from llmserve.api.bodies import parse_body
 from llmserve.api.loading import Started, chat_model_or_loading, stream_once_loaded
 from llmserve.api.lookup import chat_model
 from llmserve.api.protocol import CompletionRequest
 from llmserve.api.requests import (
     cancel_on_disconnect,
     close_all,
-    collect,
-    event_stream,
     logprob_value,
-    parse_body,
     request_id,
     start_generations,
     usage_body,
 )
 from llmserve.api.state import app_state
+from llmserve.api.streams import event_stream
 from llmserve.errors import LLMServeError
 from llmserve.models import ServedModel
+from llmserve.serving.collect import collect
 from llmserve.serving.detokenizer import IncrementalDetokenizer
 from llmserve.serving.generation import ChoiceDelta, Generation, TokenLogprob, Usage, merge
 

@@ -10,9 +10,10 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from llmserve.api.bodies import parse_body
 from llmserve.api.lookup import embedding_model
 from llmserve.api.protocol import EmbeddingRequest
-from llmserve.api.requests import cancel_on_disconnect, parse_body
+from llmserve.api.requests import cancel_on_disconnect
 from llmserve.errors import InvalidRequest, UnsupportedParameter
 
 router = APIRouter()

@@ -10,8 +10,8 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 
+from llmserve.api.bodies import parse_body
 from llmserve.api.protocol import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
-from llmserve.api.requests import parse_body
 from llmserve.api.state import app_state
 from llmserve.config import Settings
 from llmserve.errors import InvalidRequest, RouteNotFound

@@ -22,22 +22,19 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
+from llmserve.api.bodies import parse_body
 from llmserve.api.lookup import chat_model
 from llmserve.api.requests import (
     cancel_on_disconnect,
-    event_stream,
-    follow_run,
     json_response,
     list_page,
-    parse_body,
     request_id,
     request_key_hash,
-    resume_run,
-    resume_stored,
     start_generations,
 )
 from llmserve.api.responses_protocol import CreateResponseRequest
 from llmserve.api.state import AppState, app_state
+from llmserve.api.streams import event_stream, follow_run, resume_run, resume_stored
 from llmserve.errors import InvalidRequest, LLMServeError, NotFound
 from llmserve.serving.generation import Generation
 from llmserve.serving.responses import (

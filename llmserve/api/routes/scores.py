@@ -11,9 +11,10 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from llmserve.api.bodies import parse_body
 from llmserve.api.lookup import scorer as model_scorer
 from llmserve.api.protocol import RerankRequest, ScoreRequest
-from llmserve.api.requests import cancel_on_disconnect, parse_body
+from llmserve.api.requests import cancel_on_disconnect
 from llmserve.serving.scores import Scorer, Texts, ranked
 
 router = APIRouter()

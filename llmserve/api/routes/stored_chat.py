@@ -12,17 +12,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
 
+from llmserve.api.bodies import parse_body
 from llmserve.api.protocol import Metadata
-from llmserve.api.requests import (
-    json_response,
-    list_page,
-    page_body,
-    parse_body,
-    request_key_hash,
-    resume_run,
-    resume_stored,
-)
+from llmserve.api.requests import json_response, list_page, page_body, request_key_hash
 from llmserve.api.state import AppState, app_state
+from llmserve.api.streams import resume_run, resume_stored
 from llmserve.errors import InvalidRequest, NotFound
 from llmserve.serving.runs import CHAT_COMPLETION
 from llmserve.store import Store, StoredChat

@@ -5,9 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from llmserve.api.bodies import parse_body
 from llmserve.api.lookup import chat_model
 from llmserve.api.protocol import DetokenizeRequest, TokenizeRequest
-from llmserve.api.requests import json_response, parse_body
+from llmserve.api.requests import json_response
 
 router = APIRouter()
 
