@@ -17,7 +17,7 @@ from llmserve.api.state import app_state
 from llmserve.errors import ClientGone, InvalidRequest, LLMServeError
 from llmserve.models import ServedModel
 from llmserve.serving.availability import ensure_up
-from llmserve.serving.generation import Generation, Usage
+from llmserve.serving.generation import Generation
 from llmserve.serving.metrics import Metrics
 from llmserve.serving.prepare import Prepared
 
@@ -93,22 +93,6 @@ async def cancel_on_disconnect(request: Request) -> AsyncIterator[None]:
         raise
     finally:
         watcher.cancel()
-
-
-def usage_body(usage: Usage) -> dict:
-    body: dict = {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
-    if usage.reasoning_tokens is not None:
-        body["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
-    return body
-
-
-def logprob_value(value: float) -> float:
-    # JSON has no -inf; OpenAI reports impossible tokens as -9999.0.
-    return max(value, -9999.0)
 
 
 def close_all(gens: list[Generation]) -> None:

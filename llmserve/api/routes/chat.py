@@ -8,7 +8,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
 
 import orjson
 from fastapi import APIRouter, Request
@@ -21,22 +20,26 @@ from llmserve.api.lookup import chat_model
 from llmserve.api.protocol import ChatCompletionRequest
 from llmserve.api.requests import (
     cancel_on_disconnect,
-    logprob_value,
     request_id,
     request_key_hash,
     start_generations,
-    usage_body,
 )
 from llmserve.api.state import AppState, app_state
 from llmserve.api.streams import event_stream, follow_run
 from llmserve.errors import EngineUnavailable, InvalidRequest, LLMServeError
 from llmserve.models import ServedModel
-from llmserve.serving.collect import CollectedChoice, collect, collect_batch
-from llmserve.serving.generation import Generation, TokenLogprob, Usage
+from llmserve.serving.chat_completions import (
+    Answer,
+    StoredCompletion,
+    completion,
+    first_choices,
+    step_choices,
+)
+from llmserve.serving.collect import collect, collect_batch
+from llmserve.serving.generation import Generation
 from llmserve.serving.runs import CHAT_COMPLETION, Run
 from llmserve.serving.sampling import SamplingRequest
-from llmserve.serving.tool_calls import ToolCallDelta
-from llmserve.store import Store
+from llmserve.serving.shapes import usage_body
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -64,7 +67,9 @@ async def create_chat_completion(request: Request) -> Response:
         served = await chat_model(request, body.model)
     gen, head, sampling, tools = await _begin(request, served, body)
     want_logprobs = sampling.logprobs is not None
-    saver = (_Saver(store, body, head, want_logprobs, request_key_hash(request))
+    saver = (StoredCompletion(store, head, n=body.n, want_logprobs=want_logprobs,
+                              messages=_stored_messages(body, head["id"]),
+                              metadata=body.metadata or {}, key_hash=request_key_hash(request))
              if body.store and store is not None else None)
     if body.stream:
         chunks = _stream(gen, head, sampling.n, body.include_usage, tools,
@@ -78,7 +83,7 @@ async def create_chat_completion(request: Request) -> Response:
             choices = await collect(gen.deltas(), sampling.n)
     finally:
         gen.close()
-    result = _completion(head, choices, gen.usage, want_logprobs)
+    result = completion(head, choices, gen.usage, want_logprobs)
     if saver is not None:
         await saver.save(result)
     return Response(orjson.dumps(result), media_type="application/json")
@@ -105,71 +110,6 @@ async def _begin(request: Request, served: ServedModel, body: ChatCompletionRequ
     return gen, head, sampling, prepared.parser is not None
 
 
-def _completion(head: dict, choices: list[CollectedChoice], usage: Usage,
-                want_logprobs: bool, error: LLMServeError | None = None) -> dict:
-    """The chat.completion object. A stored stream that ended early (`error`) says why in
-    `error` (as a Response does), and its unfinished choices' finish_reason is "error"."""
-    completion = {
-        **head,
-        "object": "chat.completion",
-        "choices": [
-            {
-                "index": i,
-                "message": _message(c),
-                "logprobs": _logprobs(c.logprobs) if want_logprobs else None,
-                "finish_reason": c.finish_reason or ("error" if error else None),
-            }
-            for i, c in enumerate(choices)
-        ],
-        "usage": usage_body(usage),
-    }
-    if error is not None:
-        completion["error"] = {"message": error.message, "type": error.type,
-                               "code": error.code}
-    return completion
-
-
-@dataclass
-class _Answer:
-    """A stored stream's answer as it stands."""
-
-    choices: list[CollectedChoice]
-    error: LLMServeError | None = None  # why it ended before its end
-
-
-class _Saver:
-    """A completion with `store: true`: kept with its request's messages and metadata."""
-
-    def __init__(self, store: Store, body: ChatCompletionRequest, head: dict,
-                 want_logprobs: bool, key_hash: str) -> None:
-        self._store = store
-        self.key_hash = key_hash  # whose it is
-        self._body = body
-        self._head = head
-        self._want_logprobs = want_logprobs
-        self.answer = _Answer([CollectedChoice() for _ in range(body.n)])  # filled by a stream
-
-    @property
-    def id(self) -> str:
-        return self._head["id"]
-
-    async def save(self, completion: dict | None = None, usage: Usage | None = None) -> None:
-        if completion is None:
-            assert usage is not None
-            completion = _completion(self._head, self.answer.choices, usage,
-                                     self._want_logprobs, self.answer.error)
-        metadata = self._body.metadata or {}
-        messages = [
-            {"id": f"{self.id}-{i}", "role": m.role, "refusal": None,
-             "content": m.text(f"messages.{i}"), "name": (m.model_extra or {}).get("name"),
-             "content_parts": m.content if isinstance(m.content, list) else None}
-            for i, m in enumerate(self._body.messages)
-        ]
-        await self._store.save_chat({**completion, "metadata": metadata},
-                                    messages=messages, metadata=metadata,
-                                    key_hash=self.key_hash)
-
-
 async def _with_done(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     async with aclosing(chunks) as it:
         async for block in it:
@@ -178,7 +118,7 @@ async def _with_done(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 
 def _keep_running(request: Request, state: AppState, gen: Generation,
-                  chunks: AsyncIterator[bytes], saver: _Saver) -> Response:
+                  chunks: AsyncIterator[bytes], saver: StoredCompletion) -> Response:
     """A stored stream runs on its own: a client that hangs up leaves it running, and
     resumes it with GET /v1/chat/completions/{id}?stream=true and Last-Event-ID."""
     id = saver.id
@@ -212,66 +152,20 @@ def _keep_running(request: Request, state: AppState, gen: Generation,
     return follow_run(request, run, -1)
 
 
-def _message(c: CollectedChoice) -> dict:
-    text = "".join(c.text)
-    message = {"role": "assistant", "content": text if text or not c.tool_calls else None,
-               "refusal": None}
-    if c.reasoning:  # vLLM's and llama-server's name for a thinking model's reasoning
-        message["reasoning_content"] = "".join(c.reasoning)
-    if c.tool_calls:
-        message["tool_calls"] = c.tool_calls
-    return message
-
-
 async def _stream(
     gen: Generation, head: dict, n: int, include_usage: bool, tools: bool,
-    answer: _Answer | None = None,
+    answer: Answer | None = None,
 ) -> AsyncIterator[bytes]:
     """The stream's chunks, one block per step (without `[DONE]`); `answer` gathers the
     whole answer on the way (and an error that ends it), for a completion that is stored."""
     enc = sse.ChunkEncoder(object="chat.completion.chunk", include_usage=include_usage, **head)
-    # With tools the answer may be calls alone: no content until there is some, as at OpenAI.
-    first = {"role": "assistant", "content": None if tools else ""}
-    yield b"".join(
-        enc.choice({"index": i, "delta": first, "logprobs": None, "finish_reason": None})
-        for i in range(n)
-    )
+    yield b"".join([enc.choice(c) for c in first_choices(n, tools)])
     try:
         async with aclosing(gen.deltas()) as deltas:
             async for batch in deltas:
                 if answer is not None:
                     collect_batch(answer.choices, batch)
-                parts = []
-                for d in batch:
-                    logprobs = _logprobs(d.logprobs) if d.logprobs else None
-                    if d.reasoning:  # before the answer's text of the same step
-                        parts.append(enc.choice({
-                            "index": d.index,
-                            "delta": {"reasoning_content": d.reasoning},
-                            "logprobs": logprobs,
-                            "finish_reason": None,
-                        }))
-                        logprobs = None
-                    if d.text or logprobs:
-                        parts.append(enc.choice({
-                            "index": d.index,
-                            "delta": {"content": d.text},
-                            "logprobs": logprobs,
-                            "finish_reason": None,
-                        }))
-                    if d.tool_calls:
-                        parts.append(enc.choice({
-                            "index": d.index,
-                            "delta": {"tool_calls": [_call_delta(c) for c in d.tool_calls]},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }))
-                    if d.finish_reason:
-                        parts.append(enc.choice({
-                            "index": d.index, "delta": {}, "logprobs": None,
-                            "finish_reason": d.finish_reason,
-                        }))
-                yield b"".join(parts)
+                yield b"".join([enc.choice(c) for c in step_choices(batch)])
         if include_usage:
             yield enc.usage(usage_body(gen.usage))
     except LLMServeError as exc:
@@ -287,26 +181,13 @@ async def _stream(
     yield sse.error_event(error)
 
 
-def _call_delta(c: ToolCallDelta) -> dict:
-    if c.id is None:
-        return {"index": c.index, "function": {"arguments": c.arguments}}
-    return {"index": c.index, "id": c.id, "type": "function",
-            "function": {"name": c.name, "arguments": c.arguments}}
+def _stored_messages(body: ChatCompletionRequest, id: str) -> list[dict]:
+    """The request's messages as a stored completion keeps them."""
+    return [
+        {"id": f"{id}-{i}", "role": m.role, "refusal": None,
+         "content": m.text(f"messages.{i}"), "name": (m.model_extra or {}).get("name"),
+         "content_parts": m.content if isinstance(m.content, list) else None}
+        for i, m in enumerate(body.messages)
+    ]
 
 
-def _logprobs(entries: list[TokenLogprob]) -> dict:
-    return {
-        "content": [
-            {
-                "token": e.token,
-                "logprob": logprob_value(e.logprob),
-                "bytes": list(e.bytes),
-                "top_logprobs": [
-                    {"token": t, "logprob": logprob_value(lp), "bytes": list(b)}
-                    for t, b, lp in e.top
-                ],
-            }
-            for e in entries
-        ],
-        "refusal": None,
-    }

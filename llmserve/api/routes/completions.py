@@ -22,10 +22,8 @@ from llmserve.api.protocol import CompletionRequest
 from llmserve.api.requests import (
     cancel_on_disconnect,
     close_all,
-    logprob_value,
     request_id,
     start_generations,
-    usage_body,
 )
 from llmserve.api.state import app_state
 from llmserve.api.streams import event_stream
@@ -34,6 +32,7 @@ from llmserve.models import ServedModel
 from llmserve.serving.collect import collect
 from llmserve.serving.detokenizer import IncrementalDetokenizer
 from llmserve.serving.generation import ChoiceDelta, Generation, TokenLogprob, Usage, merge
+from llmserve.serving.shapes import logprob_value, usage_body
 
 log = logging.getLogger(__name__)
 router = APIRouter()
